@@ -1,0 +1,403 @@
+"""
+A hand-written Qwen2 / Qwen2.5 / Qwen3 (dense) decoder with built-in layer taps.
+
+Numerically the same model as transformers' Qwen2ForCausalLM and Qwen3ForCausalLM, with Hugging Face
+parameter names, so a checkpoint loads by copying keys and saves as files that transformers and vLLM load
+unchanged. The architecture is chosen by `model_type` in config.json, never guessed.
+
+    model = Transformer.from_pretrained("path/to/hf_dir")     # config.json + *.safetensors
+    logits = model(idx)                                         # (B, T, V)
+    hs = model(idx, taps=[0, 14, 28])                           # {layer: (B, T, d)}, no LM head computed
+    model.save_pretrained("out/")                               # config + safetensors + tokenizer files
+
+Tap index convention (transformers' output_hidden_states): 0 = embeddings, l in 1..L-1 = output of block l,
+L = output of the final RMSNorm (the LM-head input). A forward with taps runs no block above the deepest tap.
+"""
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SUPPORTED = ("qwen2", "qwen3")
+# files of the source checkpoint that save_pretrained copies alongside the weights
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+              "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message names the problem."""
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "qwen3"
+    vocab_size: int = 151936
+    hidden_size: int = 1024
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen3 only; Qwen2 always has q/k/v biases and none on o_proj
+
+    @classmethod
+    def from_hf(cls, d):
+        mt = d.get("model_type")
+        if mt not in SUPPORTED:
+            raise CheckpointError(f"unsupported architecture model_type={mt!r}: this model.py implements {SUPPORTED}")
+        if d.get("use_sliding_window"):
+            raise CheckpointError("use_sliding_window=true is not supported (no Qwen2/Qwen3 release uses it)")
+        # transformers 5 writes rope_parameters={'rope_type':..., 'rope_theta':...}; older files write rope_theta
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise CheckpointError(f"unsupported rope_type={rope_type!r}: only plain RoPE is implemented")
+        theta = d.get("rope_theta", rope.get("rope_theta"))
+        if theta is None:
+            raise CheckpointError("config.json has neither rope_theta nor rope_parameters.rope_theta")
+        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d and d[f.name] is not None}
+        kw["rope_theta"] = float(theta)
+        kw.setdefault("num_key_value_heads", d["num_attention_heads"])
+        kw.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])  # Qwen2 files omit it
+        return cls(**kw)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # as transformers computes it: normalise in fp32, cast back, then scale in the input dtype
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(pos, head_dim, theta, dtype):
+    # pos (B, T) integer positions -> cos, sin (B, T, head_dim), computed in fp32 then cast
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.int64).float() / head_dim))
+    freqs = pos.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    # x (B, nh, T, hs); rotate-half convention, as in the HF checkpoints (no q/k permutation needed)
+    x1, x2 = x.chunk(2, dim=-1)
+    rot = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rot * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.nh, self.nkv, self.hs = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        qkv_bias = cfg.model_type == "qwen2" or cfg.attention_bias
+        o_bias = cfg.model_type == "qwen3" and cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hs, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hs, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hs, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.nh * self.hs, cfg.hidden_size, bias=o_bias)
+        self.qk_norm = cfg.model_type == "qwen3"
+        if self.qk_norm:  # Qwen3: per-head RMSNorm of q and k before RoPE
+            self.q_norm = RMSNorm(self.hs, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hs, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hs)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hs)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # write this chunk's keys/values into the preallocated cache, attend over all
+            k, v = cache.append(self.layer_idx, k, v)
+        # grouped-query attention: each kv head serves nh/nkv query heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """Preallocated keys/values for batched decoding: prefill once, then one token per row per step.
+
+    Rows may have different lengths (left padding in the prefill); `valid` remembers which slots hold
+    real tokens and `next_pos` each row's next position id, so a padded row decodes as it would alone.
+    """
+
+    def __init__(self, model, batch_size, max_len, dtype=None, device=None):
+        c = model.config
+        p = model.model.embed_tokens.weight
+        dtype, device = dtype or p.dtype, device or p.device
+        shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_hidden_layers)]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.len = 0  # slots written so far (same for every row)
+
+    def append(self, layer, k, v):
+        T = k.shape[2]
+        self.k[layer][:, :, self.len:self.len + T] = k
+        self.v[layer][:, :, self.len:self.len + T] = v
+        return self.k[layer][:, :, :self.len + T], self.v[layer][:, :, :self.len + T]
+
+    def select(self, rows):
+        """Keep only these rows (e.g. drop finished samples); rows is a LongTensor of indices."""
+        self.k = [t[rows] for t in self.k]
+        self.v = [t[rows] for t in self.v]
+        self.valid, self.next_pos = self.valid[rows], self.next_pos[rows]
+
+
+class Qwen(nn.Module):
+    # the `model.` prefix of the HF names: embed_tokens, layers, norm
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg, hf_config=None):
+        super().__init__()
+        self.config = cfg
+        self.hf_config = hf_config or {}  # the config.json it came from, written back unchanged on save
+        self.source_dir = None
+        self.model = Qwen(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, idx, attention_mask=None, taps=None, cache=None, last_only=False):
+        """idx (B, T) token ids. attention_mask (B, T): 1 for real tokens, 0 for padding (left or right).
+
+        Returns logits (B, T, V) (or (B, 1, V) with last_only), or with taps={layer: hidden (B, T, d)}.
+        With a cache, idx is the next chunk of every row and the cache is advanced past it.
+        """
+        B, T = idx.shape
+        L = self.config.num_hidden_layers
+        if taps is not None:
+            taps = sorted(set(int(t) for t in taps))
+            if not taps or taps[0] < 0 or taps[-1] > L:
+                raise ValueError(f"taps {taps} out of range: this model has layers 0..{L}")
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.bool, device=idx.device)
+        attention_mask = attention_mask.bool()
+        # position ids count real tokens only, so a left-padded row gets the positions it would get alone
+        pos = attention_mask.long().cumsum(-1) - 1
+        if cache is not None:
+            pos = pos + cache.next_pos[:, None]
+            cache.valid[:, cache.len:cache.len + T] = attention_mask
+            keys_valid = cache.valid[:, :cache.len + T]
+            S, offset = cache.len + T, cache.len
+        else:
+            keys_valid, S, offset = attention_mask, T, 0
+        pos = pos.clamp(min=0)
+        # (B, 1, T, S) boolean mask: causal and not padding; a padded query attends to itself so no row is all -inf
+        qi = torch.arange(T, device=idx.device)[:, None] + offset
+        kj = torch.arange(S, device=idx.device)[None, :]
+        mask = (kj <= qi)[None] & keys_valid[:, None, :]
+        mask = (mask | (kj == qi)[None])[:, None]
+
+        x = self.model.embed_tokens(idx)
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
+        out = {}
+        if taps is not None and taps[0] == 0:
+            out[0] = x
+        n_blocks = L if taps is None else min(taps[-1], L)  # early exit: nothing above the deepest tap
+        for i in range(n_blocks):
+            x = self.model.layers[i](x, cos, sin, mask, cache)
+            if taps is not None and i + 1 in taps and i + 1 < L:
+                out[i + 1] = x
+        if cache is not None:
+            cache.len += T
+            cache.next_pos += attention_mask.long().sum(-1)
+        if taps is not None and taps[-1] < L:
+            return out
+        x = self.model.norm(x)
+        if taps is not None:
+            out[L] = x
+            return out
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None):
+        """Load an HF checkpoint folder (config.json + model.safetensors or a sharded index).
+
+        Built on the meta device and filled by assignment, so the weights are never in memory twice.
+        dtype=None keeps the stored dtype.
+        """
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise CheckpointError(f"no config.json in {path!r}: not a Hugging Face checkpoint folder")
+        try:
+            with open(cfg_path) as f:
+                hf_config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"corrupt config.json in {path!r}: {e}") from None
+        cfg = ModelConfig.from_hf(hf_config)
+        with torch.device("meta"):
+            model = cls(cfg, hf_config)
+        sd = read_safetensors(path)
+        expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+        if cfg.tie_word_embeddings:
+            expected.pop("lm_head.weight")
+            sd.pop("lm_head.weight", None)  # some tied files store the copy anyway
+        missing = sorted(set(expected) - set(sd))
+        unexpected = sorted(set(sd) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(f"{path}: weights do not match {cfg.model_type} config: "
+                                  f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                                  f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+        bad = [f"{k} {tuple(sd[k].shape)} != {tuple(p.shape)}" for k, p in expected.items() if sd[k].shape != p.shape]
+        if bad:
+            raise CheckpointError(f"{path}: mis-shaped tensors: {'; '.join(bad[:8])}")
+        for k in sd:
+            sd[k] = sd[k].to(device=device, dtype=dtype or sd[k].dtype)
+        model.load_state_dict(sd, strict=False, assign=True)
+        if cfg.tie_word_embeddings:  # assignment replaced the embedding Parameter; re-tie
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.source_dir = os.path.abspath(path)
+        return model
+
+    def save_pretrained(self, path, max_shard_bytes=5 * 2**30, state_dict=None):
+        """Write config.json + safetensors (sharded above max_shard_bytes) + the source's tokenizer files.
+
+        Written into a temporary sibling folder and renamed into place, so a crash leaves no half checkpoint.
+        state_dict: optional full state dict (e.g. gathered from FSDP2) to save instead of this module's.
+        """
+        sd = state_dict if state_dict is not None else self.state_dict()
+        sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+        if self.config.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)  # tied checkpoints store only the embedding
+        dtype = next(iter(sd.values())).dtype
+        path = os.path.abspath(path)
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        hf = dict(self.hf_config) or to_hf_config(self.config)
+        hf["dtype"] = str(dtype).removeprefix("torch.")
+        hf.pop("torch_dtype", None)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+        shards, cur, size = [], {}, 0
+        for k in sorted(sd):
+            n = sd[k].numel() * sd[k].element_size()
+            if cur and size + n > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k] = sd[k]
+            size += n
+        shards.append(cur)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(v.numel() * v.element_size() for v in sd.values())
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        if self.source_dir and self.source_dir != path:
+            for name in SIDE_FILES:
+                src = os.path.join(self.source_dir, name)
+                if os.path.isfile(src):
+                    shutil.copy(src, tmp)
+        if os.path.exists(path):  # swap: old checkpoint moved aside only once the new one is whole
+            old = path + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+
+
+def to_hf_config(cfg):
+    """A config.json dict for a model built from a ModelConfig (not loaded from a checkpoint)."""
+    arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[cfg.model_type]
+    d = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    d.update(architectures=[arch], hidden_act="silu", max_position_embeddings=32768, bos_token_id=None,
+             eos_token_id=None, use_cache=True)
+    if cfg.model_type == "qwen2":
+        d.pop("attention_bias")
+    return d
+
+
+def read_safetensors(path):
+    """All tensors of a checkpoint folder, single-file or sharded, as {name: tensor} (CPU)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"corrupt {index}: {e}") from None
+    elif os.path.isfile(single):
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
+    sd = {}
+    for name in files:
+        fp = os.path.join(path, name)
+        if not os.path.isfile(fp):
+            raise CheckpointError(f"shard {name} listed in the index is missing from {path!r}")
+        try:
+            with safe_open(fp, framework="pt") as f:
+                for k in f.keys():
+                    sd[k] = f.get_tensor(k)
+        except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+            raise CheckpointError(f"corrupt safetensors file {fp}: {e}") from None
+    return sd
+
+
+def num_params(model):
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
