@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
 
 SUPPORTED = ("qwen2", "qwen3")
 # files of the source checkpoint that save_pretrained copies alongside the weights
@@ -204,6 +205,7 @@ class Transformer(nn.Module):
         self.config = cfg
         self.hf_config = hf_config or {}  # the config.json it came from, written back unchanged on save
         self.source_dir = None
+        self.activation_checkpointing = False  # recompute each block in backward instead of keeping activations
         self.model = Qwen(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -247,7 +249,10 @@ class Transformer(nn.Module):
             out[0] = x
         n_blocks = L if taps is None else min(taps[-1], L)  # early exit: nothing above the deepest tap
         for i in range(n_blocks):
-            x = self.model.layers[i](x, cos, sin, mask, cache)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(self.model.layers[i], x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = self.model.layers[i](x, cos, sin, mask, cache)
             if taps is not None and i + 1 in taps and i + 1 < L:
                 out[i + 1] = x
         if cache is not None:

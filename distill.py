@@ -1,0 +1,668 @@
+"""
+On-policy distillation: OPRD (hidden states), the output-space OPD baselines, and SFT, in one explicit loop.
+
+One node of 8 GPUs (the paper's main setting, ../shared/METHOD.md §5):
+$ torchrun --standalone --nproc_per_node=8 distill.py config/qwen.py
+A baseline on the same setting:
+$ torchrun --standalone --nproc_per_node=8 distill.py config/qwen_opd_topk.py
+One process (CPU or one GPU), overrides on the command line:
+$ python distill.py config/tiny.py --method=opd --max_steps=20
+
+Per step: this rank's share of the step's prompts -> rollouts of the current student (rollout.py) -> teacher
+forward (no grad) -> student forward + backward -> optimizer step -> new weights pushed to the sampler.
+Under `oprd` alone neither model computes logits and the teacher runs only up to its deepest tapped layer.
+"""
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import Transformer
+
+# -----------------------------------------------------------------------------
+# default config values, overridden by config/*.py and --key=value
+out_dir = 'out'
+init_from = 'scratch'         # 'scratch' (student from `student`) | 'resume' (newest checkpoint in out_dir)
+student = ''                  # HF checkpoint folder of the student
+teacher = ''                  # HF checkpoint folder of the frozen teacher
+method = 'oprd'               # oprd | opd | opd_topk | opd_full | opd+oprd | opd_topk+oprd | sft
+# data
+prompts = 'dapo17k'           # benchmark name, builtin task name, or a .jsonl file (eval.load_problems)
+data_dir = ''                 # folder of <name>.jsonl when offline
+max_prompt_len = 2048         # prompts longer than this (in tokens) are dropped
+enable_thinking = False       # chat template flag (the paper trains with thinking disabled)
+# rollouts
+backend = 'auto'              # auto | vllm | torch
+prompts_per_step = 8          # over all ranks
+n_samples = 2                 # rollouts per prompt
+temperature = 1.0
+top_p = 1.0
+top_k = -1
+max_new_tokens = 16384
+gpu_memory_utilization = 0.3  # vLLM's share of the accelerator
+tensor_parallel_size = 1
+# OPRD (METHOD.md §2)
+layers = 'all'                # last | all | even | odd | '4,8,12' (student layers, output_hidden_states indices)
+positions = 'last_k'          # all | first_k | last_k
+k_positions = 2000
+distance = 'mse'              # mse (raw MSE / d) | normalized_mse (MSE of L2-normalised states)
+align = 'predict'             # 'predict': the state that predicts token t (position t-1); 'token': the state at t
+oprd_coef = 1.0
+mu = 1.0                      # weight of OPRD in the combined objectives opd+oprd, opd_topk+oprd
+projector = False             # learn a linear map d_S -> d_T per layer when the widths differ
+# output-space OPD (METHOD.md §3)
+topk = 16
+vocab_chunk_tokens = 1024     # output losses run over this many positions at a time: no [B, T, V] tensor
+# optimization
+max_steps = 500
+micro_batch_size = 4          # sequences per forward/backward; the step accumulates over the rank's rollouts
+lr = 1e-5
+min_lr = 0.0
+warmup_frac = 0.03
+weight_decay = 0.01
+beta1 = 0.9
+beta2 = 0.999
+grad_clip = 1.0
+activation_checkpointing = False
+teacher_fsdp = False          # shard the teacher with FSDP2 too (when it does not fit replicated)
+max_bad_steps = 3             # consecutive NaN/inf steps before the run stops
+# io
+seed = 0
+log_every = 1
+save_every = 100              # also saved at the last step
+keep_checkpoints = 2
+wandb_log = False
+wandb_project = 'oprd'
+# -----------------------------------------------------------------------------
+
+METHODS = ('oprd', 'opd', 'opd_topk', 'opd_full', 'opd+oprd', 'opd_topk+oprd', 'sft')
+
+
+class DistillError(ValueError):
+    """A setting or input that cannot work; raised before any work is done."""
+
+
+# ----------------------------------------------------------------------------- layer and position sets
+
+def parse_layers(spec, num_layers):
+    """Student layers to align, as output_hidden_states indices (1..L; 0 = embeddings is allowed if listed)."""
+    L = num_layers
+    named = {'last': [L], 'all': list(range(1, L + 1)), 'even': list(range(2, L + 1, 2)),
+             'odd': list(range(1, L + 1, 2))}
+    if isinstance(spec, str) and spec in named:
+        return named[spec]
+    try:
+        out = [int(x) for x in (spec.split(',') if isinstance(spec, str) else spec)]
+    except (TypeError, ValueError):
+        raise DistillError(f"layers={spec!r}: expected last, all, even, odd or a list like 4,8,12") from None
+    bad = [l for l in out if not 0 <= l <= L]
+    if bad or not out:
+        raise DistillError(f"layers {bad or out} out of range: the student has layers 0..{L}")
+    return sorted(set(out))
+
+
+def depth_map(layer, L_s, L_t):
+    """phi(l): student layer -> teacher layer, round((l-1)(L_T-1)/(L_S-1)) + 1; 0 -> 0; identity when L_S = L_T."""
+    if layer == 0 or L_s == L_t:
+        return layer
+    if L_s == 1:
+        return L_t
+    return math.floor((layer - 1) * (L_t - 1) / (L_s - 1) + 0.5) + 1
+
+
+def response_masks(resp_mask, positions, k, align):
+    """resp_mask (B, T) bool: response tokens. Returns the positions whose states are supervised.
+
+    positions selects response tokens (all, the first k, the last k of each row, EOS included); align picks
+    the position that carries token t: 'predict' = t-1 (the state that predicts t, as output-space OPD),
+    'token' = t itself.
+    """
+    idx = resp_mask.long().cumsum(-1) - 1           # index of each response token within its row
+    n = resp_mask.long().sum(-1, keepdim=True)      # response length per row
+    if positions == 'all':
+        keep = resp_mask
+    elif positions == 'first_k':
+        keep = resp_mask & (idx < k)
+    elif positions == 'last_k':
+        keep = resp_mask & (idx >= n - k)
+    else:
+        raise DistillError(f"positions={positions!r}: expected all, first_k or last_k")
+    if align == 'predict':
+        keep = torch.cat([keep[:, 1:], torch.zeros_like(keep[:, :1])], dim=1)
+    elif align != 'token':
+        raise DistillError(f"align={align!r}: expected predict or token")
+    return keep
+
+
+# ----------------------------------------------------------------------------- losses (sums; divided by a global count)
+
+def oprd_loss(h_s, h_t, distance='mse', proj=None):
+    """Sum over rows of (1/d) ||h_S - sg(h_T)||^2, rows = supervised positions (N, d). Also the sum of cosines.
+
+    With a projector, h_S is mapped to the teacher's width first; d is the width compared.
+    """
+    h_t = h_t.detach().float()
+    h_s = h_s.float() if proj is None else proj(h_s.float())
+    cos = F.cosine_similarity(h_s.detach(), h_t, dim=-1).sum()
+    if distance == 'normalized_mse':
+        h_s, h_t = F.normalize(h_s, dim=-1), F.normalize(h_t, dim=-1)
+    elif distance != 'mse':
+        raise DistillError(f"distance={distance!r}: expected mse or normalized_mse")
+    return (h_s - h_t).pow(2).sum() / h_s.shape[-1], cos
+
+
+def output_loss_chunk(kind, h_s, h_t, targets, w_s, w_t, vocab, k):
+    """One chunk of output-space OPD: rows (n, d) of final-norm states, targets (n,) the sampled tokens.
+
+    Returns (loss sum, KL-estimate sum). Log-probs are over the common vocabulary prefix, in fp32.
+    """
+    logp_s = F.log_softmax(F.linear(h_s, w_s)[:, :vocab].float(), dim=-1)
+    with torch.no_grad():
+        logp_t = F.log_softmax(F.linear(h_t, w_t)[:, :vocab].float(), dim=-1)
+    if kind == 'opd':  # sampled token: REINFORCE with per-token advantage -sg(u_t)
+        lp = logp_s.gather(1, targets[:, None])[:, 0]
+        u = (lp - logp_t.gather(1, targets[:, None])[:, 0]).detach()
+        return (u * lp).sum(), u.sum()
+    if kind == 'opd_topk':  # the student's top-k, probabilities renormalised on it
+        top_lp, top_i = logp_s.detach().topk(k, dim=-1)
+        p_bar = top_lp.softmax(-1)
+        lp = logp_s.gather(1, top_i)
+        diff = (lp - logp_t.gather(1, top_i)).detach()
+        return (p_bar * diff * lp).sum(), (p_bar * diff).sum()
+    if kind == 'opd_full':  # exact reverse KL(p || q) over the vocabulary
+        kl = (logp_s.exp() * (logp_s - logp_t)).sum(-1)
+        return kl.sum(), kl.detach().sum()
+    raise DistillError(f"unknown output loss {kind!r}")
+
+
+def output_loss(kind, h_s, h_t, targets, w_s, w_t, vocab, k, chunk):
+    """Output-space loss over all rows, chunk rows at a time; each chunk's logits are recomputed in backward
+    (activation checkpointing), so no (rows, V) tensor of the whole batch ever exists."""
+    loss, kl = h_s.new_zeros((), dtype=torch.float32), 0.0
+    for i in range(0, h_s.shape[0], chunk):
+        sl = slice(i, i + chunk)
+        args = (kind, h_s[sl], h_t[sl], targets[sl], w_s, w_t, vocab, k)
+        if torch.is_grad_enabled():
+            l, e = torch.utils.checkpoint.checkpoint(output_loss_chunk, *args, use_reentrant=False)
+        else:
+            l, e = output_loss_chunk(*args)
+        loss, kl = loss + l, kl + e.item()
+    return loss, kl
+
+
+def sft_loss(logits, targets):
+    """Summed cross-entropy of the reference tokens; logits (n, V) at the predicting positions."""
+    return F.cross_entropy(logits.float(), targets, reduction='sum')
+
+
+# ----------------------------------------------------------------------------- small utilities
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(x):
+    """Sum a float (or tensor) over ranks; a no-op in a single process."""
+    t = torch.as_tensor(x, dtype=torch.float64, device=_device()).clone()
+    if is_dist():
+        dist.all_reduce(t)
+    return t
+
+
+def _device():
+    return torch.device('cuda', torch.cuda.current_device()) if torch.cuda.is_available() else torch.device('cpu')
+
+
+def lr_at(step):
+    """Linear warm-up over warmup_frac of the run, then cosine decay to min_lr."""
+    warmup = max(1, math.ceil(warmup_frac * max_steps))
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, max_steps - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+class MemoryMeter:
+    """Transient peak memory of a region: peak during it minus memory at its start (the paper's Table 3).
+
+    GPU: the caching allocator's counters. CPU: the process's resident set (VmHWM after a reset through
+    /proc/self/clear_refs), a process-level measure that also sees allocator reuse.
+    """
+
+    def __init__(self, device):
+        self.cuda = device.type == 'cuda'
+
+    @staticmethod
+    def _status(key):
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def start(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            try:
+                with open('/proc/self/clear_refs', 'w') as f:
+                    f.write('5')  # resets VmHWM to the current RSS
+            except OSError:
+                pass
+            self.base = self._status('VmRSS')
+
+    def transient(self):
+        peak = torch.cuda.max_memory_allocated() if self.cuda else self._status('VmHWM')
+        return max(0, peak - self.base)
+
+
+def checkpoints_in(out):
+    """Complete checkpoints in out (step_NNNNNNN folders; a .partial one is an interrupted save), newest last."""
+    if not os.path.isdir(out):
+        return []
+    steps = [d for d in os.listdir(out) if d.startswith('step_') and d[5:].isdigit()]
+    return [os.path.join(out, d) for d in sorted(steps)]
+
+
+# ----------------------------------------------------------------------------- the run
+
+def main():
+    global_keys = [k for k, v in globals().items()
+                   if not k.startswith('_') and isinstance(v, (int, float, bool, str, list, tuple, type(None)))
+                   and k not in ('METHODS',)]
+    from configurator import ConfigError, apply_config
+    try:
+        cfg = apply_config(sys.argv[1:], {k: globals()[k] for k in global_keys},
+                           verbose=int(os.environ.get('RANK', 0)) == 0)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    globals().update(cfg)
+    try:
+        run(cfg)
+    except DistillError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if is_dist():
+            dist.destroy_process_group()
+
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE: one process per device, FSDP2 over all of them. Plain python: no group."""
+    if 'RANK' not in os.environ:
+        return 0, 1, _device()
+    backend_name = 'nccl' if torch.cuda.is_available() else 'gloo'
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
+    dist.init_process_group(backend_name)
+    return dist.get_rank(), dist.get_world_size(), _device()
+
+
+def shard(model, device, mp_dtype, reshard=True):
+    """FSDP2: fully_shard each block, then the root. bf16 compute with fp32 reduction on GPU; fp32 on CPU."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def run(cfg):
+    import eval as evaluation
+    import rollout
+
+    if method not in METHODS:
+        raise DistillError(f"method={method!r} does not exist: choose one of {', '.join(METHODS)}")
+    rank, world, device = setup_distributed()
+    master = rank == 0
+    torch.manual_seed(seed)
+    torch.set_flush_denormal(True)  # tiny CPU models: denormals made steps 4x slower
+    on_gpu = device.type == 'cuda'
+    compute_dtype = torch.bfloat16 if on_gpu else torch.float32
+    uses_oprd = 'oprd' in method
+    out_kind = {'opd': 'opd', 'opd_topk': 'opd_topk', 'opd_full': 'opd_full', 'opd+oprd': 'opd',
+                'opd_topk+oprd': 'opd_topk'}.get(method)
+
+    # ---- resume or start: find the weights to load
+    resume_state, start_step = None, 0
+    student_path = student
+    if init_from == 'resume':
+        found = checkpoints_in(out_dir)
+        if not found:
+            raise DistillError(f"init_from='resume' but {out_dir!r} has no checkpoint")
+        student_path = found[-1]
+        resume_state = torch.load(os.path.join(student_path, 'resume.pt'), weights_only=False)
+        start_step = resume_state['step']
+        if master:
+            print(f"resuming from {student_path} at step {start_step}")
+    elif init_from != 'scratch':
+        raise DistillError(f"init_from={init_from!r}: expected scratch or resume")
+    if not student_path:
+        raise DistillError("no student checkpoint: set student=<HF folder>")
+
+    # ---- models, tokenizers, and every check that can fail before any work
+    from model import CheckpointError
+    try:
+        stu = Transformer.from_pretrained(student_path, dtype=torch.float32, device=device)
+        tea = None
+        if method != 'sft':
+            if not teacher:
+                raise DistillError(f"method={method} needs a teacher: set teacher=<HF folder>")
+            tea = Transformer.from_pretrained(teacher, dtype=compute_dtype, device=device).eval()
+            tea.requires_grad_(False)
+    except CheckpointError as e:
+        raise DistillError(str(e)) from None
+    tok = rollout.load_tokenizer(student_path)
+    if tea is not None and not rollout.same_tokenization(tok, rollout.load_tokenizer(teacher)):
+        raise DistillError(f"teacher {teacher!r} and student {student_path!r} tokenize differently: "
+                           "OPRD and OPD need identical rollout token ids")
+    L_s = stu.config.num_hidden_layers
+    s_layers = parse_layers(layers, L_s) if uses_oprd else []
+    t_layers, proj = [], None
+    if tea is not None:
+        L_t = tea.config.num_hidden_layers
+        t_layers = [depth_map(l, L_s, L_t) for l in s_layers]
+        d_s, d_t = stu.config.hidden_size, tea.config.hidden_size
+        if uses_oprd and d_s != d_t:
+            if not projector:
+                raise DistillError(f"teacher width {d_t} != student width {d_s}: set projector=True")
+            proj = nn.ModuleDict({str(l): nn.Linear(d_s, d_t, bias=False) for l in s_layers}).to(device)
+        if out_kind and stu.config.vocab_size != tea.config.vocab_size and master:
+            print(f"vocabularies differ ({stu.config.vocab_size} vs {tea.config.vocab_size}): "
+                  f"comparing the common prefix")
+    vocab = min(stu.config.vocab_size, tea.config.vocab_size) if tea is not None else stu.config.vocab_size
+
+    # taps: what each side computes. Under OPRD alone, no logits and no teacher blocks above the deepest tap.
+    s_taps = set(s_layers) | ({L_s} if out_kind or method == 'sft' else set())
+    t_taps = set(t_layers) | ({tea.config.num_hidden_layers} if out_kind else set()) if tea is not None else set()
+
+    problems = evaluation.load_problems(prompts, data_dir or None)
+    data = []
+    for p in problems:
+        ids = tok.chat(evaluation.build_prompt(p['problem']), enable_thinking=enable_thinking)
+        if len(ids) > max_prompt_len:
+            continue
+        item = {'id': p['id'], 'prompt': ids}
+        if method == 'sft':
+            if not p.get('solution'):
+                raise DistillError(f"method=sft needs reference solutions; {prompts!r} has none for {p['id']!r}")
+            item['response'] = tok.encode(p['solution']) + tok.eos_ids[:1]
+        data.append(item)
+    if not data:
+        raise DistillError(f"no prompt of {prompts!r} fits max_prompt_len={max_prompt_len}")
+
+    # ---- the student under FSDP2, optimizer, sampler
+    stu.activation_checkpointing = activation_checkpointing
+    raw_stu = stu
+    if is_dist():
+        stu = shard(stu, device, compute_dtype)
+        if tea is not None and teacher_fsdp:
+            tea = shard(tea, device, compute_dtype)
+    params = list(stu.parameters()) + (list(proj.parameters()) if proj is not None else [])
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
+                             {'params': no_decay, 'weight_decay': 0.0}], lr=lr, betas=(beta1, beta2),
+                            fused=on_gpu)
+    if resume_state is not None:
+        load_optimizer(stu, opt, resume_state['optimizer'])
+        if proj is not None:
+            proj.load_state_dict(resume_state['projector'])
+        torch.set_rng_state(resume_state['rng'])
+    if proj is not None and is_dist():
+        for p in proj.parameters():  # identical start on every rank (its gradients are all-reduced below)
+            dist.broadcast(p.data, 0)
+
+    sampler = None
+    if method != 'sft':
+        sampler = rollout.make_sampler(backend, student_path, gpu_memory_utilization=gpu_memory_utilization,
+                                       tensor_parallel_size=tensor_parallel_size, seed=seed,
+                                       max_model_len=max_prompt_len + max_new_tokens,
+                                       enable_sleep_mode=on_gpu)
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        print(f"method {method} | student {student_path} ({L_s} layers, d={stu.config.hidden_size}) | "
+              f"teacher {teacher or '-'} | world {world} | {len(data)} prompts")
+        if uses_oprd:
+            print(f"OPRD layers {s_layers} -> teacher {t_layers}; positions {positions}"
+                  f"{'' if positions == 'all' else f' (k={k_positions})'}; distance {distance}; align {align}")
+        print(f"prompts per step {prompts_per_step} x {n_samples} samples = "
+              f"{prompts_per_step * n_samples} sequences per step, {max_steps} steps")
+    if wandb_log and master:
+        import wandb
+        wandb.init(project=wandb_project, config=cfg)
+    log_path = os.path.join(out_dir, 'log.jsonl')
+
+    mem = MemoryMeter(device)
+    bad_steps = 0
+    for step in range(start_step, max_steps):
+        # ---- 1. this rank's prompts: a seeded permutation per epoch, the step's slice, every world-th item
+        per_epoch = max(1, len(data) // prompts_per_step)
+        epoch, pos = divmod(step, per_epoch)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        step_items = [data[i] for i in order[pos * prompts_per_step:(pos + 1) * prompts_per_step]][rank::world]
+
+        # ---- 2. rollouts with the current weights (or the reference solutions under sft)
+        t0 = time.time()
+        seqs = []  # (prompt ids, response ids, finish)
+        if method == 'sft':
+            seqs = [(it['prompt'], it['response'], 'stop') for it in step_items]
+        else:
+            samples = sampler.generate([it['prompt'] for it in step_items], n=n_samples, temperature=temperature,
+                                       top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+                                       stop_ids=tok.eos_ids, seed=seed * 1_000_003 + step * world + rank)
+            sampler.sleep()
+            seqs = [(it['prompt'], s.tokens, s.finish) for it, ss in zip(step_items, samples) for s in ss]
+        t_rollout = time.time() - t0
+        gen_tokens = all_reduce_sum(sum(len(r) for _, r, _ in seqs)).item()
+        truncated = all_reduce_sum(sum(f == 'length' for _, _, f in seqs)).item()
+        n_seqs = all_reduce_sum(len(seqs)).item()
+
+        # ---- 3. teacher forward, student forward and backward, accumulated over micro-batches
+        t1 = time.time()
+        mem.start()
+        lr_now = lr_at(step)
+        for g in opt.param_groups:
+            g['lr'] = lr_now
+        stu.train()
+        batches = [collate(seqs[i:i + micro_batch_size], tok.pad_id, device)
+                   for i in range(0, len(seqs), micro_batch_size)]
+        # the loss is divided by the all-reduced count of supervised tokens, so sharding does not change it;
+        # FSDP averages gradients over ranks, hence the factor world
+        n_out = all_reduce_sum(sum(b['out_mask'].sum().item() for b in batches)).item()
+        n_rep = all_reduce_sum(sum(response_masks(b['resp'], positions, k_positions, align).sum().item()
+                                   for b in batches)).item() if uses_oprd else 0.0
+        stats = {'loss': 0.0, 'kl': 0.0, 'update_tokens': 0}
+        layer_loss = [0.0] * len(s_layers)
+        layer_cos = [0.0] * len(s_layers)
+        for mi, b in enumerate(batches):
+            if is_dist():  # reduce gradients only after the last micro-batch
+                stu.set_requires_gradient_sync(mi == len(batches) - 1)
+            with torch.no_grad():
+                hs_t = tea(b['idx'], attention_mask=b['attn'], taps=sorted(t_taps)) if tea is not None else None
+            hs_s = stu(b['idx'], attention_mask=b['attn'], taps=sorted(s_taps))
+            loss = hs_s[max(s_taps)].new_zeros((), dtype=torch.float32)
+            if out_kind or method == 'sft':
+                m = b['out_mask']
+                rows_s = hs_s[L_s][m]
+                targets = b['idx'][:, 1:][m[:, :-1]]
+                if method == 'sft':
+                    out = sft_loss(stu.lm_head(rows_s)[:, :vocab], targets)
+                    kl = 0.0
+                else:
+                    rows_t = hs_t[tea.config.num_hidden_layers][m]
+                    out, kl = output_loss(out_kind, rows_s, rows_t, targets, stu.lm_head.weight,
+                                          tea.lm_head.weight, vocab, topk, vocab_chunk_tokens)
+                loss = loss + out / max(n_out, 1)
+                stats['kl'] += kl
+                stats['loss_out'] = stats.get('loss_out', 0.0) + out.item()
+            if uses_oprd:
+                m = response_masks(b['resp'], positions, k_positions, align)
+                coef = oprd_coef * (mu if out_kind else 1.0)
+                rep = 0.0
+                for j, (ls, lt) in enumerate(zip(s_layers, t_layers)):
+                    l_sum, cos = oprd_loss(hs_s[ls][m], hs_t[lt][m], distance,
+                                           proj[str(ls)] if proj is not None else None)
+                    rep = rep + l_sum / len(s_layers)
+                    layer_loss[j] += l_sum.item()
+                    layer_cos[j] += cos.item()
+                loss = loss + coef * rep / max(n_rep, 1)
+            (loss * world).backward()
+            stats['loss'] += loss.item()
+            stats['update_tokens'] += b['attn'].sum().item()
+        if proj is not None and is_dist():  # the projector is not under FSDP: reduce its gradients here
+            for p in proj.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        grad_norm = clip_grad_norm(params, grad_clip)
+        loss_total = all_reduce_sum(stats['loss']).item()
+        if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
+            bad_steps += 1
+            opt.zero_grad(set_to_none=True)
+            if master:
+                print(f"step {step}: non-finite loss {loss_total} or grad norm {grad_norm}: step skipped "
+                      f"({bad_steps} in a row)")
+            if bad_steps >= max_bad_steps:
+                raise DistillError(f"{bad_steps} non-finite steps in a row: stopping")
+        else:
+            bad_steps = 0
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if on_gpu:
+            torch.cuda.synchronize()
+        transient = all_reduce_max(mem.transient())
+        t_update = time.time() - t1
+
+        # ---- 4. push the new weights to the sampler (streamed one parameter at a time)
+        if sampler is not None:
+            sampler.wake()
+            sampler.update_weights(rollout.fsdp_named_tensors(stu))
+
+        # ---- log
+        if step % log_every == 0 or step == max_steps - 1:
+            rec = {'step': step, 'loss': loss_total, 'grad_norm': grad_norm, 'lr': lr_now,
+                   'mean_response_len': gen_tokens / max(n_seqs, 1), 'trunc_rate': truncated / max(n_seqs, 1),
+                   'rollout_tok_s': gen_tokens / max(all_reduce_max(t_rollout), 1e-9),
+                   'update_tok_s': all_reduce_sum(stats['update_tokens']).item() / max(all_reduce_max(t_update), 1e-9),
+                   'update_transient_mem_mb': transient / 2**20}
+            if uses_oprd:
+                for j, l in enumerate(s_layers):
+                    rec[f'oprd_loss/{l}'] = all_reduce_sum(layer_loss[j]).item() / max(n_rep, 1)
+                    rec[f'cos/{l}'] = all_reduce_sum(layer_cos[j]).item() / max(n_rep, 1)
+            if out_kind:
+                rec['kl'] = all_reduce_sum(stats['kl']).item() / max(n_out, 1)
+            if master:
+                extra = f" | kl {rec['kl']:.4f}" if out_kind else ''
+                if uses_oprd:
+                    extra += f" | cos {sum(rec[f'cos/{l}'] for l in s_layers) / len(s_layers):.4f}"
+                print(f"step {step}: loss {loss_total:.6f} | grad {grad_norm:.3f} | lr {lr_now:.2e} | "
+                      f"len {rec['mean_response_len']:.1f} | trunc {rec['trunc_rate']:.2f}{extra} | "
+                      f"rollout {rec['rollout_tok_s']:.0f} tok/s | update {rec['update_tok_s']:.0f} tok/s | "
+                      f"mem +{rec['update_transient_mem_mb']:.1f} MB")
+                with open(log_path, 'a') as f:
+                    f.write(json.dumps(rec) + '\n')
+                if wandb_log:
+                    wandb.log(rec, step=step)
+
+        if (step + 1) % save_every == 0 or step == max_steps - 1:
+            save_checkpoint(raw_stu, stu, opt, proj, step + 1, cfg)
+    if master:
+        print(f"done: {checkpoints_in(out_dir)[-1] if checkpoints_in(out_dir) else out_dir}")
+
+
+def collate(seqs, pad_id, device):
+    """Right-padded (B, T) ids + masks. resp marks response tokens; out_mask the positions that predict them."""
+    T = max(len(p) + len(r) for p, r, _ in seqs)
+    B = len(seqs)
+    idx = torch.full((B, T), pad_id, dtype=torch.long)
+    attn = torch.zeros(B, T, dtype=torch.bool)
+    resp = torch.zeros(B, T, dtype=torch.bool)
+    for i, (p, r, _) in enumerate(seqs):
+        idx[i, :len(p) + len(r)] = torch.tensor(list(p) + list(r), dtype=torch.long)
+        attn[i, :len(p) + len(r)] = True
+        resp[i, len(p):len(p) + len(r)] = True
+    out_mask = torch.cat([resp[:, 1:], torch.zeros(B, 1, dtype=torch.bool)], dim=1)
+    return {'idx': idx.to(device), 'attn': attn.to(device), 'resp': resp.to(device), 'out_mask': out_mask.to(device)}
+
+
+def all_reduce_max(x):
+    t = torch.tensor(float(x), dtype=torch.float64, device=_device())
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def clip_grad_norm(params, max_norm):
+    """Global grad norm over ranks, clipped to max_norm; returns the norm before clipping.
+
+    FSDP2 grads are DTensor shards (their norm is reduced over ranks by full_tensor()); the projector's are
+    plain tensors, already all-reduced. The two kinds are normed separately and combined.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    sq = 0.0
+    for kind in (True, False):
+        gs = [g for g in grads if hasattr(g, 'full_tensor') == kind]
+        if gs:
+            n = torch.nn.utils.get_total_norm(gs)
+            sq += (n.full_tensor() if hasattr(n, 'full_tensor') else n).item() ** 2
+    norm = math.sqrt(sq)
+    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
+        for g in grads:
+            g.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
+def load_optimizer(model, opt, state):
+    if is_dist():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True,
+                                                                              broadcast_from_rank0=True))
+    else:
+        opt.load_state_dict(state)
+
+
+def save_checkpoint(raw_model, model, opt, proj, step, cfg):
+    """out_dir/step_NNNNNNN: the student in HF format + resume.pt. Written as step_N.partial and renamed, so a
+    crash mid-save leaves the previous checkpoint whole; older ones beyond keep_checkpoints are removed."""
+    if is_dist():
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        sd = get_model_state_dict(model, options=opts)
+        osd = get_optimizer_state_dict(model, opt, options=opts)
+    else:
+        sd, osd = model.state_dict(), opt.state_dict()
+    if is_dist() and dist.get_rank() != 0:
+        dist.barrier()
+        return
+    final = os.path.join(out_dir, f'step_{step:07d}')
+    partial = final + '.partial'
+    shutil.rmtree(partial, ignore_errors=True)
+    raw_model.save_pretrained(partial, state_dict=sd)
+    torch.save({'step': step, 'optimizer': osd, 'projector': proj.state_dict() if proj is not None else None,
+                'rng': torch.get_rng_state(), 'config': cfg}, os.path.join(partial, 'resume.pt'))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    for old in checkpoints_in(out_dir)[:-keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    print(f"saved {final}")
+    if is_dist():
+        dist.barrier()
+
+
+if __name__ == '__main__':
+    main()
