@@ -25,7 +25,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Transformer
+from eval import checkpoints_in
+from model import Transformer, resolve_checkpoint
 
 # -----------------------------------------------------------------------------
 # default config values, overridden by config/*.py and --key=value
@@ -265,14 +266,6 @@ class MemoryMeter:
         return max(0, peak - self.base)
 
 
-def checkpoints_in(out):
-    """Complete checkpoints in out (step_NNNNNNN folders; a .partial one is an interrupted save), newest last."""
-    if not os.path.isdir(out):
-        return []
-    steps = [d for d in os.listdir(out) if d.startswith('step_') and d[5:].isdigit()]
-    return [os.path.join(out, d) for d in sorted(steps)]
-
-
 # ----------------------------------------------------------------------------- the run
 
 def main():
@@ -355,18 +348,21 @@ def run(cfg):
 
     # ---- models, tokenizers, and every check that can fail before any work
     from model import CheckpointError
+    teacher_path = teacher
     try:
+        student_path = resolve_checkpoint(student_path)  # a hub id is downloaded once, then used as a folder
         stu = Transformer.from_pretrained(student_path, dtype=torch.float32, device=device)
         tea = None
         if method != 'sft':
             if not teacher:
                 raise DistillError(f"method={method} needs a teacher: set teacher=<HF folder>")
-            tea = Transformer.from_pretrained(teacher, dtype=compute_dtype, device=device).eval()
+            teacher_path = resolve_checkpoint(teacher)
+            tea = Transformer.from_pretrained(teacher_path, dtype=compute_dtype, device=device).eval()
             tea.requires_grad_(False)
     except CheckpointError as e:
         raise DistillError(str(e)) from None
     tok = rollout.load_tokenizer(student_path)
-    if tea is not None and not rollout.same_tokenization(tok, rollout.load_tokenizer(teacher)):
+    if tea is not None and not rollout.same_tokenization(tok, rollout.load_tokenizer(teacher_path)):
         raise DistillError(f"teacher {teacher!r} and student {student_path!r} tokenize differently: "
                            "OPRD and OPD need identical rollout token ids")
     L_s = stu.config.num_hidden_layers

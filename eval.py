@@ -31,9 +31,11 @@ top_k = -1                    # -1 = off
 max_new_tokens = 31744
 enable_thinking = False       # chat template flag; the paper evaluates with thinking disabled
 seed = 0
-backend = 'auto'              # 'auto' | 'vllm' | 'hf'
+backend = 'auto'              # 'auto' (vLLM where it imports) | 'vllm' | 'torch'
 out = ''                      # output folder for summary.json and samples.jsonl; '' = don't write
 limit = 0                     # >0: only the first `limit` problems of each benchmark
+batch_problems = 32           # problems per generate() call (the progress bar's unit)
+max_prompt_tokens = 2048      # the engine's context is this plus max_new_tokens
 # -----------------------------------------------------------------------------
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -349,12 +351,82 @@ def write_outputs(out_dir, summaries, records):
 
 # -----------------------------------------------------------------------------
 
+def checkpoints_in(out):
+    """distill.py's checkpoints in out (step_NNNNNNN folders, each complete: saves are renamed into place)."""
+    if not os.path.isdir(out):
+        return []
+    steps = sorted(d for d in os.listdir(out) if d.startswith('step_') and d[5:].isdigit())
+    return [os.path.join(out, d) for d in steps]
+
+def resolve_ckpt(path):
+    """An HF checkpoint folder as is; distill.py's out_dir -> its newest checkpoint; else as given (hub id)."""
+    if os.path.isfile(os.path.join(path, 'config.json')):
+        return path
+    found = checkpoints_in(path)
+    return found[-1] if found else path
+
 def main():
-    # to be wired in with rollout.py: apply configurator overrides to the globals above; for each name in
-    # benchmarks.split(','): problems = load_problems(name, data_dir)[:limit or None]; generate n_samples
-    # completions of build_prompt(p['problem']) per problem; records = [make_record(...)];
-    # summaries[name] = summarize(records, n_samples); print(format_table(summaries)); write_outputs(out, ...)
-    raise NotImplementedError  # generation wired in by rollout.py integration
+    import sys
+    from configurator import ConfigError, apply_config
+    keys = [k for k, v in globals().items() if not k.startswith('_') and k.islower()
+            and isinstance(v, (int, float, bool, str, list, tuple, type(None)))]
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    try:
+        globals().update(apply_config(sys.argv[1:], {k: globals()[k] for k in keys}, verbose=rank == 0))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        evaluate(rank, world)
+    except (DataError, ValueError, OSError) as e:  # CheckpointError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+def evaluate(rank, world):
+    import torch
+    import torch.distributed as dist
+    from tqdm import tqdm
+    import rollout
+    from model import resolve_checkpoint
+    if world > 1:
+        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+    path = resolve_checkpoint(resolve_ckpt(ckpt))
+    names = [b.strip() for b in benchmarks.split(',') if b.strip()]
+    sets = {name: load_problems(name, data_dir or None)[:limit or None] for name in names}  # errors before work
+    if rank == 0:
+        print(f"evaluating {path} on {', '.join(names)}: {n_samples} samples per problem, temperature "
+              f"{temperature}, top-p {top_p}, up to {max_new_tokens} new tokens ({world} rank(s))")
+    tok = rollout.load_tokenizer(path)
+    sampler = rollout.make_sampler(backend, path, seed=seed, max_model_len=max_prompt_tokens + max_new_tokens)
+    summaries, all_records = {}, []
+    for name, problems in sets.items():
+        mine = problems[rank::world]  # problems split across ranks, results gathered on rank 0
+        records = []
+        bar = tqdm(range(0, len(mine), batch_problems), desc=name, disable=rank != 0)
+        for i in bar:
+            chunk = mine[i:i + batch_problems]
+            prompts = [tok.chat(build_prompt(p['problem']), enable_thinking=enable_thinking) for p in chunk]
+            samples = sampler.generate(prompts, n=n_samples, temperature=temperature, top_p=top_p, top_k=top_k,
+                                       max_new_tokens=max_new_tokens, stop_ids=tok.eos_ids,
+                                       seed=seed + 7919 * (rank + world * i))
+            for p, ss in zip(chunk, samples):
+                for j, s in enumerate(ss):
+                    records.append(make_record(name, p, j, tok.decode(s.tokens), len(s.tokens), s.finish))
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, records)
+            records = [r for part in gathered for r in part]
+        summaries[name] = summarize(records, n_samples)
+        all_records += records
+    if rank == 0:
+        print(f"checkpoint: {path}")
+        print(format_table(summaries))
+        if out:
+            write_outputs(out, summaries, all_records)
+            print(f"wrote {os.path.join(out, 'summary.json')} and samples.jsonl")
+    if world > 1:
+        dist.destroy_process_group()
+    return summaries
 
 if __name__ == '__main__':
     main()

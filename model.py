@@ -277,6 +277,7 @@ class Transformer(nn.Module):
         Built on the meta device and filled by assignment, so the weights are never in memory twice.
         dtype=None keeps the stored dtype.
         """
+        path = resolve_checkpoint(path)
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise CheckpointError(f"no config.json in {path!r}: not a Hugging Face checkpoint folder")
@@ -374,6 +375,20 @@ def to_hf_config(cfg):
     if cfg.model_type == "qwen2":
         d.pop("attention_bias")
     return d
+
+
+def resolve_checkpoint(path):
+    """A local folder as is; a hub id ('org/name') downloaded to the local cache when online."""
+    path = str(path)
+    if os.path.isdir(path) or os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):
+        return path
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        raise CheckpointError(f"{path!r} is not a local folder, and the hub is offline (HF_HUB_OFFLINE)")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"])
+    except Exception as e:  # no network, unknown repo, gated repo
+        raise CheckpointError(f"could not download {path!r} from the hub: {type(e).__name__}: {e}") from None
 
 
 def read_safetensors(path):
