@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -75,6 +75,7 @@ grad_clip = 1.0
 activation_checkpointing = False
 teacher_fsdp = False          # shard the teacher with FSDP2 too (when it does not fit replicated)
 max_bad_steps = 3             # consecutive NaN/inf steps before the run stops
+stop_step = 0                 # >0: stop after this many steps as if preempted (the schedule still spans max_steps)
 # io
 seed = 0
 log_every = 1
@@ -204,6 +205,80 @@ def sft_loss(logits, targets):
     return F.cross_entropy(logits.float(), targets, reduction='sum')
 
 
+# ----------------------------------------------------------------------------- one update
+
+@dataclass
+class Plan:
+    """What an update computes, fixed once from the config and the two models."""
+    method: str
+    out_kind: str | None          # output-space loss: opd | opd_topk | opd_full | None
+    s_layers: list                # student layers aligned by OPRD (empty without OPRD)
+    t_layers: list                # phi(l) for each
+    s_taps: list                  # what each forward computes: OPRD layers, plus the final norm for logits
+    t_taps: list
+    L_s: int
+    L_t: int
+    vocab: int                    # common vocabulary prefix
+    positions: str = 'last_k'
+    k_positions: int = 2000
+    align: str = 'predict'
+    distance: str = 'mse'
+    oprd_weight: float = 1.0      # oprd_coef, times mu in the combined objectives
+    topk: int = 16
+    chunk: int = 1024
+
+
+def make_plan(method, stu_cfg, tea_cfg, layers='all', positions='last_k', k_positions=2000, align='predict',
+              distance='mse', oprd_coef=1.0, mu=1.0, topk=16, chunk=1024):
+    if method not in METHODS:
+        raise DistillError(f"method={method!r} does not exist: choose one of {', '.join(METHODS)}")
+    out_kind = {'opd': 'opd', 'opd_topk': 'opd_topk', 'opd_full': 'opd_full', 'opd+oprd': 'opd',
+                'opd_topk+oprd': 'opd_topk'}.get(method)
+    L_s = stu_cfg.num_hidden_layers
+    L_t = tea_cfg.num_hidden_layers if tea_cfg is not None else 0
+    s_layers = parse_layers(layers, L_s) if 'oprd' in method else []
+    t_layers = [depth_map(l, L_s, L_t) for l in s_layers]
+    s_taps = sorted(set(s_layers) | ({L_s} if out_kind or method == 'sft' else set()))
+    t_taps = sorted(set(t_layers) | ({L_t} if out_kind else set()))
+    vocab = min(stu_cfg.vocab_size, tea_cfg.vocab_size) if tea_cfg is not None else stu_cfg.vocab_size
+    return Plan(method, out_kind, s_layers, t_layers, s_taps, t_taps, L_s, L_t, vocab, positions, k_positions,
+                align, distance, oprd_coef * (mu if out_kind else 1.0), topk, chunk)
+
+
+def micro_batch_loss(stu, tea, b, plan, proj, n_out, n_rep):
+    """Teacher forward (no grad), student forward, and the loss of one micro-batch, already divided by the
+    global supervised-token counts n_out (output-space positions) and n_rep (OPRD positions).
+
+    Under OPRD alone neither model computes logits, and each runs only up to its deepest tapped layer.
+    """
+    with torch.no_grad():
+        hs_t = tea(b['idx'], attention_mask=b['attn'], taps=plan.t_taps) if tea is not None else None
+    hs_s = stu(b['idx'], attention_mask=b['attn'], taps=plan.s_taps)
+    loss = hs_s[plan.s_taps[-1]].new_zeros((), dtype=torch.float32)
+    stats = {'kl': 0.0, 'layer_loss': [], 'layer_cos': []}
+    if plan.out_kind or plan.method == 'sft':
+        m = b['out_mask']  # positions whose next token is a response token
+        rows_s = hs_s[plan.L_s][m]
+        targets = b['idx'][:, 1:][m[:, :-1]]
+        if plan.method == 'sft':
+            out = sft_loss(stu.lm_head(rows_s)[:, :plan.vocab], targets)
+        else:
+            out, stats['kl'] = output_loss(plan.out_kind, rows_s, hs_t[plan.L_t][m], targets, stu.lm_head.weight,
+                                           tea.lm_head.weight, plan.vocab, plan.topk, plan.chunk)
+        loss = loss + out / max(n_out, 1)
+    if plan.s_layers:
+        m = response_masks(b['resp'], plan.positions, plan.k_positions, plan.align)
+        rep = 0.0
+        for ls, lt in zip(plan.s_layers, plan.t_layers):
+            l_sum, cos = oprd_loss(hs_s[ls][m], hs_t[lt][m], plan.distance,
+                                   proj[str(ls)] if proj is not None else None)
+            rep = rep + l_sum / len(plan.s_layers)
+            stats['layer_loss'].append(l_sum.item())
+            stats['layer_cos'].append(cos.item())
+        loss = loss + plan.oprd_weight * rep / max(n_rep, 1)
+    return loss, stats
+
+
 # ----------------------------------------------------------------------------- small utilities
 
 def is_dist():
@@ -325,9 +400,6 @@ def run(cfg):
     torch.set_flush_denormal(True)  # tiny CPU models: denormals made steps 4x slower
     on_gpu = device.type == 'cuda'
     compute_dtype = torch.bfloat16 if on_gpu else torch.float32
-    uses_oprd = 'oprd' in method
-    out_kind = {'opd': 'opd', 'opd_topk': 'opd_topk', 'opd_full': 'opd_full', 'opd+oprd': 'opd',
-                'opd_topk+oprd': 'opd_topk'}.get(method)
 
     # ---- resume or start: find the weights to load
     resume_state, start_step = None, 0
@@ -365,30 +437,23 @@ def run(cfg):
     if tea is not None and not rollout.same_tokenization(tok, rollout.load_tokenizer(teacher_path)):
         raise DistillError(f"teacher {teacher!r} and student {student_path!r} tokenize differently: "
                            "OPRD and OPD need identical rollout token ids")
-    L_s = stu.config.num_hidden_layers
-    s_layers = parse_layers(layers, L_s) if uses_oprd else []
-    t_layers, proj = [], None
+    plan = make_plan(method, stu.config, tea.config if tea is not None else None, layers, positions, k_positions,
+                     align, distance, oprd_coef, mu, topk, vocab_chunk_tokens)
+    proj = None
     if tea is not None:
-        L_t = tea.config.num_hidden_layers
-        t_layers = [depth_map(l, L_s, L_t) for l in s_layers]
         d_s, d_t = stu.config.hidden_size, tea.config.hidden_size
-        if uses_oprd and d_s != d_t:
+        if plan.s_layers and d_s != d_t:
             if not projector:
                 raise DistillError(f"teacher width {d_t} != student width {d_s}: set projector=True")
-            proj = nn.ModuleDict({str(l): nn.Linear(d_s, d_t, bias=False) for l in s_layers}).to(device)
-        if out_kind and stu.config.vocab_size != tea.config.vocab_size and master:
+            proj = nn.ModuleDict({str(l): nn.Linear(d_s, d_t, bias=False) for l in plan.s_layers}).to(device)
+        if plan.out_kind and stu.config.vocab_size != tea.config.vocab_size and master:
             print(f"vocabularies differ ({stu.config.vocab_size} vs {tea.config.vocab_size}): "
-                  f"comparing the common prefix")
-    vocab = min(stu.config.vocab_size, tea.config.vocab_size) if tea is not None else stu.config.vocab_size
-
-    # taps: what each side computes. Under OPRD alone, no logits and no teacher blocks above the deepest tap.
-    s_taps = set(s_layers) | ({L_s} if out_kind or method == 'sft' else set())
-    t_taps = set(t_layers) | ({tea.config.num_hidden_layers} if out_kind else set()) if tea is not None else set()
+                  f"comparing the common prefix of {plan.vocab}")
 
     problems = evaluation.load_problems(prompts, data_dir or None)
     data = []
     for p in problems:
-        ids = tok.chat(evaluation.build_prompt(p['problem']), enable_thinking=enable_thinking)
+        ids = tok.chat(evaluation.build_prompt(p), enable_thinking=enable_thinking)
         if len(ids) > max_prompt_len:
             continue
         item = {'id': p['id'], 'prompt': ids}
@@ -430,10 +495,10 @@ def run(cfg):
                                        enable_sleep_mode=on_gpu)
     if master:
         os.makedirs(out_dir, exist_ok=True)
-        print(f"method {method} | student {student_path} ({L_s} layers, d={stu.config.hidden_size}) | "
+        print(f"method {method} | student {student_path} ({plan.L_s} layers, d={stu.config.hidden_size}) | "
               f"teacher {teacher or '-'} | world {world} | {len(data)} prompts")
-        if uses_oprd:
-            print(f"OPRD layers {s_layers} -> teacher {t_layers}; positions {positions}"
+        if plan.s_layers:
+            print(f"OPRD layers {plan.s_layers} -> teacher {plan.t_layers}; positions {positions}"
                   f"{'' if positions == 'all' else f' (k={k_positions})'}; distance {distance}; align {align}")
         print(f"prompts per step {prompts_per_step} x {n_samples} samples = "
               f"{prompts_per_step * n_samples} sequences per step, {max_steps} steps")
@@ -480,45 +545,21 @@ def run(cfg):
         # FSDP averages gradients over ranks, hence the factor world
         n_out = all_reduce_sum(sum(b['out_mask'].sum().item() for b in batches)).item()
         n_rep = all_reduce_sum(sum(response_masks(b['resp'], positions, k_positions, align).sum().item()
-                                   for b in batches)).item() if uses_oprd else 0.0
+                                   for b in batches)).item() if plan.s_layers else 0.0
         stats = {'loss': 0.0, 'kl': 0.0, 'update_tokens': 0}
-        layer_loss = [0.0] * len(s_layers)
-        layer_cos = [0.0] * len(s_layers)
+        layer_loss = [0.0] * len(plan.s_layers)
+        layer_cos = [0.0] * len(plan.s_layers)
         for mi, b in enumerate(batches):
             if is_dist():  # reduce gradients only after the last micro-batch
                 stu.set_requires_gradient_sync(mi == len(batches) - 1)
-            with torch.no_grad():
-                hs_t = tea(b['idx'], attention_mask=b['attn'], taps=sorted(t_taps)) if tea is not None else None
-            hs_s = stu(b['idx'], attention_mask=b['attn'], taps=sorted(s_taps))
-            loss = hs_s[max(s_taps)].new_zeros((), dtype=torch.float32)
-            if out_kind or method == 'sft':
-                m = b['out_mask']
-                rows_s = hs_s[L_s][m]
-                targets = b['idx'][:, 1:][m[:, :-1]]
-                if method == 'sft':
-                    out = sft_loss(stu.lm_head(rows_s)[:, :vocab], targets)
-                    kl = 0.0
-                else:
-                    rows_t = hs_t[tea.config.num_hidden_layers][m]
-                    out, kl = output_loss(out_kind, rows_s, rows_t, targets, stu.lm_head.weight,
-                                          tea.lm_head.weight, vocab, topk, vocab_chunk_tokens)
-                loss = loss + out / max(n_out, 1)
-                stats['kl'] += kl
-                stats['loss_out'] = stats.get('loss_out', 0.0) + out.item()
-            if uses_oprd:
-                m = response_masks(b['resp'], positions, k_positions, align)
-                coef = oprd_coef * (mu if out_kind else 1.0)
-                rep = 0.0
-                for j, (ls, lt) in enumerate(zip(s_layers, t_layers)):
-                    l_sum, cos = oprd_loss(hs_s[ls][m], hs_t[lt][m], distance,
-                                           proj[str(ls)] if proj is not None else None)
-                    rep = rep + l_sum / len(s_layers)
-                    layer_loss[j] += l_sum.item()
-                    layer_cos[j] += cos.item()
-                loss = loss + coef * rep / max(n_rep, 1)
+            loss, ms = micro_batch_loss(stu, tea, b, plan, proj, n_out, n_rep)
             (loss * world).backward()
             stats['loss'] += loss.item()
+            stats['kl'] += ms['kl']
             stats['update_tokens'] += b['attn'].sum().item()
+            for j in range(len(plan.s_layers)):
+                layer_loss[j] += ms['layer_loss'][j]
+                layer_cos[j] += ms['layer_cos'][j]
         if proj is not None and is_dist():  # the projector is not under FSDP: reduce its gradients here
             for p in proj.parameters():
                 if p.grad is not None:
@@ -555,16 +596,16 @@ def run(cfg):
                    'rollout_tok_s': gen_tokens / max(all_reduce_max(t_rollout), 1e-9),
                    'update_tok_s': all_reduce_sum(stats['update_tokens']).item() / max(all_reduce_max(t_update), 1e-9),
                    'update_transient_mem_mb': transient / 2**20}
-            if uses_oprd:
-                for j, l in enumerate(s_layers):
+            if plan.s_layers:
+                for j, l in enumerate(plan.s_layers):
                     rec[f'oprd_loss/{l}'] = all_reduce_sum(layer_loss[j]).item() / max(n_rep, 1)
                     rec[f'cos/{l}'] = all_reduce_sum(layer_cos[j]).item() / max(n_rep, 1)
-            if out_kind:
+            if plan.out_kind:
                 rec['kl'] = all_reduce_sum(stats['kl']).item() / max(n_out, 1)
             if master:
-                extra = f" | kl {rec['kl']:.4f}" if out_kind else ''
-                if uses_oprd:
-                    extra += f" | cos {sum(rec[f'cos/{l}'] for l in s_layers) / len(s_layers):.4f}"
+                extra = f" | kl {rec['kl']:.4f}" if plan.out_kind else ''
+                if plan.s_layers:
+                    extra += f" | cos {sum(rec[f'cos/{l}'] for l in plan.s_layers) / len(plan.s_layers):.4f}"
                 print(f"step {step}: loss {loss_total:.6f} | grad {grad_norm:.3f} | lr {lr_now:.2e} | "
                       f"len {rec['mean_response_len']:.1f} | trunc {rec['trunc_rate']:.2f}{extra} | "
                       f"rollout {rec['rollout_tok_s']:.0f} tok/s | update {rec['update_tok_s']:.0f} tok/s | "
@@ -576,6 +617,8 @@ def run(cfg):
 
         if (step + 1) % save_every == 0 or step == max_steps - 1:
             save_checkpoint(raw_stu, stu, opt, proj, step + 1, cfg)
+        if stop_step and step + 1 >= stop_step:
+            break
     if master:
         print(f"done: {checkpoints_in(out_dir)[-1] if checkpoints_in(out_dir) else out_dir}")
 

@@ -41,15 +41,48 @@ max_prompt_tokens = 2048      # the engine's context is this plus max_new_tokens
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 def build_prompt(problem):
-    """The user message: the problem, then the paper's instruction on its own line."""
+    """The user message: the problem, then the paper's instruction on its own line.
+
+    A problem dict with its own 'prompt' (the built-in tiny task: short prompts for tiny models) uses that."""
+    if isinstance(problem, dict):
+        return problem.get('prompt') or build_prompt(problem['problem'])
     return problem.strip() + "\n" + INSTRUCTION
 
 # -----------------------------------------------------------------------------
 # data: every benchmark becomes a list of {'id', 'problem', 'answer'}, all str
 
+# The built-in tiny task: chains of 2-digit additions and subtractions with a worked solution, e.g.
+#   problem "37+48-29"  solution "37+48=85\n85-29=56\n\boxed{56}"  answer "56"
+# generated deterministically; an expression belongs to the held-out split by a hash of its text, so the two
+# splits never share a problem. 'tiny_train' has solutions (for sft) and 'tiny' is the held-out benchmark.
+
+def tiny_problems(split, n, seed=0):
+    import hashlib
+    import random
+    rng = random.Random(f"tiny-{split}-{seed}")
+    out, seen = [], set()
+    while len(out) < n:
+        steps = rng.choice((2, 3))
+        value = rng.randint(10, 99)
+        expr, lines = str(value), []
+        for _ in range(steps):
+            b = rng.randint(10, 99)
+            op = '-' if value - b >= 0 and rng.random() < 0.5 else '+'
+            new = value + b if op == '+' else value - b
+            lines.append(f"{value}{op}{b}={new}")
+            expr, value = f"{expr}{op}{b}", new
+        held_out = int(hashlib.sha256(expr.encode()).hexdigest(), 16) % 10 == 0
+        if held_out != (split == 'test') or expr in seen:
+            continue
+        seen.add(expr)
+        out.append({'id': f"{split}-{len(out)}", 'problem': expr, 'prompt': f"{expr}=?", 'answer': str(value),
+                    'solution': "\n".join(lines) + f"\n\\boxed{{{value}}}"})
+    return out
+
 BENCHMARKS = {'aime24': 'HuggingFaceH4/aime_2024', 'aime25': 'MathArena/aime_2025',
               'aimo': 'AI-MO/aimo-validation-amc', 'dapo17k': 'BytedTsinghua-SIA/DAPO-Math-17k'}
-BUILTIN = {}  # name -> callable returning the list of problems (synthetic tasks); consulted first
+# name -> callable returning the list of problems (synthetic tasks); consulted first
+BUILTIN = {'tiny': lambda: tiny_problems('test', 256), 'tiny_train': lambda: tiny_problems('train', 50_000)}
 
 class DataError(ValueError):
     pass
@@ -405,7 +438,7 @@ def evaluate(rank, world):
         bar = tqdm(range(0, len(mine), batch_problems), desc=name, disable=rank != 0)
         for i in bar:
             chunk = mine[i:i + batch_problems]
-            prompts = [tok.chat(build_prompt(p['problem']), enable_thinking=enable_thinking) for p in chunk]
+            prompts = [tok.chat(build_prompt(p), enable_thinking=enable_thinking) for p in chunk]
             samples = sampler.generate(prompts, n=n_samples, temperature=temperature, top_p=top_p, top_k=top_k,
                                        max_new_tokens=max_new_tokens, stop_ids=tok.eos_ids,
                                        seed=seed + 7919 * (rank + world * i))

@@ -15,7 +15,6 @@ L = output of the final RMSNorm (the LM-head input). A forward with taps runs no
 """
 
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass, fields
