@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -357,7 +358,7 @@ def main():
     globals().update(cfg)
     try:
         run(cfg)
-    except DistillError as e:
+    except (DistillError, ValueError, OSError) as e:  # bad input (CheckpointError, DataError, a missing file)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:
@@ -398,6 +399,7 @@ def run(cfg):
     master = rank == 0
     torch.manual_seed(seed)
     torch.set_flush_denormal(True)  # tiny CPU models: denormals made steps 4x slower
+    warnings.filterwarnings('ignore', message='The value of the smallest subnormal')  # numpy, after the above
     on_gpu = device.type == 'cuda'
     compute_dtype = torch.bfloat16 if on_gpu else torch.float32
 
@@ -479,7 +481,7 @@ def run(cfg):
                              {'params': no_decay, 'weight_decay': 0.0}], lr=lr, betas=(beta1, beta2),
                             fused=on_gpu)
     if resume_state is not None:
-        load_optimizer(stu, opt, resume_state['optimizer'])
+        load_optimizer(stu, proj, opt, resume_state['optimizer'])
         if proj is not None:
             proj.load_state_dict(resume_state['projector'])
         torch.set_rng_state(resume_state['rng'])
@@ -665,11 +667,16 @@ def clip_grad_norm(params, max_norm):
     return norm
 
 
-def load_optimizer(model, opt, state):
+def trained_modules(model, proj):
+    """Everything the optimizer updates, as one module: the state-dict API maps optimizer state by its names."""
+    return model if proj is None else nn.ModuleDict({'student': model, 'projector': proj})
+
+
+def load_optimizer(model, proj, opt, state):
     if is_dist():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True,
-                                                                              broadcast_from_rank0=True))
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_optimizer_state_dict(trained_modules(model, proj), opt, state, options=opts)
     else:
         opt.load_state_dict(state)
 
@@ -682,7 +689,7 @@ def save_checkpoint(raw_model, model, opt, proj, step, cfg):
                                                              get_optimizer_state_dict)
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         sd = get_model_state_dict(model, options=opts)
-        osd = get_optimizer_state_dict(model, opt, options=opts)
+        osd = get_optimizer_state_dict(trained_modules(model, proj), opt, options=opts)
     else:
         sd, osd = model.state_dict(), opt.state_dict()
     if is_dist() and dist.get_rank() != 0:
