@@ -621,6 +621,8 @@ def run(cfg):
             save_checkpoint(raw_stu, stu, opt, proj, step + 1, cfg)
         if stop_step and step + 1 >= stop_step:
             break
+    if sampler is not None:
+        sampler.close()  # before the process group goes: vLLM's teardown would destroy the shared group
     if master:
         print(f"done: {checkpoints_in(out_dir)[-1] if checkpoints_in(out_dir) else out_dir}")
 

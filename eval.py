@@ -457,6 +457,7 @@ def evaluate(rank, world):
         if out:
             write_outputs(out, summaries, all_records)
             print(f"wrote {os.path.join(out, 'summary.json')} and samples.jsonl")
+    sampler.close()  # before the process group goes: vLLM's teardown would destroy the shared group
     if world > 1:
         dist.destroy_process_group()
     return summaries

@@ -1,0 +1,628 @@
+"""
+The on-policy sampler: prompts in, sampled responses out. distill.py (student rollouts) and eval.py both generate
+through this file, with one interface and two backends:
+
+- vLLM, the default wherever it imports. One engine per training process (under torchrun one per rank, rollouts
+  data-parallel across ranks, each rank sampling its own share of the prompts; tensor parallelism settable), the
+  share of accelerator memory settable, asleep (weights offloaded, KV cache freed) while the trainer updates.
+  `update_weights` streams the student's new weights into the engine in place, parameter by parameter.
+- torch: batched sampling with model.py's preallocated KV cache, the same sampling semantics and outputs.
+  Used where vLLM is absent, and by the smallest tests.
+
+    tok = load_tokenizer("path/to/hf_dir")              # or "byte": the built-in byte-level tokenizer
+    sampler = make_sampler("auto", "path/to/hf_dir", gpu_memory_utilization=0.3)
+    out = sampler.generate([tok.chat("What is 12 + 30?")], n=4, temperature=1.0, max_new_tokens=256,
+                           stop_ids=tok.eos_ids, seed=step, logprobs=True)
+    out[0][3].tokens, out[0][3].finish, out[0][3].logprobs    # prompt 0, sample 3
+    sampler.sleep(); ...train step...; sampler.update_weights(fsdp_named_tensors(model)); sampler.wake()
+
+$ python rollout.py path/to/hf_dir "What is 12 + 30?"          # a quick look, default backend
+$ python rollout.py path/to/hf_dir "What is 12 + 30?" torch    # the torch backend
+
+Sampling semantics (both backends):
+- processing order as in vLLM: temperature, then top-k, then top-p; temperature 0 = greedy (argmax).
+  top_k <= 0 and top_p = 1 are off.
+- a sample stops at the first token in stop_ids, which is kept as its last token (finish='stop'), else it
+  ends at max_new_tokens (finish='length'). stop_ids=None: the checkpoint's eos_token_id(s); pass a tokenizer's
+  eos_ids to stop at the chat template's end of turn as well.
+- logprobs are the model's raw log-probabilities of the chosen tokens: log-softmax of the unprocessed logits
+  (temperature 1, before top-k/top-p), vLLM's "raw_logprobs" mode. Losses recompute them with the training
+  model anyway (the sampler's numerics differ, in bf16 above all); these are for logging and checks.
+- seeds: one seed gives the same samples. Under torchrun the seed is combined with the data-parallel rank, so
+  ranks draw independent samples; use a new seed per step. The torch backend draws its noise from a hash of
+  (seed, row, step, token): a sample does not depend on the other rows of the batch, on when they finish or on
+  the batch size, only on its prompt, its place (prompt index * n + sample index) and the seed, up to float
+  rounding (other batch shapes change the last bits of the logits, which matters only at near-ties). vLLM
+  seeds each request from the same (seed, rank, place) through its per-request generators: reproducible too,
+  though its samples are not the torch backend's.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from model import KVCache, Transformer, resolve_checkpoint
+
+# ----------------------------------------------------------------------------- tokenizers
+
+PROBE_TEXTS = ("What is 12 + 30? The answer is \\boxed{42}.", "  two  spaces,\ttabs\nand\r\nnewlines  ",
+               "Ünïcödé ✓ 数学 🙂 <|im_end|> <|endoftext|>", "x^2 - 5x + 6 = 0  =>  x \\in \\{2, 3\\}")
+PROBE_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 12 + 30?"}]
+
+
+class Tokenizer:
+    """One interface, two implementations below.
+
+    vocab_size: number of real tokens (a model's embedding may be padded beyond it)
+    eos_ids: the stop tokens: EOS and the chat template's end of turn
+    pad_id: a token to pad with (never attended to)
+    """
+    vocab_size: int
+    eos_ids: list
+    pad_id: int
+
+    def encode(self, text):
+        raise NotImplementedError
+
+    def decode(self, ids, skip_special=False):
+        raise NotImplementedError
+
+    def chat(self, messages, enable_thinking=False):
+        """The rendered prompt (token ids) for a conversation, ending with the assistant's generation prompt.
+        messages: [{'role': ..., 'content': ...}, ...], or a str for one user message."""
+        raise NotImplementedError
+
+    def fingerprint(self):
+        """A short hex digest of how this tokenizer tokenizes: ids of probe texts and of a rendered chat (with
+        and without thinking), the stop ids and the vocabulary size. Equal fingerprints = interchangeable for
+        rollouts (teacher and student must see the same token ids)."""
+        probe = [self.encode(t) for t in PROBE_TEXTS]
+        probe += [self.chat(PROBE_CHAT, enable_thinking=flag) for flag in (False, True)]
+        blob = json.dumps([self.vocab_size, sorted(self.eos_ids), probe])
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def same_tokenization(a, b):
+    return a.fingerprint() == b.fingerprint()
+
+
+class HFTokenizer(Tokenizer):
+    """A checkpoint's own tokenizer (transformers' AutoTokenizer), chat through its chat template."""
+
+    def __init__(self, path):
+        from transformers import AutoTokenizer, GenerationConfig
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.vocab_size = len(self.tok)
+        eos = {self.tok.eos_token_id} - {None}
+        try:  # generation_config.json often lists more stop tokens than the tokenizer's one eos_token
+            e = GenerationConfig.from_pretrained(path).eos_token_id
+            eos |= set(e if isinstance(e, list) else [e]) - {None}
+        except OSError:
+            pass
+        # the template's end-of-turn: a Qwen base model's eos is <|endoftext|>, but its chat turns end in <|im_end|>
+        if "<|im_end|>" in (self.tok.chat_template or "") and "<|im_end|>" in self.tok.get_vocab():
+            eos.add(self.tok.convert_tokens_to_ids("<|im_end|>"))
+        if not eos:
+            raise ValueError(f"tokenizer at {path!r} names no EOS token "
+                             "(neither tokenizer_config.json nor generation_config.json)")
+        self.eos_ids = sorted(eos)
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_ids[0]
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids, skip_special=False):
+        return self.tok.decode(ids, skip_special_tokens=skip_special)
+
+    def chat(self, messages, enable_thinking=False):
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        # render then encode, exactly what apply_chat_template(tokenize=True) does; Qwen3's template reads
+        # enable_thinking (False inserts an empty <think></think>), others ignore it
+        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                            enable_thinking=enable_thinking)
+        return self.encode(text)
+
+
+class ByteTokenizer(Tokenizer):
+    """The built-in byte-level tokenizer for the project's tiny task: tokens 0..255 are the bytes, then three
+    special tokens; a tiktoken Encoding built in code (no merges). Chat is ChatML, as Qwen's:
+    <|im_start|>role\\ncontent<|im_end|>\\n ... <|im_start|>assistant\\n. It has no thinking tokens, so
+    enable_thinking changes nothing."""
+    SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+    def __init__(self):
+        import tiktoken
+        self.enc = tiktoken.Encoding("oprd-byte", pat_str=r"\S+|\s+",  # no merges: the split only bounds chunks
+                                     mergeable_ranks={bytes([i]): i for i in range(256)},
+                                     special_tokens={s: 256 + i for i, s in enumerate(self.SPECIALS)})
+        self.vocab_size = self.enc.n_vocab  # 259
+        self.pad_id, self.start_id, self.end_id = 256, 257, 258
+        self.eos_ids = [256, 258]
+
+    def encode(self, text):
+        return self.enc.encode(text, allowed_special="all")  # special-token text becomes the special token, as in HF
+
+    def decode(self, ids, skip_special=False):
+        if skip_special:
+            ids = [i for i in ids if i < 256]
+        return self.enc.decode(list(ids), errors="replace")
+
+    def chat(self, messages, enable_thinking=False):
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        ids = []
+        for m in messages:  # content is encoded as plain text: it cannot inject special tokens
+            ids += [self.start_id] + self.enc.encode_ordinary(f"{m['role']}\n{m['content']}") + [self.end_id]
+            ids += self.enc.encode_ordinary("\n")
+        return ids + [self.start_id] + self.enc.encode_ordinary("assistant\n")
+
+
+def load_tokenizer(path_or_name):
+    """'byte' or a checkpoint marked by mark_byte_tokenizer = the built-in byte-level tokenizer; else the
+    tokenizer files of an HF checkpoint folder (or hub id)."""
+    config = os.path.join(str(path_or_name), "config.json")
+    if path_or_name == "byte" or (os.path.isfile(config) and read_json(config).get(BYTE_MARK) == "byte"):
+        return ByteTokenizer()
+    return HFTokenizer(path_or_name)
+
+
+BYTE_MARK = "oprd_tokenizer"
+
+
+def mark_byte_tokenizer(path):
+    """Record in a checkpoint's config.json that it speaks the built-in byte tokenizer (it has no tokenizer
+    files). The key survives model.save_pretrained, which writes the loaded config.json back unchanged."""
+    config = os.path.join(path, "config.json")
+    d = read_json(config)
+    d[BYTE_MARK] = "byte"
+    with open(config, "w") as f:
+        json.dump(d, f, indent=2)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------- the sampler interface
+
+@dataclass
+class Sample:
+    tokens: list  # response token ids; with finish='stop' the last one is the stop token
+    finish: str  # 'stop' | 'length'
+    logprobs: list | None = None  # raw log-probability of each token (see the top of the file)
+
+
+VLLM_ONLY = ("gpu_memory_utilization", "tensor_parallel_size", "enable_sleep_mode", "seed", "max_model_len",
+             "enforce_eager", "max_num_seqs", "bucket_mb")
+TORCH_ONLY = ("device", "sync_every")
+
+
+def make_sampler(backend="auto", model_path=None, model=None, **engine_kw):
+    """backend 'auto' (vLLM if it imports, else torch) | 'vllm' | 'torch'.
+
+    vllm: the engine loads model_path (model= is not used); engine_kw are vLLM's LLM(...) arguments:
+    gpu_memory_utilization, tensor_parallel_size, enable_sleep_mode, seed, max_model_len, dtype, enforce_eager,
+    ...; bucket_mb sets the weight-sync bucket. The torch-only device and sync_every are ignored.
+    torch: model= an in-memory Transformer to sample from (shared, not copied: update_weights is then a copy
+    onto itself, i.e. nothing), else one is loaded from model_path; dtype, device, sync_every; the vLLM-only
+    options are ignored, so one config serves both backends.
+    """
+    if backend == "auto":
+        backend = "vllm" if vllm_available() else "torch"
+    if backend == "vllm":
+        if model_path is None:
+            raise ValueError("the vLLM backend loads the model itself: give model_path (an HF checkpoint folder)")
+        return VLLMSampler(model_path, **{k: v for k, v in engine_kw.items() if k not in TORCH_ONLY})
+    if backend == "torch":
+        return TorchSampler(model_path, model=model, **{k: v for k, v in engine_kw.items() if k not in VLLM_ONLY})
+    raise ValueError(f"unknown sampler backend {backend!r}: expected 'auto', 'vllm' or 'torch'")
+
+
+def vllm_available():
+    try:
+        import vllm  # noqa: F401
+        return True
+    except Exception:  # not installed, or a build for another device
+        return False
+
+
+def dist_info():
+    """(rank, world_size) of torch.distributed, or from torchrun's environment before it is initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def shard(items, rank, world):
+    """This rank's contiguous share of items (sizes differ by at most one)."""
+    n = len(items)
+    return items[rank * n // world:(rank + 1) * n // world]
+
+
+def checkpoint_stop_ids(path=None, hf_config=None):
+    """eos_token_id(s) of a checkpoint: config.json and generation_config.json, merged."""
+    found = []
+    sources = [hf_config or {}]
+    for name in ("config.json", "generation_config.json"):
+        if path and os.path.isfile(os.path.join(path, name)):
+            sources.append(read_json(os.path.join(path, name)))
+    for d in sources:
+        e = d.get("eos_token_id")
+        found += e if isinstance(e, list) else [] if e is None else [e]
+    return sorted(set(found))
+
+
+def fsdp_named_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream a model's parameters as (HF name, full tensor), one at a time, for update_weights.
+
+    For an FSDP2-sharded model each DTensor is all-gathered on its own (full_tensor(), a collective: every rank
+    must iterate), so no rank ever holds a second full copy of the model. Plain tensors pass through as they
+    are. A tied lm_head is skipped (checkpoints store only the embedding). Wrapper prefixes (torch.compile's
+    _orig_mod., activation checkpointing's, DDP's module.) are removed.
+    """
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    for name, p in model.named_parameters():
+        name = name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "").removeprefix("module.")
+        if tied and name == "lm_head.weight":
+            continue
+        t = p.detach()
+        if hasattr(t, "full_tensor"):  # a DTensor
+            t = t.full_tensor()
+        yield name, t
+
+
+# ----------------------------------------------------------------------------- the torch backend
+
+M32 = 0xFFFFFFFF
+
+
+def hash32(x):
+    """A well-mixed 32-bit integer hash of a python int, or of an int64 tensor, mixed in place (the sampling hot
+    loop: a pass per op over (B, V) either way). Products stay below 2**63, so int64 never overflows."""
+    if isinstance(x, int):
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & M32
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & M32
+        return (x >> 16) ^ x
+    for _ in range(2):
+        x.bitwise_xor_(x >> 16).mul_(0x45D9F3B).bitwise_and_(M32)
+    return x.bitwise_xor_(x >> 16)
+
+
+def mix_seed(seed, rank):
+    """A 32-bit key from the user's seed and the data-parallel rank."""
+    return hash32(hash32(seed & M32) ^ rank)
+
+
+def process_logits(logits, temperature, top_k=-1, top_p=1.0):
+    """(B, V) raw logits -> the logits of the sampling distribution: / temperature, then top-k, then top-p
+    (vLLM's order); excluded tokens get -inf. temperature > 0 (0 = greedy is the caller's business)."""
+    logits = logits.float()  # no copy if already fp32
+    if temperature != 1.0:
+        logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        # the nucleus is every token at least as likely as its least likely member; find that cutoff from the
+        # sorted probabilities (values only: on CPU numpy's SIMD sort is ~20x faster than torch.sort)
+        probs = logits.softmax(-1)
+        asc = torch.from_numpy(np.sort(probs.numpy(), axis=-1)) if probs.is_cpu else probs.sort(-1).values
+        desc = asc.flip(-1)
+        mass_above = desc.cumsum(-1) - desc  # probability of the tokens ranked above each one
+        n_keep = (mass_above < top_p).sum(-1, keepdim=True).clamp(min=1)  # the smallest top set reaching top_p
+        logits = logits.masked_fill(probs < desc.gather(-1, n_keep - 1), float("-inf"))
+    return logits
+
+
+def exponential_noise(row_keys, step_key, token_keys):
+    """Exp(1) draws (B, V), one per (row, step, token), from a counter-based hash: no generator state, so what a
+    row draws depends on its key and the step only, never on the other rows of the batch."""
+    # one hash per element of (token key ^ row key) + step key: distinct rows and steps never share an input map
+    x = hash32((token_keys[None, :] ^ row_keys[:, None]).add_(step_key).bitwise_and_(M32))
+    u = x.float().add_(0.5).mul_(2.0**-32)  # uniform in (0, 1]; fine steps near 0 keep tiny probabilities samplable
+    return u.neg_().log1p_().neg_()  # -log(1 - u)
+
+
+class TorchSampler:
+    """Batched sampling with model.py's KV cache.
+
+    All samples are decoded together: each prompt is prefilled once (left-padded), its cache rows are copied
+    n times, then one token per row per step. Finished rows are dropped from the batch and the cache at a
+    host sync every `sync_every` steps (every step on CPU, where a sync costs nothing; rows that finish in
+    between run on and their extra tokens are cut). Sampling is exponential-race (argmax p / E, E ~ Exp(1)) with
+    hashed noise, so nothing waits on the host per token.
+    """
+
+    def __init__(self, model_path=None, model=None, dtype=None, device=None, sync_every=None):
+        if isinstance(dtype, str):  # the vLLM spelling: 'auto', 'bfloat16', ...
+            dtype = None if dtype == "auto" else getattr(torch, dtype)
+        if model is None:
+            if model_path is None:
+                raise ValueError("the torch sampler needs model_path or model")
+            device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            dtype = dtype or (torch.bfloat16 if device.type == "cuda" else None)  # None: as stored
+            model = Transformer.from_pretrained(model_path, dtype=dtype, device=device)
+        elif any(hasattr(p, "full_tensor") for p in model.parameters()):
+            raise ValueError("the torch sampler cannot share an FSDP-sharded model (every rank would have to decode "
+                             "in lock-step): pass model_path and update it with update_weights(fsdp_named_tensors(m))")
+        self.model = model
+        self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            torch.set_flush_denormal(True)  # random and tiny models produce denormals, 10x slower on some CPUs
+        self.sync_every = sync_every or (1 if self.device.type == "cpu" else 16)
+        self.stop_ids = checkpoint_stop_ids(model.source_dir, model.hf_config)
+        self.dp_rank, self.dp_size = dist_info()
+
+    def shard(self, items):
+        """This rank's share of the prompts (rollouts are data-parallel across ranks)."""
+        return shard(items, self.dp_rank, self.dp_size)
+
+    @torch.inference_mode()
+    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=256, stop_ids=None,
+                 seed=0, logprobs=False):
+        """prompts: lists of token ids. Returns [prompt][sample] -> Sample."""
+        model, dev = self.model, self.device
+        if not prompts or max_new_tokens < 1:
+            return [[Sample([], "length", [] if logprobs else None) for _ in range(n)] for _ in prompts]
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt: every prompt needs at least one token")
+        if not (0 < top_p <= 1 and temperature >= 0):
+            raise ValueError(f"need 0 < top_p <= 1 and temperature >= 0, got top_p={top_p}, temperature={temperature}")
+        stop = torch.tensor(self.stop_ids if stop_ids is None else list(stop_ids), dtype=torch.long, device=dev)
+        P, B, T = len(prompts), len(prompts) * n, max(len(p) for p in prompts)
+        idx = torch.zeros(P, T, dtype=torch.long)
+        mask = torch.zeros(P, T, dtype=torch.bool)
+        for i, p in enumerate(prompts):  # left padding: every row's next token is at the same slot
+            idx[i, T - len(p):] = torch.tensor(p)
+            mask[i, T - len(p):] = True
+        cache = KVCache(model, P, T + max_new_tokens)
+        logits = model(idx.to(dev), attention_mask=mask.to(dev), cache=cache, last_only=True)[:, -1]  # (P, V)
+        if n > 1:  # prefill each prompt once, then give each of its samples a copy of the cache row
+            rows = torch.arange(P, device=dev).repeat_interleave(n)
+            cache.select(rows)
+            logits = logits[rows]
+        V = logits.shape[-1]
+        key = mix_seed(seed, self.dp_rank)
+        row_keys = hash32(key ^ hash32(torch.arange(B, device=dev)))  # row = prompt index * n + sample index
+        token_keys = hash32(torch.arange(V, device=dev))
+        out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
+        out_lp = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=dev) if logprobs else None
+        alive = torch.arange(B, device=dev)  # the rows of `out` still in the batch
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        for t in range(max_new_tokens):
+            if temperature == 0:
+                tok = logits.argmax(-1)
+            else:
+                probs = process_logits(logits, temperature, top_k, top_p).softmax(-1)
+                noise = exponential_noise(row_keys[alive], hash32(key ^ hash32(t + 2**31)), token_keys)
+                tok = probs.div_(noise).argmax(-1)  # the exponential race: argmax p / E picks v with probability p_v
+            out[alive, t] = tok
+            if logprobs:
+                out_lp[alive, t] = logits.float().log_softmax(-1).gather(-1, tok[:, None])[:, 0]
+            done[alive] |= torch.isin(tok, stop)
+            if t == max_new_tokens - 1:
+                break
+            if (t + 1) % self.sync_every == 0:  # the one host sync: drop finished rows
+                keep = (~done[alive]).nonzero()[:, 0]
+                if len(keep) == 0:
+                    break
+                if len(keep) < len(alive):
+                    alive, tok = alive[keep], tok[keep]
+                    cache.select(keep)
+            logits = model(tok[:, None], cache=cache)[:, -1]
+        # cut each row after its first stop token (a dropped row's later slots were never written)
+        is_stop = torch.isin(out, stop)
+        first = torch.where(is_stop.any(1), is_stop.float().argmax(1) + 1, max_new_tokens).tolist()
+        stopped = is_stop.any(1).tolist()
+        out = out.tolist()
+        out_lp = out_lp.tolist() if logprobs else None
+        samples = [Sample(out[r][:first[r]], "stop" if stopped[r] else "length",
+                          out_lp[r][:first[r]] if logprobs else None) for r in range(B)]
+        return [samples[i * n:(i + 1) * n] for i in range(P)]
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]):
+        """Copy (HF name, tensor) pairs into the model; a tensor that already is the parameter is skipped."""
+        params = dict(self.model.named_parameters())
+        tied = self.model.config.tie_word_embeddings
+        for name, t in named_tensors:
+            if tied and name == "lm_head.weight":
+                continue
+            if name not in params:
+                raise KeyError(f"update_weights: no parameter {name!r} in the sampler's model")
+            p = params[name]
+            if p.data_ptr() != t.data_ptr():
+                p.copy_(t)
+
+    def sleep(self):
+        pass
+
+    def wake(self):
+        pass
+
+    def close(self):
+        pass
+
+
+# ----------------------------------------------------------------------------- the vLLM backend
+
+class WeightSyncExtension:
+    """Methods that vLLM mixes into its worker class (worker_extension_cls) and that run inside every engine
+    worker, called through llm.collective_rpc. One weight update = begin, one load per bucket, finish.
+
+    They drive vLLM's in-place layerwise reload (vllm/model_executor/model_loader/reload): begin puts each
+    layer's parameters back into checkpoint format, load_weights takes HF-named tensors (fusing q/k/v and
+    gate/up, sharding for tensor parallelism), and a layer is post-processed (the CPU build repacks linear
+    weights for oneDNN) and copied into the kernel tensors as soon as all its weights have arrived, so the
+    engine's memory and CUDA-graph pointers stay where they were. Plain model.load_weights would write
+    checkpoint-format tensors into repacked ones.
+    """
+
+    def oprd_begin_update(self):
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
+        with set_current_vllm_config(self.vllm_config):
+            initialize_layerwise_reload(self.model_runner.get_model())
+
+    def oprd_load_weights(self, payload):
+        """payload: safetensors bytes (engine in another process) or a list of (name, tensor) (same process)."""
+        from safetensors.torch import load
+        from vllm.config import set_current_vllm_config
+        weights = list(load(payload).items()) if isinstance(payload, bytes) else payload
+        with set_current_vllm_config(self.vllm_config):
+            self.model_runner.get_model().load_weights(weights)
+        return len(weights)
+
+    def oprd_finish_update(self):
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+        with set_current_vllm_config(self.vllm_config):
+            finalize_layerwise_reload(self.model_runner.get_model(), self.model_runner.model_config)
+
+
+class VLLMSampler:
+    """A vLLM engine in this process's reach (see the top of the file for what it does).
+
+    Alone, the engine core runs in a child process (vLLM's default) and weights travel as safetensors bytes.
+    Under torchrun (WORLD_SIZE > 1) each rank builds its own engine with distributed_executor_backend=
+    "external_launcher": the engine lives in the rank's own process, on the rank's device, reuses the
+    torch.distributed group (tensor parallelism spans consecutive ranks), and weights are handed over as
+    tensors with no copy. Call close() before dist.destroy_process_group(): vLLM's teardown then destroys the
+    default group itself, so guard that call with dist.is_initialized().
+    """
+
+    def __init__(self, model_path, gpu_memory_utilization=None, tensor_parallel_size=1, enable_sleep_mode=None,
+                 seed=0, max_model_len=None, dtype="auto", bucket_mb=256, **kw):
+        from vllm import LLM
+        from vllm.v1.engine.core_client import InprocClient
+        on_gpu = torch.cuda.is_available()
+        model_path = resolve_checkpoint(model_path)  # a hub id: downloaded once, here
+        rank, world = dist_info()
+        if world % tensor_parallel_size:
+            raise ValueError(f"tensor_parallel_size={tensor_parallel_size} does not divide the {world} ranks")
+        self.dp_rank, self.dp_size = rank // tensor_parallel_size, world // tensor_parallel_size
+        self.sleep_mode = on_gpu if enable_sleep_mode is None else enable_sleep_mode
+        args = dict(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                    tensor_parallel_size=tensor_parallel_size, enable_sleep_mode=self.sleep_mode,
+                    skip_tokenizer_init=True,  # ids in, ids out: no tokenizer needed (the byte task has none)
+                    logprobs_mode="raw_logprobs", enable_prefix_caching=True,
+                    worker_extension_cls=f"{'rollout' if __name__ == '__main__' else __name__}.WeightSyncExtension")
+        if gpu_memory_utilization is not None:  # on CPU this is the share of RAM; VLLM_CPU_KVCACHE_SPACE wins
+            args["gpu_memory_utilization"] = gpu_memory_utilization
+        elif on_gpu:
+            args["gpu_memory_utilization"] = 0.3  # colocated with the trainer: leave it most of the memory
+        if world > 1:
+            args["distributed_executor_backend"] = "external_launcher"
+        args.update(kw)
+        # without a tokenizer vLLM's chat-template warm-up fails and logs a traceback; we never use chat there
+        logging.getLogger("vllm.renderers.base").addFilter(lambda r: "Chat template warmup" not in r.getMessage())
+        self.llm = LLM(**args)
+        self.in_process = isinstance(self.llm.llm_engine.engine_core, InprocClient)
+        self.dtype = self.llm.llm_engine.vllm_config.model_config.dtype
+        self.stop_ids = checkpoint_stop_ids(model_path)
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self.asleep = False
+
+    def shard(self, items):
+        """This rank's share of the prompts; the ranks of one tensor-parallel group get the same share."""
+        return shard(items, self.dp_rank, self.dp_size)
+
+    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=256, stop_ids=None,
+                 seed=0, logprobs=False):
+        from vllm import SamplingParams
+        self.wake()
+        stop = list(self.stop_ids if stop_ids is None else stop_ids)
+        key = mix_seed(seed, self.dp_rank)
+        requests, params = [], []
+        for i, p in enumerate(prompts):  # n requests of one sample each: vLLM's n>1 rejects greedy
+            for j in range(n):
+                requests.append({"prompt_token_ids": list(p)})
+                params.append(SamplingParams(
+                    n=1, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
+                    max_tokens=max_new_tokens, stop_token_ids=stop, ignore_eos=True,  # stop exactly at `stop`
+                    seed=hash32(key ^ hash32(i * n + j)), logprobs=0 if logprobs else None, detokenize=False))
+        outs = self.llm.generate(requests, params, use_tqdm=False)
+        samples = []
+        for o in outs:
+            c = o.outputs[0]
+            if c.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"vLLM request finished with {c.finish_reason!r}")
+            lps = [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)] if logprobs else None
+            samples.append(Sample(list(c.token_ids), c.finish_reason, lps))
+        return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]):
+        """Load the student's new weights, then reset the prefix cache (its KV came from the old weights).
+
+        named_tensors: (HF name, tensor) pairs, e.g. fsdp_named_tensors(model), consumed one at a time. To an
+        engine in this process each tensor is handed over as it comes; to one in a child process they go in
+        serialised buckets of about bucket_mb. Asleep, the weights are woken first: loading into offloaded
+        weights would be undone by the wake-up (the silent no-update of TRL #5312).
+        """
+        rpc = self.llm.collective_rpc
+        limit = 0 if self.in_process else self.bucket_bytes
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        rpc("oprd_begin_update")
+        bucket, size = [], 0
+        for name, t in named_tensors:
+            bucket.append((name, t.detach()))
+            size += t.numel() * t.element_size()
+            if size >= limit:
+                self._send(bucket)
+                bucket, size = [], 0
+        if bucket:
+            self._send(bucket)
+        rpc("oprd_finish_update")
+        self.wake()
+        self.llm.reset_prefix_cache()
+
+    def _send(self, bucket):
+        if self.in_process:  # same process: the worker reads our tensors directly
+            payload = bucket
+        else:  # engine core in a child process: one serialised bucket, in the engine's dtype
+            from safetensors.torch import save
+            payload = save({n: t.to(device="cpu", dtype=self.dtype).contiguous() for n, t in bucket})
+        self.llm.collective_rpc("oprd_load_weights", args=(payload,))
+
+    def sleep(self):
+        """Offload the weights and free the KV cache (GPU with enable_sleep_mode; a no-op otherwise)."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake(self):
+        if self.asleep:
+            self.llm.wake_up()  # wakes whatever is still asleep
+            self.asleep = False
+
+    def close(self):
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+# ----------------------------------------------------------------------------- a quick look
+
+def main(argv):
+    if len(argv) < 2:
+        print("usage: python rollout.py <hf_checkpoint_dir> <prompt> [auto|vllm|torch]", file=sys.stderr)
+        sys.exit(2)
+    path, prompt = argv[0], argv[1]
+    tok = load_tokenizer(path)
+    sampler = make_sampler(argv[2] if len(argv) > 2 else "auto", path)
+    s = sampler.generate([tok.chat(prompt)], temperature=0.7, top_p=0.95, max_new_tokens=512,
+                         stop_ids=tok.eos_ids)[0][0]
+    print(f"[{type(sampler).__name__}, {len(s.tokens)} tokens, finish={s.finish}]\n{tok.decode(s.tokens)}")
+    sampler.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,255 @@
+"""rollout.py without vLLM: the torch sampler against the full forward, seeding, top-k/top-p, stops, log-probs,
+weight updates, the tokenizers and the small helpers."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from model import Transformer
+from rollout import (ByteTokenizer, HFTokenizer, Sample, TorchSampler, fsdp_named_tensors, load_tokenizer,
+                     make_sampler, mark_byte_tokenizer, process_logits, same_tokenization, shard)
+
+PROMPTS = [[5, 6, 7], list(range(3, 40)), [9] * 12, [40, 41, 42, 43]]
+
+
+def full_logits(model, prompt, tokens):
+    """(T, V): the logits that predict each of the T response tokens, from one uncached forward;
+    (N, T, V) for N responses of one length."""
+    rows = tokens if tokens and isinstance(tokens[0], list) else [tokens]
+    with torch.no_grad():
+        out = model(torch.tensor([list(prompt) + list(r) for r in rows])).float()
+    out = out[:, len(prompt) - 1:len(prompt) - 1 + len(rows[0])]
+    return out if rows is tokens else out[0]
+
+
+def assert_same_greedy(model, prompt, a, b, tol=1e-4):
+    """Two greedy decodes agree, or part only at a near-tie (both tokens within tol of the max logit)."""
+    for t, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            logits = full_logits(model, prompt, a[:t + 1])[-1]
+            assert logits.max() - min(logits[x], logits[y]) < tol, f"greedy decodes differ at step {t}: {a} vs {b}"
+            return
+    assert len(a) == len(b), f"{a} vs {b}"
+
+
+@pytest.fixture(scope="module")
+def model(tiny_qwen3):
+    return Transformer.from_pretrained(tiny_qwen3).eval()
+
+
+@pytest.fixture(scope="module")
+def sampler(model):
+    return make_sampler("torch", model=model)
+
+
+def test_greedy_is_stepwise_argmax_of_full_forward(model, sampler):
+    out = sampler.generate(PROMPTS, n=2, temperature=0, max_new_tokens=12, stop_ids=[])
+    assert len(out) == len(PROMPTS) and all(len(r) == 2 for r in out)
+    for p, (a, b) in zip(PROMPTS, out):
+        assert a == b and len(a.tokens) == 12 and a.finish == "length" and a.logprobs is None
+        logits = full_logits(model, p, a.tokens)
+        chosen = logits.gather(-1, torch.tensor(a.tokens)[:, None])[:, 0]
+        assert (logits.max(-1).values - chosen).max() < 1e-5  # each token the argmax (up to float ties)
+        alone = sampler.generate([p], temperature=0, max_new_tokens=12, stop_ids=[])[0][0]
+        assert alone.tokens == a.tokens  # left padding in a batch changes nothing
+
+
+def test_seeded_runs_repeat_and_do_not_depend_on_the_batch(model, sampler):
+    kw = dict(temperature=1.0, max_new_tokens=10, stop_ids=[3, 17, 100, 200], logprobs=True)
+    a = sampler.generate(PROMPTS, n=3, seed=7, **kw)
+    assert a == sampler.generate(PROMPTS, n=3, seed=7, **kw)
+    assert a != sampler.generate(PROMPTS, n=3, seed=8, **kw)
+    assert len({tuple(s.tokens) for s in a[1]}) == 3  # samples of one prompt differ
+    # a row's draws depend on (seed, prompt index * n + sample index, step) only: not on later prompts,
+    # nor on when finished rows are dropped (sync_every); log-probs only up to float rounding (other batch shapes)
+    def same(x, y):
+        assert [[s.tokens for s in r] for r in x] == [[s.tokens for s in r] for r in y]
+        assert [[s.finish for s in r] for r in x] == [[s.finish for s in r] for r in y]
+        torch.testing.assert_close([[s.logprobs for s in r] for r in x], [[s.logprobs for s in r] for r in y])
+    same(sampler.generate(PROMPTS[:2], n=3, seed=7, **kw), a[:2])
+    same(TorchSampler(model=model, sync_every=4).generate(PROMPTS, n=3, seed=7, **kw), a)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.5, top_k=10),
+                                dict(temperature=1.0, top_p=0.5), dict(temperature=0.7, top_k=50, top_p=0.8)])
+def test_first_token_frequencies_match_the_distribution(model, sampler, kw):
+    """20,000 samples of one step: the empirical distribution is the processed one (total variation near the
+    multinomial noise floor) and excluded tokens never appear."""
+    N, p = 20_000, [5, 6, 7]
+    out = sampler.generate([p], n=N, max_new_tokens=1, stop_ids=[], seed=1, **kw)[0]
+    V = model.config.vocab_size
+    freq = torch.bincount(torch.tensor([s.tokens[0] for s in out]), minlength=V).float() / N
+    probs = process_logits(full_logits(model, p, [0])[-1:], kw["temperature"], kw.get("top_k", -1),
+                           kw.get("top_p", 1.0)).softmax(-1)[0]
+    assert freq[probs == 0].sum() == 0
+    noise_floor = 0.5 * (probs * (1 - probs) / N).sqrt().sum() * (2 / torch.pi) ** 0.5  # E[TV] for exact sampling
+    assert 0.5 * (freq - probs).abs().sum() < 1.5 * noise_floor
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=5), dict(top_p=0.3), dict(top_k=20, top_p=0.5)])
+def test_top_k_top_p_never_emit_excluded_tokens(model, sampler, kw):
+    temperature = 0.7
+    out = sampler.generate(PROMPTS, n=16, temperature=temperature, max_new_tokens=10, stop_ids=[], seed=3, **kw)
+    k, top_p = kw.get("top_k", 10**9), kw.get("top_p", 1.0)
+    seen = set()
+    for p, samples in zip(PROMPTS, out):
+        tokens = [s.tokens for s in samples]
+        logits = full_logits(model, p, tokens) / temperature  # (16, 10, V)
+        chosen = logits.gather(-1, torch.tensor(tokens)[..., None])
+        above = logits > chosen + 1e-4  # tokens ranked clearly above the chosen one
+        assert (above.sum(-1) < k).all(), "a token outside the top-k was sampled"
+        mass_above = (logits.softmax(-1) * above).sum(-1)
+        assert (mass_above < top_p + 1e-4).all(), "a token outside the top-p nucleus was sampled"
+        seen.update(sum(tokens, []))
+    assert len(seen) > 10  # still sampling, not greedy
+
+
+def test_stops_finish_reasons_and_lengths(model, sampler):
+    assert sampler.stop_ids == [model.config.vocab_size - 3]  # the checkpoint's eos_token_id (<|im_end|>)
+    free = sampler.generate(PROMPTS, temperature=0, max_new_tokens=12, stop_ids=[])
+    stop = free[0][0].tokens[4]
+    out = sampler.generate(PROMPTS, temperature=0, max_new_tokens=12, stop_ids=[stop, 10**6])
+    for f, (s,) in zip(free, out):
+        if stop in f[0].tokens:  # cut at the first stop token, which is kept
+            assert s == Sample(f[0].tokens[:f[0].tokens.index(stop) + 1], "stop")
+        else:
+            assert s == Sample(f[0].tokens, "length")
+    assert out[0][0].finish == "stop" and len(out[0][0].tokens) <= 5
+    # sampled: many rows stop at different steps and leave the batch early
+    stops = set(range(0, model.config.vocab_size, 9))
+    out = sampler.generate(PROMPTS, n=8, temperature=1.0, max_new_tokens=20, stop_ids=stops, seed=0, logprobs=True)
+    finishes = set()
+    for samples in out:
+        for s in samples:
+            finishes.add(s.finish)
+            assert len(s.logprobs) == len(s.tokens)
+            assert not stops & set(s.tokens[:-1])
+            if s.finish == "stop":
+                assert s.tokens[-1] in stops
+            else:
+                assert len(s.tokens) == 20 and s.tokens[-1] not in stops
+    assert finishes == {"stop", "length"}
+    # stopping on the very last step is still a stop
+    last = free[1][0].tokens[11]
+    s = sampler.generate([PROMPTS[1]], temperature=0, max_new_tokens=12, stop_ids=[last])[0][0]
+    assert s.finish == "stop" and s.tokens[-1] == last
+
+
+def test_logprobs_are_the_models_log_softmax_at_the_chosen_tokens(model, sampler):
+    """Raw log-probs: temperature 1 and no top-k/top-p, whatever the sampling settings."""
+    for kw in (dict(temperature=0), dict(temperature=0.6, top_p=0.9, top_k=30)):
+        out = sampler.generate(PROMPTS, n=2, max_new_tokens=10, stop_ids=[], seed=5, logprobs=True, **kw)
+        for p, samples in zip(PROMPTS, out):
+            tokens = torch.tensor([s.tokens for s in samples])
+            ref = full_logits(model, p, tokens.tolist()).log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+            torch.testing.assert_close(torch.tensor([s.logprobs for s in samples]), ref, atol=1e-5, rtol=0)
+
+
+def test_edge_cases(sampler):
+    out = sampler.generate(PROMPTS, n=3, temperature=1.0, max_new_tokens=1, stop_ids=[], logprobs=True)
+    assert [[len(s.tokens) for s in r] for r in out] == [[1] * 3] * len(PROMPTS)
+    assert sampler.generate([], max_new_tokens=4) == []
+    with pytest.raises(ValueError, match="empty prompt"):
+        sampler.generate([[1, 2], []], max_new_tokens=4)
+
+
+def test_update_weights_torch(tiny_qwen3, tiny_qwen3_b, model):
+    """A sampler with its own copy of A, updated with B's tensors, decodes as B; sharing a model it is a no-op."""
+    other = Transformer.from_pretrained(tiny_qwen3_b).eval()
+    own = make_sampler("torch", tiny_qwen3, gpu_memory_utilization=0.5, tensor_parallel_size=1)  # vLLM-only: ignored
+    before = own.generate(PROMPTS, temperature=0, max_new_tokens=8, stop_ids=[])
+    own.update_weights(fsdp_named_tensors(other))
+    after = own.generate(PROMPTS, temperature=0, max_new_tokens=8, stop_ids=[])
+    ref = make_sampler("torch", model=other).generate(PROMPTS, temperature=0, max_new_tokens=8, stop_ids=[])
+    assert after == ref and after != before
+    shared = make_sampler("torch", model=model)
+    w = model.lm_head.weight.clone()
+    shared.update_weights(model.named_parameters())
+    assert torch.equal(w, model.lm_head.weight)
+    with pytest.raises(KeyError, match="no parameter 'nope.weight'"):
+        shared.update_weights([("nope.weight", w)])
+
+
+def test_fsdp_named_tensors_plain_models(tmp_path, tiny_qwen3, model):
+    from conftest import make_checkpoint
+    from safetensors import safe_open
+    with safe_open(os.path.join(tiny_qwen3, "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    names = [n for n, _ in fsdp_named_tensors(model)]
+    assert set(names) == keys and len(names) == len(keys)
+    compiled = torch.compile(model)  # wrapped (not run): names lose the _orig_mod. prefix
+    assert [n for n, _ in fsdp_named_tensors(compiled)] == names
+    tied = Transformer.from_pretrained(make_checkpoint(tmp_path, "qwen3", tied=True, tokenizer=False))
+    assert "lm_head.weight" not in dict(fsdp_named_tensors(tied))
+
+
+def test_make_sampler_and_shard(tiny_qwen3):
+    with pytest.raises(ValueError, match="unknown sampler backend"):
+        make_sampler("hf", tiny_qwen3)
+    with pytest.raises(ValueError, match="needs model_path or model"):
+        make_sampler("torch")
+    items = list(range(10))
+    shares = [shard(items, r, 3) for r in range(3)]
+    assert sum(shares, []) == items and [len(s) for s in shares] == [3, 3, 4]
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+def test_byte_tokenizer():
+    tok = load_tokenizer("byte")
+    assert isinstance(tok, ByteTokenizer) and tok.vocab_size == 259
+    assert tok.eos_ids == [256, 258] and tok.pad_id == 256
+    text = "Ünïcödé ✓ 数学\n\tx = 42"
+    ids = tok.encode(text)
+    assert ids == list(text.encode()) and tok.decode(ids) == text
+    assert tok.encode("a<|im_end|>") == [97, 258]
+    ids = tok.chat("hi <|im_end|>")  # message text cannot inject a special token
+    assert tok.decode(ids) == "<|im_start|>user\nhi <|im_end|><|im_end|>\n<|im_start|>assistant\n"
+    assert ids.count(258) == 1 and ids == tok.chat([{"role": "user", "content": "hi <|im_end|>"}], enable_thinking=True)
+    assert tok.decode(ids, skip_special=True) == "user\nhi <|im_end|>\nassistant\n"
+
+
+def test_byte_tokenizer_checkpoint(tmp_path):
+    """A checkpoint marked as speaking the byte tokenizer loads it, and keeps the mark through save_pretrained."""
+    from conftest import make_checkpoint
+    path = make_checkpoint(tmp_path / "a", "qwen3", tokenizer=False, vocab_size=259, eos_token_id=[256, 258],
+                           pad_token_id=256)
+    mark_byte_tokenizer(path)
+    assert isinstance(load_tokenizer(path), ByteTokenizer)
+    Transformer.from_pretrained(path).save_pretrained(tmp_path / "b")
+    assert isinstance(load_tokenizer(str(tmp_path / "b")), ByteTokenizer)
+    assert make_sampler("torch", str(tmp_path / "b")).stop_ids == [256, 258]
+
+
+def test_hf_tokenizer(tiny_qwen3):
+    tok = load_tokenizer(tiny_qwen3)
+    assert isinstance(tok, HFTokenizer)
+    V = tok.vocab_size
+    assert tok.eos_ids == [V - 3] and tok.pad_id == V - 5  # <|im_end|>, <|endoftext|> (conftest's tokenizer)
+    text = "What is 12 + 30? The answer is \\boxed{42}."
+    assert tok.decode(tok.encode(text)) == text
+    off = tok.chat("What is 12 + 30?")
+    assert off == tok.chat([{"role": "user", "content": "What is 12 + 30?"}], enable_thinking=False)
+    assert tok.decode(off).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert tok.decode(tok.chat("What is 12 + 30?", enable_thinking=True)).endswith("<|im_start|>assistant\n")
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(tiny_qwen3)
+    assert off == hf.apply_chat_template([{"role": "user", "content": "What is 12 + 30?"}], tokenize=True,
+                                         add_generation_prompt=True, enable_thinking=False, return_dict=False)
+
+
+def test_fingerprint(tmp_path, tiny_qwen3, tiny_qwen3_b):
+    a, b = load_tokenizer(tiny_qwen3), load_tokenizer(tiny_qwen3_b)
+    assert same_tokenization(a, b)  # same files, other weights
+    assert not same_tokenization(a, load_tokenizer("byte"))
+    assert same_tokenization(load_tokenizer("byte"), load_tokenizer("byte"))
+    other = shutil.copytree(tiny_qwen3, tmp_path / "c")  # one more stop token = not interchangeable
+    with open(other / "generation_config.json") as f:
+        gen = json.load(f)
+    gen["eos_token_id"] = [gen["eos_token_id"], a.pad_id]
+    with open(other / "generation_config.json", "w") as f:
+        json.dump(gen, f)
+    c = load_tokenizer(str(other))
+    assert c.eos_ids == sorted([a.pad_id] + a.eos_ids) and not same_tokenization(a, c)
