@@ -595,9 +595,10 @@ def run(cfg):
         if step % log_every == 0 or step == max_steps - 1:
             rec = {'step': step, 'loss': loss_total, 'grad_norm': grad_norm, 'lr': lr_now,
                    'mean_response_len': gen_tokens / max(n_seqs, 1), 'trunc_rate': truncated / max(n_seqs, 1),
-                   'rollout_tok_s': gen_tokens / max(all_reduce_max(t_rollout), 1e-9),
                    'update_tok_s': all_reduce_sum(stats['update_tokens']).item() / max(all_reduce_max(t_update), 1e-9),
                    'update_transient_mem_mb': transient / 2**20}
+            if sampler is not None:
+                rec['rollout_tok_s'] = gen_tokens / max(all_reduce_max(t_rollout), 1e-9)
             if plan.s_layers:
                 for j, l in enumerate(plan.s_layers):
                     rec[f'oprd_loss/{l}'] = all_reduce_sum(layer_loss[j]).item() / max(n_rep, 1)
@@ -608,10 +609,11 @@ def run(cfg):
                 extra = f" | kl {rec['kl']:.4f}" if plan.out_kind else ''
                 if plan.s_layers:
                     extra += f" | cos {sum(rec[f'cos/{l}'] for l in plan.s_layers) / len(plan.s_layers):.4f}"
+                if sampler is not None:
+                    extra += f" | rollout {rec['rollout_tok_s']:.0f} tok/s"
                 print(f"step {step}: loss {loss_total:.6f} | grad {grad_norm:.3f} | lr {lr_now:.2e} | "
                       f"len {rec['mean_response_len']:.1f} | trunc {rec['trunc_rate']:.2f}{extra} | "
-                      f"rollout {rec['rollout_tok_s']:.0f} tok/s | update {rec['update_tok_s']:.0f} tok/s | "
-                      f"mem +{rec['update_transient_mem_mb']:.1f} MB")
+                      f"update {rec['update_tok_s']:.0f} tok/s | mem +{rec['update_transient_mem_mb']:.1f} MB")
                 with open(log_path, 'a') as f:
                     f.write(json.dumps(rec) + '\n')
                 if wandb_log:

@@ -420,10 +420,12 @@ def evaluate(rank, world):
     import torch.distributed as dist
     from tqdm import tqdm
     import rollout
-    from model import resolve_checkpoint
+    from model import CheckpointError, resolve_checkpoint
     if world > 1:
         dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
     path = resolve_checkpoint(resolve_ckpt(ckpt))
+    if not os.path.isfile(os.path.join(path, 'config.json')):
+        raise CheckpointError(f"no config.json in {path!r}: not a checkpoint folder, nor an out_dir of distill.py")
     names = [b.strip() for b in benchmarks.split(',') if b.strip()]
     sets = {name: load_problems(name, data_dir or None)[:limit or None] for name in names}  # errors before work
     if rank == 0:

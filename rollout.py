@@ -511,6 +511,10 @@ class VLLMSampler:
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size} does not divide the {world} ranks")
         self.dp_rank, self.dp_size = rank // tensor_parallel_size, world // tensor_parallel_size
         self.sleep_mode = on_gpu if enable_sleep_mode is None else enable_sleep_mode
+        with open(os.path.join(model_path, "config.json")) as f:
+            limit = json.load(f).get("max_position_embeddings")
+        if max_model_len and limit and max_model_len > limit:  # vLLM refuses a context beyond the model's
+            max_model_len = limit
         args = dict(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                     tensor_parallel_size=tensor_parallel_size, enable_sleep_mode=self.sleep_mode,
                     skip_tokenizer_init=True,  # ids in, ids out: no tokenizer needed (the byte task has none)

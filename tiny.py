@@ -86,7 +86,7 @@ def accuracy(ckpt, name):
         '--max_new_tokens=40', '--max_prompt_tokens=64', f'--backend={eval_backend}', f'--out={out}'],
        os.path.join(work_dir, f'eval_{name}.log'))
     with open(os.path.join(out, 'summary.json')) as f:
-        return json.load(f)['tiny']['avg@n']
+        return json.load(f)['tiny']['avg@1']
 
 
 def distill_run(method, seed, name):

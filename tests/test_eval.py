@@ -1,0 +1,95 @@
+"""eval.py end to end on a tiny checkpoint and a fixture benchmark: both backends, ranks, out_dir, errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "mini_bench.jsonl")
+
+
+def run_eval(args, torchrun=False, ok=True):
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+                                   if torchrun else [])
+    p = subprocess.run(launcher + ["eval.py"] + args, cwd=ROOT, capture_output=True, text=True, timeout=400,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if ok and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def check_outputs(out, n_problems, n):
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    s = summary["mini_bench"] if "mini_bench" in summary else next(iter(summary.values()))
+    for key in (f"avg@{n}", f"best@{n}", f"maj@{n}", "dist4g", "mean_len", "trunc_rate", "pass@1", f"pass@{n}"):
+        assert key in s, key
+    assert 0 <= s[f"avg@{n}"] <= s[f"best@{n}"] <= 1 and s["mean_len"] > 0
+    with open(os.path.join(out, "samples.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == n_problems * n
+    assert len({r["id"] for r in rows}) == len(rows)
+    for r in rows:
+        assert r["finish"] in ("stop", "length") and isinstance(r["text"], str) and r["n_tokens"] > 0
+        assert isinstance(r["correct"], bool) and (r["pred"] is None or isinstance(r["pred"], str))
+    return s, rows
+
+
+def n_fixture():
+    with open(FIXTURE) as f:
+        return sum(1 for line in f if line.strip())
+
+
+@pytest.mark.parametrize("backend", ["torch", "vllm"])
+def test_end_to_end_both_backends(tiny_qwen3, tmp_path, backend):
+    out = tmp_path / "res"
+    p = run_eval([f"--ckpt={tiny_qwen3}", f"--benchmarks={FIXTURE}", "--n_samples=3", "--max_new_tokens=12",
+                  f"--backend={backend}", f"--out={out}", "--temperature=1.0"])
+    check_outputs(out, n_fixture(), 3)
+    assert "avg@" in p.stdout.lower() or "Avg@" in p.stdout
+
+
+def test_two_ranks_gather_every_problem(tiny_qwen3, tmp_path):
+    out = tmp_path / "res"
+    run_eval([f"--ckpt={tiny_qwen3}", f"--benchmarks={FIXTURE}", "--n_samples=2", "--max_new_tokens=6",
+              "--backend=torch", f"--out={out}"], torchrun=True)
+    _, rows = check_outputs(out, n_fixture(), 2)
+    assert len({r["problem_id"] for r in rows}) == n_fixture()
+
+
+def test_out_dir_of_distill_means_its_newest_checkpoint(tiny_qwen3, tmp_path):
+    run_dir = tmp_path / "run"
+    for step in (100, 200):
+        shutil.copytree(tiny_qwen3, run_dir / f"step_{step:07d}")
+    shutil.copytree(tiny_qwen3, run_dir / "step_0000300.partial")  # an interrupted save is never picked
+    p = run_eval([f"--ckpt={run_dir}", f"--benchmarks={FIXTURE}", "--n_samples=1", "--max_new_tokens=4",
+                  "--backend=torch", "--limit=2"])
+    assert f"checkpoint: {run_dir / 'step_0000200'}" in p.stdout
+
+
+def test_builtin_tiny_task_is_a_benchmark(tiny_qwen3, tmp_path):
+    out = tmp_path / "res"
+    run_eval([f"--ckpt={tiny_qwen3}", "--benchmarks=tiny", "--limit=3", "--n_samples=1", "--max_new_tokens=4",
+              "--backend=torch", f"--out={out}"])
+    with open(out / "summary.json") as f:
+        assert json.load(f)["tiny"]["n_problems"] == 3
+
+
+@pytest.mark.parametrize("make_args,message", [
+    (lambda t, tmp: [f"--ckpt={tmp}/none", f"--benchmarks={FIXTURE}"], "no config.json"),
+    (lambda t, tmp: [f"--ckpt={t}", f"--benchmarks={tmp}/bad.jsonl"], "bad.jsonl, line 2: not valid JSON"),
+    (lambda t, tmp: [f"--ckpt={t}", "--benchmarks=aime23"], "unknown benchmark 'aime23'"),
+    (lambda t, tmp: [f"--ckpt={t}", "--n_sample=3"], "unknown config key 'n_sample'"),
+    (lambda t, tmp: [f"--ckpt={t}", "--temperature=hot"], "config key 'temperature' expects float"),
+])
+def test_bad_input_is_one_error_line(tiny_qwen3, tmp_path, make_args, message):
+    with open(tmp_path / "bad.jsonl", "w") as f:
+        f.write('{"problem": "1+1", "answer": "2"}\n{"problem": "broken"\n')
+    p = run_eval(make_args(tiny_qwen3, tmp_path) + ["--backend=torch"], ok=False)
+    assert p.returncode != 0
+    err = [line for line in p.stderr.strip().splitlines() if line.strip()]
+    assert len(err) == 1 and message in err[0], p.stderr[-3000:]
