@@ -7,6 +7,9 @@ A baseline on the same setting:
 $ torchrun --standalone --nproc_per_node=8 distill.py config/qwen_opd_topk.py
 One process (CPU or one GPU), overrides on the command line:
 $ python distill.py config/tiny.py --method=opd --max_steps=20
+OPRD-Bridge (METHOD.md §4, a teacher of another width): stage 1 fits the frozen bridge, stage 2 distills through it:
+$ torchrun --standalone --nproc_per_node=8 distill.py config/qwen_bridge.py --method=bridge_fit
+$ torchrun --standalone --nproc_per_node=8 distill.py config/qwen_bridge.py
 
 Per step: this rank's share of the step's prompts -> rollouts of the current student (rollout.py) -> teacher
 forward (no grad) -> student forward + backward -> optimizer step -> new weights pushed to the sampler.
@@ -36,6 +39,7 @@ init_from = 'scratch'         # 'scratch' (student from `student`) | 'resume' (n
 student = ''                  # HF checkpoint folder of the student
 teacher = ''                  # HF checkpoint folder of the frozen teacher
 method = 'oprd'               # oprd | opd | opd_topk | opd_full | opd+oprd | opd_topk+oprd | sft
+                              # | bridge_fit (OPRD-Bridge stage 1) | oprd_bridge (stage 2)
 # data
 prompts = 'dapo17k'           # benchmark name, builtin task name, or a .jsonl file (eval.load_problems)
 data_dir = ''                 # folder of <name>.jsonl when offline
@@ -60,6 +64,14 @@ align = 'predict'             # 'predict': the state that predicts token t (posi
 oprd_coef = 1.0
 mu = 1.0                      # weight of OPRD in the combined objectives opd+oprd, opd_topk+oprd
 projector = False             # learn a linear map d_S -> d_T per layer when the widths differ
+# OPRD-Bridge (METHOD.md §4): a frozen rank-r bridge per layer, fit by method=bridge_fit, used by oprd_bridge
+bridge_path = ''              # folder: bridge.safetensors + bridge.json
+bridge_rank = 8               # r: the teacher's top-r principal directions (8 cross-architecture, 4 cross-tokenizer)
+bridge_rows = 16384           # at most this many rows per layer (gathered over ranks) for the PCA and P_S
+bridge_lr = 1e-4              # P_S: AdamW, weight decay 0, 10% of the rows held out, best held-out cosine kept
+bridge_epochs = 20
+bridge_batch_size = 256
+bridge_init = 'random'        # P_S starts from nn.Linear's init (the paper) or 'lstsq' (the closed-form solution)
 # output-space OPD (METHOD.md §3)
 topk = 16
 vocab_chunk_tokens = 1024     # output losses run over this many positions at a time: no [B, T, V] tensor
@@ -86,7 +98,7 @@ wandb_log = False
 wandb_project = 'oprd'
 # -----------------------------------------------------------------------------
 
-METHODS = ('oprd', 'opd', 'opd_topk', 'opd_full', 'opd+oprd', 'opd_topk+oprd', 'sft')
+METHODS = ('oprd', 'opd', 'opd_topk', 'opd_full', 'opd+oprd', 'opd_topk+oprd', 'sft', 'bridge_fit', 'oprd_bridge')
 
 
 class DistillError(ValueError):
@@ -147,12 +159,15 @@ def response_masks(resp_mask, positions, k, align):
 
 # ----------------------------------------------------------------------------- losses (sums; divided by a global count)
 
-def oprd_loss(h_s, h_t, distance='mse', proj=None):
+def oprd_loss(h_s, h_t, distance='mse', proj=None, t_proj=None):
     """Sum over rows of (1/d) ||h_S - sg(h_T)||^2, rows = supervised positions (N, d). Also the sum of cosines.
 
-    With a projector, h_S is mapped to the teacher's width first; d is the width compared.
+    With a projector, h_S is mapped to the teacher's width first; d is the width compared. Through a bridge,
+    proj = P_S and t_proj = P_T(. - mu_T) map both sides to the bridge's r dimensions.
     """
     h_t = h_t.detach().float()
+    if t_proj is not None:
+        h_t = t_proj(h_t)
     h_s = h_s.float() if proj is None else proj(h_s.float())
     cos = F.cosine_similarity(h_s.detach(), h_t, dim=-1).sum()
     if distance == 'normalized_mse':
@@ -237,7 +252,7 @@ def make_plan(method, stu_cfg, tea_cfg, layers='all', positions='last_k', k_posi
                 'opd_topk+oprd': 'opd_topk'}.get(method)
     L_s = stu_cfg.num_hidden_layers
     L_t = tea_cfg.num_hidden_layers if tea_cfg is not None else 0
-    s_layers = parse_layers(layers, L_s) if 'oprd' in method else []
+    s_layers = parse_layers(layers, L_s) if 'oprd' in method or method == 'bridge_fit' else []
     t_layers = [depth_map(l, L_s, L_t) for l in s_layers]
     s_taps = sorted(set(s_layers) | ({L_s} if out_kind or method == 'sft' else set()))
     t_taps = sorted(set(t_layers) | ({L_t} if out_kind else set()))
@@ -246,9 +261,10 @@ def make_plan(method, stu_cfg, tea_cfg, layers='all', positions='last_k', k_posi
                 align, distance, oprd_coef * (mu if out_kind else 1.0), topk, chunk)
 
 
-def micro_batch_loss(stu, tea, b, plan, proj, n_out, n_rep):
+def micro_batch_loss(stu, tea, b, plan, proj, n_out, n_rep, bridge=None):
     """Teacher forward (no grad), student forward, and the loss of one micro-batch, already divided by the
     global supervised-token counts n_out (output-space positions) and n_rep (OPRD positions).
+    proj: the learned projector (or None); bridge: the frozen OPRD-Bridge (or None).
 
     Under OPRD alone neither model computes logits, and each runs only up to its deepest tapped layer.
     """
@@ -271,13 +287,175 @@ def micro_batch_loss(stu, tea, b, plan, proj, n_out, n_rep):
         m = response_masks(b['resp'], plan.positions, plan.k_positions, plan.align)
         rep = 0.0
         for ls, lt in zip(plan.s_layers, plan.t_layers):
-            l_sum, cos = oprd_loss(hs_s[ls][m], hs_t[lt][m], plan.distance,
-                                   proj[str(ls)] if proj is not None else None)
+            k = str(ls)
+            if bridge is not None:
+                maps = bridge.student[k], bridge.teacher[k]
+            else:
+                maps = proj[k] if proj is not None else None, None
+            l_sum, cos = oprd_loss(hs_s[ls][m], hs_t[lt][m], plan.distance, *maps)
             rep = rep + l_sum / len(plan.s_layers)
             stats['layer_loss'].append(l_sum.item())
             stats['layer_cos'].append(cos.item())
         loss = loss + plan.oprd_weight * rep / max(n_rep, 1)
     return loss, stats
+
+
+# ----------------------------------------------------------------------------- OPRD-Bridge (METHOD.md §4)
+
+def pca(rows):
+    """Principal directions of rows (N, d), in fp64: the mean (d,) and all min(N, d) directions (k, d), orthonormal,
+    by decreasing variance. Each direction's largest-magnitude entry is made positive, so the result is unique."""
+    x = rows.double()
+    mean = x.mean(0)
+    vh = torch.linalg.svd(x - mean, full_matrices=False).Vh
+    return mean, vh * vh.gather(1, vh.abs().argmax(1, keepdim=True)).sign()
+
+
+def mean_cos(a, b):
+    return F.cosine_similarity(a.double(), b.double(), dim=-1).mean().item()
+
+
+def fit_projector(x, y, x_val, y_val, lr=1e-4, epochs=20, batch_size=256, seed=0, init=None):
+    """P_S (r, d_S), no bias, trained by AdamW (weight decay 0) on the mean of ||P_S x - y||^2 over shuffled
+    mini-batches of (x (N, d_S), y (N, r)), from `init` or nn.Linear's uniform init. Returns the weights of the
+    epoch with the best held-out cosine (the initial weights included) and that cosine."""
+    g = torch.Generator().manual_seed(seed)
+    d_s = x.shape[1]
+    w = (torch.rand(y.shape[1], d_s, generator=g) * 2 - 1) / math.sqrt(d_s) if init is None else init.float().cpu()
+    w = w.to(x.device).requires_grad_(True)
+    opt = torch.optim.AdamW([w], lr=lr, weight_decay=0.0)
+    best, best_cos = w.detach().clone(), mean_cos(x_val @ w.detach().T, y_val)
+    for _ in range(epochs):
+        for i in torch.randperm(len(x), generator=g).to(x.device).split(batch_size):
+            loss = (x[i] @ w.T - y[i]).pow(2).sum(-1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        c = mean_cos(x_val @ w.detach().T, y_val)
+        if c > best_cos:
+            best, best_cos = w.detach().clone(), c
+    return best, best_cos
+
+
+def lstsq_map(x, yc):
+    """The least-squares linear map W (d_S, d_T) from student rows x (N, d_S) to centred teacher rows yc (N, d_T),
+    closed form in fp64 with a ridge of 1e-6 x the mean eigenvalue of x^T x. The best rank-r P_S is P_T W^T."""
+    x, yc = x.double(), yc.double()
+    gram = x.T @ x
+    gram.diagonal().add_(1e-6 * gram.diagonal().mean() + 1e-12)
+    return torch.linalg.solve(gram, x.T @ yc)
+
+
+def sweep_ranks(k):
+    """The ranks of the cosine-by-rank table: 1, 4, 8, 16, ... below k, then k (full rank)."""
+    return [1] + [2 ** i for i in range(2, 30) if 2 ** i < k] + [k] if k > 1 else [1]
+
+
+def cos_by_rank(x_val, yc_val, w, components, ranks):
+    """Held-out cosine of the bridge at each rank with the least-squares P_S (w from lstsq_map): one map serves
+    every rank, the coordinates in the PCA basis (components (k, d_T)) truncated to the first r."""
+    pred, target = x_val.double() @ w @ components.T, yc_val.double() @ components.T  # (n_val, k)
+    return {r: mean_cos(pred[:, :r], target[:, :r]) for r in ranks}
+
+
+def fit_bridge_layer(h_s, h_t, rank, max_rows=16384, holdout=0.1, seed=0, init='random', **train):
+    """Stage 1 for one layer pair: h_s (N, d_S), h_t (N, d_T) rows at the same positions. At most max_rows rows
+    (a seeded random subset); a fraction `holdout` of them is held out, the PCA and P_S are fit on the rest.
+    P_S starts from nn.Linear's init ('random', the paper) or the least-squares solution ('lstsq').
+    Returns mu_T (d_T,), P_T (rank, d_T), P_S (rank, d_S), P_S's held-out cosine, and {r: held-out cosine} of
+    the least-squares P_S at the ranks of sweep_ranks and at `rank`."""
+    perm = torch.randperm(len(h_s), generator=torch.Generator().manual_seed(seed))[:max_rows].to(h_s.device)
+    n_val = max(1, round(holdout * len(perm)))
+    val, tr = perm[:n_val], perm[n_val:]
+    mean, comps = pca(h_t[tr])
+    if rank > comps.shape[0]:
+        raise DistillError(f"bridge_rank={rank} but the PCA has only {comps.shape[0]} directions "
+                           f"({len(tr)} training rows, teacher width {h_t.shape[1]}): collect more rows")
+    yc, yc_val = h_t[tr].double() - mean, h_t[val].double() - mean
+    w = lstsq_map(h_s[tr], yc)
+    p_t = comps[:rank]
+    p_s, cos = fit_projector(h_s[tr].float(), (yc @ p_t.T).float(), h_s[val].float(), (yc_val @ p_t.T).float(),
+                             seed=seed, init=p_t @ w.T if init == 'lstsq' else None, **train)
+    ranks = sorted(set(sweep_ranks(comps.shape[0])) | {rank})
+    return mean.float(), p_t.float(), p_s, cos, cos_by_rank(h_s[val], yc_val, w, comps, ranks)
+
+
+class PCAProjection(nn.Module):
+    """The teacher side of the bridge: h_T (..., d_T) -> P_T (h_T - mu_T) (..., r)."""
+
+    def __init__(self, mean, components):
+        super().__init__()
+        self.register_buffer('mean', mean)
+        self.register_buffer('components', components)
+
+    def forward(self, h):
+        return (h - self.mean) @ self.components.T
+
+
+class Bridge(nn.Module):
+    """The frozen OPRD-Bridge, keyed by student layer: student[l](h_S) = P_S h_S and teacher[l](h_T) =
+    P_T (h_T - mu_T), both in R^r. fits: {layer: (mu_T, P_T, P_S)}. Nothing in it learns in stage 2."""
+
+    def __init__(self, fits):
+        super().__init__()
+        self.student, self.teacher = nn.ModuleDict(), nn.ModuleDict()
+        for l, (mean, p_t, p_s) in fits.items():
+            self.student[str(l)] = nn.Linear(p_s.shape[1], p_s.shape[0], bias=False)
+            self.student[str(l)].weight = nn.Parameter(p_s.float(), requires_grad=False)
+            self.teacher[str(l)] = PCAProjection(mean.float(), p_t.float())
+
+
+def arch(cfg):
+    """What a bridge must match in a model: its architecture, width, depth and vocabulary."""
+    return {k: getattr(cfg, k) for k in ('model_type', 'hidden_size', 'num_hidden_layers', 'vocab_size')}
+
+
+def save_bridge(path, bridge, meta):
+    """path/bridge.safetensors (student.<l>.weight = P_S, teacher.<l>.mean = mu_T, teacher.<l>.components = P_T)
+    + path/bridge.json (meta: rank, layers, both models' arch, the fit's settings and cosines). Written beside
+    the target and renamed into place."""
+    from safetensors.torch import save_file
+    partial = path.rstrip('/') + '.partial'
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    save_file({k: v.detach().cpu().contiguous() for k, v in bridge.state_dict().items()},
+              os.path.join(partial, 'bridge.safetensors'))
+    with open(os.path.join(partial, 'bridge.json'), 'w') as f:
+        json.dump(meta, f, indent=1)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(partial, path)
+
+
+def load_bridge(path):
+    """(Bridge, meta) from a folder written by save_bridge; one-line DistillErrors for a missing or broken one."""
+    from safetensors.torch import load_file
+    files = [os.path.join(path, n) for n in ('bridge.safetensors', 'bridge.json')]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise DistillError(f"no bridge file {missing[0]!r}: fit the bridge first with method=bridge_fit")
+    try:
+        with open(files[1]) as f:
+            meta = json.load(f)
+        sd = load_file(files[0])
+        bridge = Bridge({l: (sd[f'teacher.{l}.mean'], sd[f'teacher.{l}.components'], sd[f'student.{l}.weight'])
+                         for l in meta['student_layers']})
+    except (KeyError, json.JSONDecodeError, OSError) as e:
+        raise DistillError(f"corrupt bridge in {path!r}: {type(e).__name__} {e}") from None
+    return bridge, meta
+
+
+def check_bridge(meta, path, plan, stu_cfg, tea_cfg):
+    """The bridge must have been fit for these two models and cover every aligned layer with the same phi."""
+    for side, cfg in (('student', stu_cfg), ('teacher', tea_cfg)):
+        if meta[side] != arch(cfg):
+            raise DistillError(f"bridge {path!r} was fit for the {side} {meta[side]}, not this run's {side} "
+                               f"{arch(cfg)}: refit it with method=bridge_fit")
+    fit = dict(zip(meta['student_layers'], meta['teacher_layers']))
+    bad = [(ls, lt) for ls, lt in zip(plan.s_layers, plan.t_layers) if fit.get(ls) != lt]
+    if bad:
+        raise DistillError(f"bridge {path!r} was fit for layers {meta['student_layers']} -> teacher "
+                           f"{meta['teacher_layers']}; it has no map for {bad} (student -> teacher): "
+                           "refit it with method=bridge_fit, or choose layers it covers")
 
 
 # ----------------------------------------------------------------------------- small utilities
@@ -441,12 +619,27 @@ def run(cfg):
                            "OPRD and OPD need identical rollout token ids")
     plan = make_plan(method, stu.config, tea.config if tea is not None else None, layers, positions, k_positions,
                      align, distance, oprd_coef, mu, topk, vocab_chunk_tokens)
-    proj = None
+    proj, bridge = None, None
     if tea is not None:
         d_s, d_t = stu.config.hidden_size, tea.config.hidden_size
-        if plan.s_layers and d_s != d_t:
+        if method in ('bridge_fit', 'oprd_bridge'):
+            if not bridge_path:
+                raise DistillError(f"method={method} needs bridge_path=<folder of the bridge>")
+            if projector:
+                raise DistillError(f"method={method} with projector=True: the bridge replaces the projector")
+        if method == 'bridge_fit' and bridge_init not in ('random', 'lstsq'):
+            raise DistillError(f"bridge_init={bridge_init!r}: expected random or lstsq")
+        if method == 'bridge_fit' and not 1 <= bridge_rank <= min(d_s, d_t):
+            raise DistillError(f"bridge_rank={bridge_rank} is above the width: it must be 1..{min(d_s, d_t)} "
+                               f"(student width {d_s}, teacher width {d_t})")
+        if method == 'oprd_bridge':
+            bridge, bridge_meta = load_bridge(bridge_path)
+            check_bridge(bridge_meta, bridge_path, plan, stu.config, tea.config)
+            bridge = bridge.to(device)
+        elif plan.s_layers and d_s != d_t and method != 'bridge_fit':
             if not projector:
-                raise DistillError(f"teacher width {d_t} != student width {d_s}: set projector=True")
+                raise DistillError(f"teacher width {d_t} != student width {d_s}: set projector=True, or fit a "
+                                   "bridge (method=bridge_fit) and use method=oprd_bridge")
             proj = nn.ModuleDict({str(l): nn.Linear(d_s, d_t, bias=False) for l in plan.s_layers}).to(device)
         if plan.out_kind and stu.config.vocab_size != tea.config.vocab_size and master:
             print(f"vocabularies differ ({stu.config.vocab_size} vs {tea.config.vocab_size}): "
@@ -466,6 +659,9 @@ def run(cfg):
         data.append(item)
     if not data:
         raise DistillError(f"no prompt of {prompts!r} fits max_prompt_len={max_prompt_len}")
+
+    if method == 'bridge_fit':  # OPRD-Bridge stage 1: both models frozen, no optimizer, no FSDP
+        return fit_bridge(stu, tea, tok, data, plan, rank, world, device, student_path, teacher_path)
 
     # ---- the student under FSDP2, optimizer, sampler
     stu.activation_checkpointing = activation_checkpointing
@@ -502,6 +698,9 @@ def run(cfg):
         if plan.s_layers:
             print(f"OPRD layers {plan.s_layers} -> teacher {plan.t_layers}; positions {positions}"
                   f"{'' if positions == 'all' else f' (k={k_positions})'}; distance {distance}; align {align}")
+        if bridge is not None:
+            print(f"through the frozen bridge {bridge_path}: rank {bridge_meta['rank']}, held-out cosine "
+                  f"{sum(bridge_meta['heldout_cos'].values()) / len(bridge_meta['heldout_cos']):.4f} (mean)")
         print(f"prompts per step {prompts_per_step} x {n_samples} samples = "
               f"{prompts_per_step * n_samples} sequences per step, {max_steps} steps")
     if wandb_log and master:
@@ -513,10 +712,7 @@ def run(cfg):
     bad_steps = 0
     for step in range(start_step, max_steps):
         # ---- 1. this rank's prompts: a seeded permutation per epoch, the step's slice, every world-th item
-        per_epoch = max(1, len(data) // prompts_per_step)
-        epoch, pos = divmod(step, per_epoch)
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        step_items = [data[i] for i in order[pos * prompts_per_step:(pos + 1) * prompts_per_step]][rank::world]
+        step_items = step_prompts(data, step, rank, world)
 
         # ---- 2. rollouts with the current weights (or the reference solutions under sft)
         t0 = time.time()
@@ -554,7 +750,7 @@ def run(cfg):
         for mi, b in enumerate(batches):
             if is_dist():  # reduce gradients only after the last micro-batch
                 stu.set_requires_gradient_sync(mi == len(batches) - 1)
-            loss, ms = micro_batch_loss(stu, tea, b, plan, proj, n_out, n_rep)
+            loss, ms = micro_batch_loss(stu, tea, b, plan, proj, n_out, n_rep, bridge)
             (loss * world).backward()
             stats['loss'] += loss.item()
             stats['kl'] += ms['kl']
@@ -627,6 +823,113 @@ def run(cfg):
         sampler.close()  # before the process group goes: vLLM's teardown would destroy the shared group
     if master:
         print(f"done: {checkpoints_in(out_dir)[-1] if checkpoints_in(out_dir) else out_dir}")
+
+
+def step_prompts(data, step, rank, world):
+    """This rank's prompts of a step: a seeded permutation per epoch, the step's slice, every world-th item."""
+    per_epoch = max(1, len(data) // prompts_per_step)
+    epoch, pos = divmod(step, per_epoch)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return [data[i] for i in order[pos * prompts_per_step:(pos + 1) * prompts_per_step]][rank::world]
+
+
+def fit_bridge(stu, tea, tok, data, plan, rank, world, device, student_path, teacher_path):
+    """OPRD-Bridge stage 1 (METHOD.md §4), both models frozen. Rollouts of the student on the training prompts
+    (the same order and seeds as the training steps) until bridge_rows rows per layer are collected over all
+    ranks, or one pass over the prompts; a row is a position that stage 2 supervises (positions, k_positions,
+    align), i.e. response tokens only. Every rank's rows are gathered; layer j is fit by rank j % world and
+    broadcast, so the bridge is identical on every rank. Rank 0 writes it to bridge_path."""
+    import rollout
+    stu.eval().requires_grad_(False)
+    sampler = rollout.make_sampler(backend, student_path, gpu_memory_utilization=gpu_memory_utilization,
+                                   tensor_parallel_size=tensor_parallel_size, seed=seed,
+                                   max_model_len=max_prompt_len + max_new_tokens, enable_sleep_mode=False)
+    rows = {l: ([], []) for l in plan.s_layers}  # student layer -> (student rows, teacher rows), on the CPU
+    n_rows, step, t0 = 0, 0, time.time()
+    while n_rows < bridge_rows and step < max(1, len(data) // prompts_per_step):
+        items = step_prompts(data, step, rank, world)
+        samples = sampler.generate([it['prompt'] for it in items], n=n_samples, temperature=temperature,
+                                   top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+                                   stop_ids=tok.eos_ids, seed=seed * 1_000_003 + step * world + rank)
+        seqs = [(it['prompt'], s.tokens, s.finish) for it, ss in zip(items, samples) for s in ss]
+        n_local = 0
+        for i in range(0, len(seqs), micro_batch_size):
+            b = collate(seqs[i:i + micro_batch_size], tok.pad_id, device)
+            m = response_masks(b['resp'], positions, k_positions, align)
+            with torch.no_grad():
+                hs_t = tea(b['idx'], attention_mask=b['attn'], taps=plan.t_taps)
+                hs_s = stu(b['idx'], attention_mask=b['attn'], taps=plan.s_taps)
+            for ls, lt in zip(plan.s_layers, plan.t_layers):
+                rows[ls][0].append(hs_s[ls][m].float().cpu())
+                rows[ls][1].append(hs_t[lt][m].float().cpu())
+            n_local += m.sum().item()
+        n_rows += all_reduce_sum(n_local).item()
+        step += 1
+    sampler.close()
+    if n_rows < 2 * bridge_rank + 10:
+        raise DistillError(f"stage 1 collected only {int(n_rows)} rows per layer: too few for a rank-{bridge_rank} "
+                           "bridge (more prompts, samples or max_new_tokens)")
+    if rank == 0:
+        print(f"stage 1: {int(n_rows)} rows per layer from {step} rollout steps in {time.time() - t0:.1f} s; "
+              f"fitting {len(plan.s_layers)} layers at rank {bridge_rank}")
+
+    fits, t1 = {}, time.time()
+    for j, l in enumerate(plan.s_layers):
+        h_s, h_t = (gather_rows(torch.cat(r), device) for r in rows.pop(l))
+        if j % world == rank:
+            fits[l] = (h_s, h_t)
+    for l, (h_s, h_t) in fits.items():
+        out = fit_bridge_layer(h_s, h_t, bridge_rank, bridge_rows, seed=seed + l, init=bridge_init, lr=bridge_lr,
+                               epochs=bridge_epochs, batch_size=bridge_batch_size)
+        fits[l] = [t.cpu() if torch.is_tensor(t) else t for t in out]
+    if is_dist():
+        for j, l in enumerate(plan.s_layers):  # the owner's fit to every rank (pickled CPU tensors)
+            obj = [fits.get(l)]
+            dist.broadcast_object_list(obj, src=j % world)
+            fits[l] = obj[0]
+    bridge = Bridge({l: fits[l][:3] for l in plan.s_layers})
+    checksum = sum(t.double().sum().item() + t.double().abs().sum().item() for t in bridge.state_dict().values())
+    if all_reduce_max(checksum) != -all_reduce_max(-checksum):
+        raise RuntimeError("the bridge differs between ranks")
+    heldout = {str(l): fits[l][3] for l in plan.s_layers}
+    by_rank = {str(l): {str(r): c for r, c in fits[l][4].items()} for l in plan.s_layers}
+    ranks = list(fits[plan.s_layers[0]][4])
+    mean_by_rank = {str(r): sum(by_rank[str(l)][str(r)] for l in plan.s_layers) / len(plan.s_layers) for r in ranks}
+    meta = {'rank': bridge_rank, 'student_layers': plan.s_layers, 'teacher_layers': plan.t_layers,
+            'student': arch(stu.config), 'teacher': arch(tea.config), 'student_path': student_path,
+            'teacher_path': teacher_path, 'rows': int(min(n_rows, bridge_rows)), 'holdout': 0.1,
+            'positions': positions, 'k_positions': k_positions, 'align': align, 'lr': bridge_lr,
+            'epochs': bridge_epochs, 'batch_size': bridge_batch_size, 'init': bridge_init, 'seed': seed,
+            'heldout_cos': heldout, 'cos_by_rank': by_rank, 'cos_by_rank_mean': mean_by_rank}
+    if rank == 0:
+        print(f"bridge identical on {world} rank(s) (checksum {checksum:.12e}); fit in {time.time() - t1:.1f} s")
+        for ls, lt in zip(plan.s_layers, plan.t_layers):
+            print(f"layer {ls} -> teacher {lt}: held-out cosine {heldout[str(ls)]:.4f} at rank {bridge_rank} "
+                  f"(least squares: {fits[ls][4][bridge_rank]:.4f})")
+        print(f"held-out cosine by rank (least-squares P_S, mean over {len(plan.s_layers)} layers; "
+              f"full rank = {ranks[-1]}):")
+        print('  rank ' + ' '.join(f'{r:>7}' for r in ranks))
+        print('  cos  ' + ' '.join(f'{mean_by_rank[str(r)]:7.4f}' for r in ranks))
+        save_bridge(bridge_path, bridge, meta)
+        print(f"saved {bridge_path}")
+    if is_dist():
+        dist.barrier()
+    return bridge, meta
+
+
+def gather_rows(x, device):
+    """All ranks' rows (n_rank, d), concatenated in rank order, on every rank; a copy in one process."""
+    if not is_dist():
+        return x.to(device)
+    x = x.to(device)
+    n = torch.tensor([len(x)], device=device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    n_max = int(max(s.item() for s in sizes))
+    padded = torch.cat([x, x.new_zeros(n_max - len(x), x.shape[1])])
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:int(s.item())] for o, s in zip(out, sizes)])
 
 
 def collate(seqs, pad_id, device):

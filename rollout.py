@@ -50,6 +50,9 @@ import torch
 
 from model import KVCache, Transformer, resolve_checkpoint
 
+# vLLM logs every prefix-cache reset and engine detail at INFO; a training log wants its warnings only
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
 # ----------------------------------------------------------------------------- tokenizers
 
 PROBE_TEXTS = ("What is 12 + 30? The answer is \\boxed{42}.", "  two  spaces,\ttabs\nand\r\nnewlines  ",
@@ -455,6 +458,11 @@ class TorchSampler:
 
 # ----------------------------------------------------------------------------- the vLLM backend
 
+def _quiet_rope_reload(record):
+    # RoPE has no checkpoint weights (its cos/sin cache is computed): vLLM warns about it on every reload
+    return "RotaryEmbedding: Failed to load" not in record.getMessage()
+
+
 class WeightSyncExtension:
     """Methods that vLLM mixes into its worker class (worker_extension_cls) and that run inside every engine
     worker, called through llm.collective_rpc. One weight update = begin, one load per bucket, finish.
@@ -470,6 +478,7 @@ class WeightSyncExtension:
     def oprd_begin_update(self):
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_quiet_rope_reload)
         with set_current_vllm_config(self.vllm_config):
             initialize_layerwise_reload(self.model_runner.get_model())
 
@@ -478,8 +487,19 @@ class WeightSyncExtension:
         from safetensors.torch import load
         from vllm.config import set_current_vllm_config
         weights = list(load(payload).items()) if isinstance(payload, bytes) else payload
+        model = self.model_runner.get_model()
         with set_current_vllm_config(self.vllm_config):
-            self.model_runner.get_model().load_weights(weights)
+            model.load_weights(weights)
+            # a tied LM head is its own layer in vLLM and load_weights skips it: hand it the new embedding
+            # too, or the reload would put its old (stale) kernel tensor back
+            if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
+                for name, t in weights:
+                    if name == "model.embed_tokens.weight":
+                        p = model.lm_head.weight
+                        if hasattr(p, "weight_loader"):
+                            p.weight_loader(p, t)
+                        else:
+                            p.data.copy_(t)
         return len(weights)
 
     def oprd_finish_update(self):

@@ -83,7 +83,7 @@ def accuracy(ckpt, name):
     """Greedy accuracy on the held-out tiny benchmark (256 problems), through eval.py."""
     out = os.path.join(work_dir, 'eval', name)
     sh(['eval.py', f'--ckpt={ckpt}', '--benchmarks=tiny', '--n_samples=1', '--temperature=0.0', '--top_p=1.0',
-        '--max_new_tokens=40', '--max_prompt_tokens=64', f'--backend={eval_backend}', f'--out={out}'],
+        '--max_new_tokens=64', '--max_prompt_tokens=64', f'--backend={eval_backend}', f'--out={out}'],
        os.path.join(work_dir, f'eval_{name}.log'))
     with open(os.path.join(out, 'summary.json')) as f:
         return json.load(f)['tiny']['avg@1']

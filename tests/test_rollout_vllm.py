@@ -113,3 +113,20 @@ def test_two_ranks_each_sample_their_share(tmp_path, tiny_qwen3, tiny_qwen3_b, m
         for r in ranks:
             for i, tokens in zip(r["share"], r[key]):
                 assert_same_greedy(model, prompts[i], tokens, ref[i][0].tokens)
+
+
+def test_update_weights_tied_model(tmp_path):
+    """Tied embeddings (the tiny task's models, Qwen2.5-small, Qwen3 <= 4B): the update reaches the LM head too."""
+    from conftest import make_checkpoint
+    a = make_checkpoint(tmp_path / "a", "qwen3", tied=True, seed=7)
+    b = Transformer.from_pretrained(make_checkpoint(tmp_path / "b", "qwen3", tied=True, seed=8)).eval()
+    engine = make_sampler("vllm", a, dtype="float32", enforce_eager=True)
+    try:
+        prompts = [[5, 6, 7], [11, 12, 13, 14, 15]]
+        engine.update_weights(fsdp_named_tensors(b))
+        ours = greedy(engine, prompts, stop_ids=[])
+        ref = greedy(make_sampler("torch", model=b), prompts, stop_ids=[])
+        for p, x, y in zip(prompts, ours, ref):
+            assert_same_greedy(b, p, x.tokens, y.tokens)
+    finally:
+        engine.close()

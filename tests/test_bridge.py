@@ -1,0 +1,171 @@
+"""OPRD-Bridge (METHOD.md §4): the PCA, the projector, the bridge file, stage 1 and stage 2 end to end, errors."""
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT, make_checkpoint
+from distill import Bridge, fit_bridge_layer, fit_projector, load_bridge, oprd_loss, pca, save_bridge
+from test_distill import FIXTURE, TORCHRUN, load_hf, log, run
+
+
+@pytest.fixture(scope="module")
+def wide_pair(tmp_path_factory):
+    """The tiny pair of different widths and depths: teacher 4 layers d=128, student 3 layers d=64."""
+    root = tmp_path_factory.mktemp("bridge_pair")
+    teacher = make_checkpoint(root / "teacher", "qwen3", hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                              num_key_value_heads=2, intermediate_size=256, seed=3)
+    return teacher, make_checkpoint(root / "student", "qwen3", seed=4)
+
+
+def args(pair, out, bridge, **kw):
+    teacher, student = pair
+    a = dict(student=student, teacher=teacher, out_dir=str(out), bridge_path=str(bridge), prompts="tiny_train",
+             backend="torch", prompts_per_step=8, n_samples=2, max_new_tokens=16, max_prompt_len=256,
+             layers="all", positions="all", micro_batch_size=8, bridge_rows=600, bridge_rank=8, bridge_lr=1e-2,
+             distance="normalized_mse", max_steps=2, lr=1e-3, warmup_frac=0.0, save_every=100, seed=0)
+    a.update(kw)
+    return [f"--{k}={v}" for k, v in a.items()]
+
+
+@pytest.fixture(scope="module")
+def fitted(wide_pair, tmp_path_factory):
+    """Stage 1 under torchrun on 2 ranks: (bridge folder, its stdout)."""
+    root = tmp_path_factory.mktemp("bridge")
+    p = run(TORCHRUN + ["distill.py"] + args(wide_pair, root / "out", root / "bridge", method="bridge_fit"))
+    return str(root / "bridge"), p.stdout
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def test_pca_matches_numpy_svd():
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(300, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g,
+                                                                                  dtype=torch.float64) + 3.0
+    mean, comps = pca(rows)
+    x = rows.numpy()
+    _, s, vh = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    np.testing.assert_allclose(mean.numpy(), x.mean(0), rtol=1e-12, atol=1e-12)
+    assert comps.shape == (12, 12)
+    for i in range(12):  # the same directions, up to sign, in the same order
+        np.testing.assert_allclose(abs(comps[i].numpy() @ vh[i]), 1.0, atol=1e-9)
+    np.testing.assert_allclose((comps @ comps.T).numpy(), np.eye(12), atol=1e-10)
+    assert all(c[c.abs().argmax()] > 0 for c in comps)  # the sign convention that makes the fit unique
+    assert pca(rows[:5])[1].shape == (5, 12)  # fewer rows than the width: N directions
+
+
+def test_projector_recovers_a_planted_linear_map():
+    g = torch.Generator().manual_seed(1)
+    a = 0.5 * torch.randn(4, 16, generator=g)
+    x = torch.randn(2000, 16, generator=g)
+    y = x @ a.T + 0.01 * torch.randn(2000, 4, generator=g)
+    w, cos = fit_projector(x[:1800], y[:1800], x[1800:], y[1800:], lr=1e-2, epochs=30, batch_size=64)
+    assert w.shape == (4, 16) and cos > 0.999
+    torch.testing.assert_close(w, a, atol=0.02, rtol=0.02)
+
+
+def test_fit_bridge_layer_on_a_planted_pair():
+    """Teacher rows = a linear map of the student rows + an offset: the bridge is near exact at every rank (P_S has
+    no bias, the paper's form, so the sample mean of h_S, ~1/sqrt(N) of its spread, costs ~1e-3 of cosine)."""
+    g = torch.Generator().manual_seed(2)
+    h_s = torch.randn(1500, 16, generator=g) * torch.linspace(0.5, 3.0, 16)
+    h_t = h_s @ torch.randn(16, 24, generator=g) + 5.0
+    mean, p_t, p_s, cos, by_rank = fit_bridge_layer(h_s, h_t, 4, max_rows=1000, seed=0, init='lstsq')
+    assert p_t.shape == (4, 24) and p_s.shape == (4, 16) and mean.shape == (24,)
+    assert cos > 0.998
+    assert list(by_rank) == [1, 4, 8, 16, 24] and all(by_rank[r] > 0.998 for r in (4, 8, 16, 24))
+    assert by_rank[1] > 0.9  # at rank 1 the cosine is the rate of sign agreement
+    # from nn.Linear's init, AdamW gets close (the targets are large: lr 1e-2, not the paper's 1e-4)
+    assert fit_bridge_layer(h_s, h_t, 4, max_rows=1000, lr=3e-2, epochs=40, batch_size=64)[3] > 0.99
+    assert list(fit_bridge_layer(h_s, h_t, 5, max_rows=1000, epochs=0)[4]) == [1, 4, 5, 8, 16, 24]
+    with pytest.raises(ValueError, match="bridge_rank=30 but the PCA has only 24 directions"):
+        fit_bridge_layer(h_s, h_t, 30)
+
+
+def test_bridge_save_load_round_trip_and_loss(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    fits = {l: (torch.randn(24, generator=g), torch.linalg.qr(torch.randn(24, 8, generator=g))[0].T,
+                torch.randn(8, 16, generator=g)) for l in (1, 3)}
+    meta = {'rank': 8, 'student_layers': [1, 3], 'teacher_layers': [2, 4], 'heldout_cos': {'1': 0.5, '3': 0.7}}
+    save_bridge(str(tmp_path / "b"), Bridge(fits), meta)
+    bridge, meta2 = load_bridge(str(tmp_path / "b"))
+    assert meta2 == meta and not os.path.exists(tmp_path / "b.partial")
+    for l, (mean, p_t, p_s) in fits.items():
+        torch.testing.assert_close(bridge.student[str(l)].weight, p_s, rtol=0, atol=0)
+        torch.testing.assert_close(bridge.teacher[str(l)].mean, mean, rtol=0, atol=0)
+        torch.testing.assert_close(bridge.teacher[str(l)].components, p_t, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in bridge.parameters())
+    # the stage-2 loss through it: normalised MSE of P_S h_S vs P_T (h_T - mu_T) over r = 8 dimensions
+    h_s, h_t = torch.randn(5, 16, generator=g, requires_grad=True), torch.randn(5, 24, generator=g)
+    loss, cos = oprd_loss(h_s, h_t, 'normalized_mse', bridge.student['1'], bridge.teacher['1'])
+    a, b = h_s @ fits[1][2].T, (h_t - fits[1][0]) @ fits[1][1].T
+    torch.testing.assert_close(loss, ((F.normalize(a, dim=-1) - F.normalize(b, dim=-1)) ** 2).sum() / 8)
+    torch.testing.assert_close(cos, F.cosine_similarity(a, b, dim=-1).sum().detach())
+    loss.backward()
+    assert h_s.grad is not None and bridge.student['1'].weight.grad is None
+
+
+# ----------------------------------------------------------------------------- stage 1 and stage 2 end to end
+
+def test_stage1_two_ranks_one_bridge(fitted, wide_pair):
+    path, out = fitted
+    assert "bridge identical on 2 rank(s)" in out
+    meta = json.load(open(os.path.join(path, "bridge.json")))
+    assert meta["rank"] == 8 and meta["student_layers"] == [1, 2, 3] and meta["teacher_layers"] == [1, 3, 4]
+    assert meta["student"]["hidden_size"] == 64 and meta["teacher"]["hidden_size"] == 128
+    assert meta["rows"] == 600  # capped: both ranks' rows gathered, then a subset of bridge_rows
+    assert set(meta["heldout_cos"]) == {"1", "2", "3"} and all(-1 <= c <= 1 for c in meta["heldout_cos"].values())
+    assert list(meta["cos_by_rank_mean"]) == ["1", "4", "8", "16", "32", "64", "128"]
+    for l in ("1", "2", "3"):
+        assert f"layer {l} -> teacher" in out
+    bridge, _ = load_bridge(path)
+    assert bridge.student["2"].weight.shape == (8, 64) and bridge.teacher["2"].components.shape == (8, 128)
+
+
+def test_stage2_two_ranks_through_the_frozen_bridge(fitted, wide_pair, tmp_path):
+    path, _ = fitted
+    before = open(os.path.join(path, "bridge.safetensors"), "rb").read()
+    out = tmp_path / "out"
+    # greedy rollouts of the same 6 prompts each step, so the loss follows the update
+    p = run(TORCHRUN + ["distill.py"] + args(wide_pair, out, path, method="oprd_bridge", prompts=FIXTURE,
+                                             prompts_per_step=6, temperature=0.0, max_steps=4, positions="last_k",
+                                             k_positions=6))
+    assert "through the frozen bridge" in p.stdout
+    rows = log(out)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert {f"cos/{l}" for l in (1, 2, 3)} <= set(rows[0])
+    ck = os.path.join(out, "step_0000004")
+    assert load_hf(ck).config.hidden_size == 64
+    assert torch.load(os.path.join(ck, "resume.pt"), weights_only=False)["projector"] is None
+    assert open(os.path.join(path, "bridge.safetensors"), "rb").read() == before
+
+
+# ----------------------------------------------------------------------------- errors, before any work
+
+def test_clear_errors(fitted, wide_pair, tmp_path):
+    path, _ = fitted
+    teacher, student = wide_pair
+    other_layers = str(tmp_path / "other_layers")
+    shutil.copytree(path, other_layers)
+    meta = json.load(open(os.path.join(other_layers, "bridge.json")))
+    meta.update(student_layers=[1, 3], teacher_layers=[1, 4])
+    json.dump(meta, open(os.path.join(other_layers, "bridge.json"), "w"))
+    cases = [
+        (dict(method="bridge_fit", bridge_rank=65), path + "_new", "bridge_rank=65 is above the width: it must be 1..64"),
+        (dict(method="oprd_bridge"), tmp_path / "nope", "no bridge file"),
+        (dict(method="oprd_bridge"), other_layers, "it has no map for [(2, 3)]"),
+        (dict(method="oprd_bridge", teacher=student), path, "was fit for the teacher"),
+        (dict(method="oprd"), path, "set projector=True, or fit a bridge (method=bridge_fit) and use method=oprd_bridge"),
+    ]
+    for change, bridge, message in cases:
+        out = tmp_path / "out"
+        p = run([sys.executable, "distill.py"] + args(wide_pair, out, bridge, **change), ok=False)
+        err = p.stderr.strip().splitlines()
+        assert p.returncode != 0 and len(err) == 1 and message in err[0], (change, p.stderr[-2000:])
+        assert not os.path.exists(os.path.join(out, "log.jsonl"))
