@@ -27,7 +27,10 @@ eval_backend = 'auto'
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # the tiny Qwen3-architecture models: head_dim 32 so that vLLM's CPU attention serves them
 SHAPES = {'student': dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                          intermediate_size=384)}
+                          intermediate_size=384),
+          # the smaller student of another width and depth, for the projector and Bridge paths
+          'small': dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                        intermediate_size=192)}
 
 
 def sh(args, log=None):
@@ -65,7 +68,7 @@ def make_init(path, seed=0, **shape):
 
 
 def make_pair():
-    """Teacher and student from one SFT run: the checkpoint at step 500 is the student, at 1500 the teacher."""
+    """Teacher and student from one SFT run: the checkpoint at step 400 is the student, at 1000 the teacher."""
     w = work_dir
     if all(os.path.isfile(os.path.join(w, m, 'config.json')) for m in ('teacher', 'student')):
         return
@@ -73,10 +76,27 @@ def make_pair():
     make_init(init, **SHAPES['student'])
     sft = os.path.join(w, 'sft')
     sh(['distill.py', 'config/tiny_sft.py', f'--student={init}', f'--out_dir={sft}'], os.path.join(w, 'sft.log'))
-    for name, step in (('student', 500), ('teacher', 1500)):
-        shutil.rmtree(os.path.join(w, name), ignore_errors=True)
-        shutil.copytree(os.path.join(sft, f'step_{step:07d}'), os.path.join(w, name),
-                        ignore=shutil.ignore_patterns('resume.pt'))
+    for name, step in (('student', 400), ('teacher', 1000)):
+        keep(os.path.join(sft, f'step_{step:07d}'), os.path.join(w, name))
+
+
+def make_small():
+    """The smaller student (another width and depth): its own SFT run, 400 steps."""
+    w = work_dir
+    if os.path.isfile(os.path.join(w, 'small', 'config.json')):
+        return
+    init = os.path.join(w, 'init_small')
+    make_init(init, seed=1, **SHAPES['small'])
+    sft = os.path.join(w, 'sft_small')
+    sh(['distill.py', 'config/tiny_sft.py', f'--student={init}', f'--out_dir={sft}', '--max_steps=400'],
+       os.path.join(w, 'sft_small.log'))
+    keep(os.path.join(sft, 'step_0000400'), os.path.join(w, 'small'))
+
+
+def keep(ckpt, dst):
+    """A checkpoint of distill.py as a plain model folder (without its resume state)."""
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(ckpt, dst, ignore=shutil.ignore_patterns('resume.pt'))
 
 
 def accuracy(ckpt, name):
@@ -89,11 +109,11 @@ def accuracy(ckpt, name):
         return json.load(f)['tiny']['avg@1']
 
 
-def distill_run(method, seed, name):
+def distill_run(method, seed, name, student='student', *extra):
     out = os.path.join(work_dir, 'runs', name)
     shutil.rmtree(out, ignore_errors=True)
     sh(['distill.py', 'config/tiny.py', f'--method={method}', f'--seed={seed}', f'--out_dir={out}',
-        f'--student={work_dir}/student', f'--teacher={work_dir}/teacher', f'--max_steps={distill_steps}'],
+        f'--student={work_dir}/{student}', f'--teacher={work_dir}/teacher', f'--max_steps={distill_steps}', *extra],
        os.path.join(work_dir, f'{name}.log'))
     from eval import checkpoints_in
     return checkpoints_in(out)[-1]
@@ -114,17 +134,31 @@ def quick_start():
 
 
 def small_scale_table():
+    """Every method from the same student with the same step budget, `seeds` seeds each, greedy accuracy."""
     make_pair()
-    before = accuracy(f'{work_dir}/student', 'student')
+    make_small()
     teacher = accuracy(f'{work_dir}/teacher', 'teacher')
     rows = []
-    for method in methods.split(','):
-        accs = [accuracy(distill_run(method, s, f'{method}_seed{s}'), f'{method}_seed{s}') for s in range(seeds)]
-        mean, sd = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
-        rows.append((method, mean, sd, (mean - before) / max(teacher - before, 1e-9)))
-    lines = [f"| method | accuracy (%, mean ± sd over {seeds} seeds) | gap closed |", "|---|---|---|",
-             f"| student (before) | {100 * before:.1f} | 0% |", f"| teacher | {100 * teacher:.1f} | 100% |"]
-    lines += [f"| {m} | {100 * a:.1f} ± {100 * s:.1f} | {100 * g:.0f}% |" for m, a, s, g in rows]
+    # (student, label, method, extra distill.py arguments)
+    runs = [('student', m, m, ()) for m in methods.split(',')]
+    runs += [('small', 'opd (sampled-token)', 'opd', ()), ('small', 'oprd + projector', 'oprd', ('--projector=True',))]
+    for student in ('student', 'small'):
+        base = accuracy(f'{work_dir}/{student}', student)
+        rows.append((student, f'{student} (before)', base, 0.0, 0.0))
+        for who, label, method, extra in runs:
+            if who != student:
+                continue
+            names = [f"{student}_{method}_seed{s}" for s in range(seeds)]
+            accs = [accuracy(distill_run(method, s, n, student, *extra), n) for s, n in zip(range(seeds), names)]
+            mean, sd = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
+            rows.append((student, label, mean, sd, (mean - base) / max(teacher - base, 1e-9)))
+    shape = {k: f"{v['num_hidden_layers']} layers, d={v['hidden_size']}" for k, v in SHAPES.items()}
+    lines = [f"Teacher ({shape['student']}): {100 * teacher:.1f}%. Greedy accuracy on 256 held-out problems after "
+             f"{distill_steps} steps, mean ± sd over {seeds} seeds; gap closed = (after − before) / "
+             f"(teacher − before).", "",
+             "| student | method | accuracy (%) | gap closed |", "|---|---|---|---|"]
+    for student, label, mean, sd, gap in rows:
+        lines.append(f"| {student} ({shape[student]}) | {label} | {100 * mean:.1f} ± {100 * sd:.1f} | {100 * gap:.0f}% |")
     text = '\n'.join(lines)
     print(text)
     with open(os.path.join(work_dir, 'table.md'), 'w') as f:

@@ -1,5 +1,5 @@
 # Supervised training on the tiny task's worked solutions: how tiny.py makes the teacher and the student
-# (checkpoints at steps 500 and 1500 of one run; the paper's pair is likewise one architecture, the teacher
+# (checkpoints at steps 400 and 1000 of one run; the paper's pair is likewise one architecture, the teacher
 # further along).  $ python distill.py config/tiny_sft.py --student=tiny/init
 out_dir = 'tiny/sft'
 method = 'sft'
@@ -7,10 +7,10 @@ prompts = 'tiny_train'
 max_prompt_len = 64
 prompts_per_step = 64
 micro_batch_size = 64
-max_steps = 1500
+max_steps = 1000
 lr = 3e-3
 min_lr = 3e-4
 warmup_frac = 0.03
 weight_decay = 0.0
-save_every = 500
-keep_checkpoints = 3
+save_every = 200
+keep_checkpoints = 5

@@ -1,6 +1,7 @@
 """distill.py end to end: every method under torchrun (2 ranks, gloo), checkpoints, resume, errors."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -53,7 +54,8 @@ def load_hf(path):
 @pytest.mark.parametrize("method", ["oprd", "opd", "opd_topk", "opd_full", "opd+oprd", "opd_topk+oprd"])
 def test_each_method_two_ranks_torch_backend(pair, tmp_path, method):
     out = tmp_path / "out"
-    p = run(TORCHRUN + ["distill.py"] + base_args(pair, out, method=method, topk=4))
+    extra = {"oprd": dict(teacher_fsdp=True), "opd_full": dict(activation_checkpointing=True)}.get(method, {})
+    p = run(TORCHRUN + ["distill.py"] + base_args(pair, out, method=method, topk=4, **extra))
     rows = log(out)
     assert [r["step"] for r in rows] == [0, 1]
     for r in rows:
@@ -194,3 +196,28 @@ def test_width_mismatch_and_tokenizer_mismatch(pair, tmp_path):
         json.dump(vocab, f)
     p = run([sys.executable, "distill.py"] + base_args((other, student), tmp_path / "o3"), ok=False)
     assert p.returncode != 0 and "tokenize differently" in p.stderr
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(pair, tmp_path, monkeypatch, capsys):
+    """A NaN loss skips the step (weights unchanged); max_bad_steps of them in a row end the run."""
+    import distill
+    real = distill.micro_batch_loss
+    calls = {"n": 0}
+
+    def nan_after_first_step(*a, **kw):
+        loss, stats = real(*a, **kw)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] > 1 else loss), stats  # step 0 fine, then NaN
+
+    monkeypatch.setattr(distill, "micro_batch_loss", nan_after_first_step)
+    out = tmp_path / "o"
+    monkeypatch.setattr(sys, "argv", ["distill.py"] + base_args(pair, out, method="oprd", max_steps=10,
+                                                                micro_batch_size=8, max_bad_steps=3))
+    with pytest.raises(SystemExit) as e:
+        distill.main()
+    assert e.value.code == 1
+    text = capsys.readouterr()
+    assert text.out.count("step skipped") == 3 and "3 non-finite steps in a row: stopping" in text.err
+    rows = log(out)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert math.isfinite(rows[0]["loss"]) and not any(math.isfinite(r["loss"]) for r in rows[1:])
