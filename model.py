@@ -130,7 +130,8 @@ class Attention(nn.Module):
         if cache is not None:  # write this chunk's keys/values into the preallocated cache, attend over all
             k, v = cache.append(self.layer_idx, k, v)
         # grouped-query attention: each kv head serves nh/nkv query heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.nkv != self.nh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))
 
 
@@ -235,11 +236,15 @@ class Transformer(nn.Module):
         else:
             keys_valid, S, offset = attention_mask, T, 0
         pos = pos.clamp(min=0)
-        # (B, 1, T, S) boolean mask: causal and not padding; a padded query attends to itself so no row is all -inf
-        qi = torch.arange(T, device=idx.device)[:, None] + offset
-        kj = torch.arange(S, device=idx.device)[None, :]
-        mask = (kj <= qi)[None] & keys_valid[:, None, :]
-        mask = (mask | (kj == qi)[None])[:, None]
+        if cache is None and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+            # no left padding (training batches are right-padded): plain causal attention is exact for every
+            # real token, and without an explicit mask SDPA can use its flash kernels (no T x T matrix at 16k)
+            mask = None
+        else:  # (B, 1, T, S): causal and not padding; a padded query attends to itself so no row is all -inf
+            qi = torch.arange(T, device=idx.device)[:, None] + offset
+            kj = torch.arange(S, device=idx.device)[None, :]
+            mask = (kj <= qi)[None] & keys_valid[:, None, :]
+            mask = (mask | (kj == qi)[None])[:, None]
 
         x = self.model.embed_tokens(idx)
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
