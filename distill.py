@@ -353,7 +353,8 @@ def sweep_ranks(k):
 
 def cos_by_rank(x_val, yc_val, w, components, ranks):
     """Held-out cosine of the bridge at each rank with the least-squares P_S (w from lstsq_map): one map serves
-    every rank, the coordinates in the PCA basis (components (k, d_T)) truncated to the first r."""
+    every rank, the coordinates in the PCA basis (components (k, d_T)) truncated to the first r. (At r = 1 the
+    cosine is +-1 per row: the rate of sign agreement.)"""
     pred, target = x_val.double() @ w @ components.T, yc_val.double() @ components.T  # (n_val, k)
     return {r: mean_cos(pred[:, :r], target[:, :r]) for r in ranks}
 
@@ -439,7 +440,7 @@ def load_bridge(path):
         sd = load_file(files[0])
         bridge = Bridge({l: (sd[f'teacher.{l}.mean'], sd[f'teacher.{l}.components'], sd[f'student.{l}.weight'])
                          for l in meta['student_layers']})
-    except (KeyError, json.JSONDecodeError, OSError) as e:
+    except Exception as e:  # a missing key or tensor, bad JSON, a truncated safetensors file
         raise DistillError(f"corrupt bridge in {path!r}: {type(e).__name__} {e}") from None
     return bridge, meta
 
@@ -447,8 +448,8 @@ def load_bridge(path):
 def check_bridge(meta, path, plan, stu_cfg, tea_cfg):
     """The bridge must have been fit for these two models and cover every aligned layer with the same phi."""
     for side, cfg in (('student', stu_cfg), ('teacher', tea_cfg)):
-        if meta[side] != arch(cfg):
-            raise DistillError(f"bridge {path!r} was fit for the {side} {meta[side]}, not this run's {side} "
+        if meta.get(side) != arch(cfg):
+            raise DistillError(f"bridge {path!r} was fit for the {side} {meta.get(side)}, not this run's {side} "
                                f"{arch(cfg)}: refit it with method=bridge_fit")
     fit = dict(zip(meta['student_layers'], meta['teacher_layers']))
     bad = [(ls, lt) for ls, lt in zip(plan.s_layers, plan.t_layers) if fit.get(ls) != lt]
@@ -660,8 +661,9 @@ def run(cfg):
     if not data:
         raise DistillError(f"no prompt of {prompts!r} fits max_prompt_len={max_prompt_len}")
 
-    if method == 'bridge_fit':  # OPRD-Bridge stage 1: both models frozen, no optimizer, no FSDP
-        return fit_bridge(stu, tea, tok, data, plan, rank, world, device, student_path, teacher_path)
+    if method == 'bridge_fit':  # OPRD-Bridge stage 1: both models frozen and replicated, no optimizer
+        return fit_bridge(stu.to(compute_dtype), tea, tok, data, plan, rank, world, device, student_path,
+                          teacher_path)
 
     # ---- the student under FSDP2, optimizer, sampler
     stu.activation_checkpointing = activation_checkpointing
@@ -771,8 +773,6 @@ def run(cfg):
             if master:
                 print(f"step {step}: non-finite loss {loss_total} or grad norm {grad_norm}: step skipped "
                       f"({bad_steps} in a row)")
-            if bad_steps >= max_bad_steps:
-                raise DistillError(f"{bad_steps} non-finite steps in a row: stopping")
         else:
             bad_steps = 0
             opt.step()
@@ -815,6 +815,10 @@ def run(cfg):
                 if wandb_log:
                     wandb.log(rec, step=step)
 
+        if bad_steps >= max_bad_steps:  # after the step's log line, so the log shows why the run stopped
+            if sampler is not None:
+                sampler.close()
+            raise DistillError(f"{bad_steps} non-finite steps in a row: stopping")
         if (step + 1) % save_every == 0 or step == max_steps - 1:
             save_checkpoint(raw_stu, stu, opt, proj, step + 1, cfg)
         if stop_step and step + 1 >= stop_step:
@@ -897,8 +901,8 @@ def fit_bridge(stu, tea, tok, data, plan, rank, world, device, student_path, tea
     mean_by_rank = {str(r): sum(by_rank[str(l)][str(r)] for l in plan.s_layers) / len(plan.s_layers) for r in ranks}
     meta = {'rank': bridge_rank, 'student_layers': plan.s_layers, 'teacher_layers': plan.t_layers,
             'student': arch(stu.config), 'teacher': arch(tea.config), 'student_path': student_path,
-            'teacher_path': teacher_path, 'rows': int(min(n_rows, bridge_rows)), 'holdout': 0.1,
-            'positions': positions, 'k_positions': k_positions, 'align': align, 'lr': bridge_lr,
+            'teacher_path': teacher_path, 'rows_collected': int(n_rows), 'rows': int(min(n_rows, bridge_rows)),
+            'holdout': 0.1, 'positions': positions, 'k_positions': k_positions, 'align': align, 'lr': bridge_lr,
             'epochs': bridge_epochs, 'batch_size': bridge_batch_size, 'init': bridge_init, 'seed': seed,
             'heldout_cos': heldout, 'cos_by_rank': by_rank, 'cos_by_rank_mean': mean_by_rank}
     if rank == 0:
