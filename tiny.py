@@ -22,6 +22,7 @@ methods = 'oprd,opd,opd_topk,opd_full,opd+oprd'
 seeds = 3
 distill_steps = 60            # equal step budget for every method
 eval_backend = 'auto'
+table_backend = 'torch'       # the table's many short runs: the torch sampler, no engine start per run
 # -----------------------------------------------------------------------------
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -99,24 +100,33 @@ def keep(ckpt, dst):
     shutil.copytree(ckpt, dst, ignore=shutil.ignore_patterns('resume.pt'))
 
 
-def accuracy(ckpt, name):
+def accuracy(ckpt, name, backend=None):
     """Greedy accuracy on the held-out tiny benchmark (256 problems), through eval.py."""
     out = os.path.join(work_dir, 'eval', name)
     sh(['eval.py', f'--ckpt={ckpt}', '--benchmarks=tiny', '--n_samples=1', '--temperature=0.0', '--top_p=1.0',
-        '--max_new_tokens=64', '--max_prompt_tokens=64', f'--backend={eval_backend}', f'--out={out}'],
+        '--max_new_tokens=64', '--max_prompt_tokens=64', f'--backend={backend or eval_backend}', f'--out={out}'],
        os.path.join(work_dir, f'eval_{name}.log'))
     with open(os.path.join(out, 'summary.json')) as f:
         return json.load(f)['tiny']['avg@1']
 
 
-def distill_run(method, seed, name, student='student', *extra):
+def distill_run(method, seed, name, student='student', *extra, config='config/tiny.py'):
     out = os.path.join(work_dir, 'runs', name)
     shutil.rmtree(out, ignore_errors=True)
-    sh(['distill.py', 'config/tiny.py', f'--method={method}', f'--seed={seed}', f'--out_dir={out}',
+    sh(['distill.py', config, f'--method={method}', f'--seed={seed}', f'--out_dir={out}',
         f'--student={work_dir}/{student}', f'--teacher={work_dir}/teacher', f'--max_steps={distill_steps}', *extra],
        os.path.join(work_dir, f'{name}.log'))
     from eval import checkpoints_in
     return checkpoints_in(out)[-1]
+
+
+def bridge_run(seed, name):
+    """OPRD-Bridge on the smaller student: stage 1 fits a rank-8 bridge from its rollouts, stage 2 distils."""
+    bridge = os.path.join(work_dir, 'bridges', name)
+    args = ('--bridge_path=' + bridge, f'--backend={table_backend}')
+    sh(['distill.py', 'config/tiny_bridge.py', '--method=bridge_fit', f'--seed={seed}', f'--student={work_dir}/small',
+        f'--teacher={work_dir}/teacher', *args], os.path.join(work_dir, f'{name}_fit.log'))
+    return distill_run('oprd_bridge', seed, name, 'small', *args, config='config/tiny_bridge.py')
 
 
 def quick_start():
@@ -137,19 +147,26 @@ def small_scale_table():
     """Every method from the same student with the same step budget, `seeds` seeds each, greedy accuracy."""
     make_pair()
     make_small()
-    teacher = accuracy(f'{work_dir}/teacher', 'teacher')
+    teacher = accuracy(f'{work_dir}/teacher', 'teacher', table_backend)
     rows = []
     # (student, label, method, extra distill.py arguments)
-    runs = [('student', m, m, ()) for m in methods.split(',')]
-    runs += [('small', 'opd (sampled-token)', 'opd', ()), ('small', 'oprd + projector', 'oprd', ('--projector=True',))]
+    backend = (f'--backend={table_backend}',)
+    runs = [('student', m, m, backend) for m in methods.split(',')]
+    runs += [('small', 'opd (sampled-token)', 'opd', backend),
+             ('small', 'oprd + projector', 'oprd', backend + ('--projector=True',)),
+             ('small', 'oprd_bridge (r = 8)', 'oprd_bridge', None)]
     for student in ('student', 'small'):
-        base = accuracy(f'{work_dir}/{student}', student)
+        base = accuracy(f'{work_dir}/{student}', student, table_backend)
         rows.append((student, f'{student} (before)', base, 0.0, 0.0))
         for who, label, method, extra in runs:
             if who != student:
                 continue
-            names = [f"{student}_{method}_seed{s}" for s in range(seeds)]
-            accs = [accuracy(distill_run(method, s, n, student, *extra), n) for s, n in zip(range(seeds), names)]
+            accs = []
+            for seed in range(seeds):
+                name = f"{student}_{method}_seed{seed}"
+                ckpt = bridge_run(seed, name) if method == 'oprd_bridge' else \
+                    distill_run(method, seed, name, student, *extra)
+                accs.append(accuracy(ckpt, name, table_backend))
             mean, sd = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
             rows.append((student, label, mean, sd, (mean - base) / max(teacher - base, 1e-9)))
     shape = {k: f"{v['num_hidden_layers']} layers, d={v['hidden_size']}" for k, v in SHAPES.items()}
