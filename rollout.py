@@ -542,8 +542,9 @@ class VLLMSampler:
                     worker_extension_cls=f"{'rollout' if __name__ == '__main__' else __name__}.WeightSyncExtension")
         if gpu_memory_utilization is not None:  # on CPU this is the share of RAM; VLLM_CPU_KVCACHE_SPACE wins
             args["gpu_memory_utilization"] = gpu_memory_utilization
-        elif on_gpu:
-            args["gpu_memory_utilization"] = 0.3  # colocated with the trainer: leave it most of the memory
+        else:  # colocated with the trainer: leave it most of the memory. On CPU, vLLM's default (0.92 of the
+            # NUMA node) refuses to start as soon as other processes hold a little memory
+            args["gpu_memory_utilization"] = 0.3 if on_gpu else 0.5
         if world > 1:
             args["distributed_executor_backend"] = "external_launcher"
         args.update(kw)
