@@ -532,7 +532,10 @@ class VLLMSampler:
         self.dp_rank, self.dp_size = rank // tensor_parallel_size, world // tensor_parallel_size
         self.sleep_mode = on_gpu if enable_sleep_mode is None else enable_sleep_mode
         with open(os.path.join(model_path, "config.json")) as f:
-            limit = json.load(f).get("max_position_embeddings")
+            hf_config = json.load(f)
+        limit = hf_config.get("max_position_embeddings")
+        if dtype == "auto" and not on_gpu:  # vLLM's CPU build would downcast an fp32 checkpoint to bf16
+            dtype = hf_config.get("dtype") or hf_config.get("torch_dtype") or "auto"
         if max_model_len and limit and max_model_len > limit:  # vLLM refuses a context beyond the model's
             max_model_len = limit
         args = dict(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
