@@ -3,6 +3,7 @@ The embedded default: OPRD end to end on a CPU in minutes, on the built-in tiny 
 
 $ python tiny.py                  # make teacher + student if absent, OPRD through vLLM rollouts, evaluate
 $ python tiny.py --table=True     # README's small-scale table: every method, equal steps, 3 seeds
+                                  # (runs already evaluated in work_dir are reused: delete it to redo them)
 
 Everything runs through the project's own scripts as subprocesses (distill.py for SFT and distillation,
 eval.py for accuracy), so what this prints is what a user of those scripts gets.
@@ -82,16 +83,15 @@ def make_pair():
 
 
 def make_small():
-    """The smaller student (another width and depth): its own SFT run, 400 steps."""
+    """The smaller student (another width and depth): its own SFT run, 1000 steps."""
     w = work_dir
     if os.path.isfile(os.path.join(w, 'small', 'config.json')):
         return
     init = os.path.join(w, 'init_small')
     make_init(init, seed=1, **SHAPES['small'])
     sft = os.path.join(w, 'sft_small')
-    sh(['distill.py', 'config/tiny_sft.py', f'--student={init}', f'--out_dir={sft}', '--max_steps=400'],
-       os.path.join(w, 'sft_small.log'))
-    keep(os.path.join(sft, 'step_0000400'), os.path.join(w, 'small'))
+    sh(['distill.py', 'config/tiny_sft.py', f'--student={init}', f'--out_dir={sft}'], os.path.join(w, 'sft_small.log'))
+    keep(os.path.join(sft, 'step_0001000'), os.path.join(w, 'small'))
 
 
 def keep(ckpt, dst):
@@ -164,6 +164,11 @@ def small_scale_table():
             accs = []
             for seed in range(seeds):
                 name = f"{student}_{method}_seed{seed}"
+                done = os.path.join(work_dir, 'eval', name, 'summary.json')
+                if os.path.isfile(done):  # evaluated by an earlier (interrupted) table run: reused
+                    with open(done) as f:
+                        accs.append(json.load(f)['tiny']['avg@1'])
+                    continue
                 ckpt = bridge_run(seed, name) if method == 'oprd_bridge' else \
                     distill_run(method, seed, name, student, *extra)
                 accs.append(accuracy(ckpt, name, table_backend))
