@@ -423,5 +423,14 @@ def read_safetensors(path):
     return sd
 
 
+def checkpoints_in(out_dir):
+    """distill.py's checkpoints in out_dir, oldest first (step_NNNNNNN folders, each complete: saves are renamed
+    into place, so a half-written one never carries this name)."""
+    if not os.path.isdir(out_dir):
+        return []
+    steps = sorted(d for d in os.listdir(out_dir) if d.startswith("step_") and d[5:].isdigit())
+    return [os.path.join(out_dir, d) for d in steps]
+
+
 def num_params(model):
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
