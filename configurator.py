@@ -15,8 +15,9 @@ one key; the value is read with ast.literal_eval, else kept as the raw string, t
 default's type (int is accepted for float; a str default keeps the raw string; a list/tuple default
 also takes `1,2,3`; a None default takes anything). A bool key alone (`--compile`) means True, and takes
 a following word only if it is true/false/1/0, so `--compile config/x.py` still reads config/x.py.
-Every value applied is printed once (rank 0 only under torchrun). Any mistake is one line on stderr
-and exit status 2.
+Every value applied is printed once (rank 0 only under torchrun). Any mistake (a config file that does
+not parse or raises included) is one line on stderr and exit status 2. `-h` / `--help` prints the script's
+docstring and every key with its default and the comment beside it in the script, and exits 0.
 
 Tests and scripts that would rather not exec can import it:  from configurator import apply_config
 """
@@ -67,8 +68,30 @@ def _convert(key, val, default, raw=None):
             return val
     raise ConfigError(f"config key '{key}' expects {type(default).__name__}, got {type(val).__name__} {raw if raw is not None else val!r}")
 
-def apply_config(args, defaults, verbose=True):
-    """Apply command-line args (config files and --key overrides) to defaults; returns a new dict."""
+def print_help(source, defaults):
+    """The docstring of the script at path `source`, then each key, its default and its comment there."""
+    text = open(source).read()
+    doc = ast.get_docstring(ast.parse(text)) or ''
+    lines = text.splitlines()
+    print(doc.strip() + '\n\nsettings (config files and --key=value override them, left to right):')
+    for key, val in defaults.items():
+        at = next((i for i, l in enumerate(lines) if l.lstrip().startswith((f'{key} =', f'{key}='))), None)
+        notes = []
+        if at is not None:  # the comment on the key's line, and comment-only lines under it
+            notes.append(lines[at].partition('#')[2].strip() if '#' in lines[at] else '')
+            j = at + 1
+            while j < len(lines) and lines[j].strip().startswith('#') and lines[j].startswith(' '):
+                notes.append(lines[j].strip().lstrip('#').strip())
+                j += 1
+        print(f"  --{key}={val!r}" + ''.join(f"\n      {n}" for n in notes if n))
+
+
+def apply_config(args, defaults, verbose=True, help_source=None):
+    """Apply command-line args (config files and --key overrides) to defaults; returns a new dict.
+    help_source: the script's path, for -h / --help (which prints and exits 0)."""
+    if help_source and any(a in ('-h', '--help') for a in args):
+        print_help(help_source, defaults)
+        sys.exit(0)
     cfg = dict(defaults)
     show = verbose and int(os.environ.get('RANK', 0)) == 0
     def put(key, val, src=''):
@@ -82,13 +105,19 @@ def apply_config(args, defaults, verbose=True):
             if not os.path.isfile(arg):
                 raise ConfigError(f"config file not found: {arg}")
             ns = dict(cfg)
-            with open(arg) as f:
-                exec(compile(f.read(), arg, 'exec'), ns)
+            try:
+                with open(arg) as f:
+                    exec(compile(f.read(), arg, 'exec'), ns)
+            except Exception as e:  # a syntax error, or the file raised: one line, as for any other mistake
+                where = f" (line {e.lineno})" if isinstance(e, SyntaxError) else ''
+                raise ConfigError(f"{arg}{where}: {type(e).__name__}: {e.msg if isinstance(e, SyntaxError) else e}") \
+                    from None
             for k, v in ns.items():
                 if k.startswith('_') or callable(v) or type(v) is type(os):
                     continue  # helpers and imports a config file may use, not settings
                 if k not in cfg:
-                    raise ConfigError(f"{arg}: {_unknown(k, cfg)}")
+                    raise ConfigError(f"{arg}: {_unknown(k, cfg)} (a helper variable in a config file must start "
+                                      "with '_')")
                 if v is not cfg[k]:
                     put(k, _convert(k, v, cfg[k]), f" from {arg}")
             continue

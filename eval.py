@@ -17,7 +17,8 @@ import re
 import threading
 from collections import Counter, defaultdict
 from fractions import Fraction
-from pathlib import Path
+
+from data import DataError, build_prompt, encode_prompt, load_problems  # noqa: F401  (eval.load_problems, ...)
 
 # -----------------------------------------------------------------------------
 # default config values, overridden by a config file or --key=value on the command line
@@ -36,142 +37,9 @@ out = ''                      # output folder for summary.json and samples.jsonl
 limit = 0                     # >0: only the first `limit` problems of each benchmark
 batch_problems = 32           # problems per generate() call (the progress bar's unit)
 max_prompt_tokens = 2048      # the engine's context is this plus max_new_tokens
+device = 'auto'               # auto (cuda if there is one) | cpu | cuda: the torch sampler's device and NCCL/gloo
+gpu_memory_utilization = 0.9  # vLLM's share of the GPU: eval.py runs alone (distill.py's engine gets 0.3)
 # -----------------------------------------------------------------------------
-
-INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-
-def build_prompt(problem):
-    """The user message: the problem, then the paper's instruction on its own line.
-
-    A problem dict with its own 'prompt' (the built-in tiny task: short prompts for tiny models) uses that."""
-    if isinstance(problem, dict):
-        return problem.get('prompt') or build_prompt(problem['problem'])
-    return problem.strip() + "\n" + INSTRUCTION
-
-# -----------------------------------------------------------------------------
-# data: every benchmark becomes a list of {'id', 'problem', 'answer'}, all str
-
-# The built-in tiny task: chains of 2-digit additions and subtractions with a worked solution, e.g.
-#   problem "37+48-29"  solution "37+48=85\n85-29=56\n\boxed{56}"  answer "56"
-# generated deterministically; an expression belongs to the held-out split by a hash of its text, so the two
-# splits never share a problem. 'tiny_train' has solutions (for sft) and 'tiny' is the held-out benchmark.
-
-def tiny_problems(split, n, seed=0):
-    import hashlib
-    import random
-    rng = random.Random(f"tiny-{split}-{seed}")
-    out, seen = [], set()
-    while len(out) < n:
-        steps = rng.choice((2, 3))
-        value = rng.randint(10, 99)
-        expr, lines = str(value), []
-        for _ in range(steps):
-            b = rng.randint(10, 99)
-            op = '-' if value - b >= 0 and rng.random() < 0.5 else '+'
-            new = value + b if op == '+' else value - b
-            lines.append(f"{value}{op}{b}={new}")
-            expr, value = f"{expr}{op}{b}", new
-        held_out = int(hashlib.sha256(expr.encode()).hexdigest(), 16) % 10 == 0
-        if held_out != (split == 'test') or expr in seen:
-            continue
-        seen.add(expr)
-        out.append({'id': f"{split}-{len(out)}", 'problem': expr, 'prompt': f"{expr}=?", 'answer': str(value),
-                    'solution': "\n".join(lines) + f"\n\\boxed{{{value}}}"})
-    return out
-
-BENCHMARKS = {'aime24': 'HuggingFaceH4/aime_2024', 'aime25': 'MathArena/aime_2025',
-              'aimo': 'AI-MO/aimo-validation-amc', 'dapo17k': 'BytedTsinghua-SIA/DAPO-Math-17k'}
-# name -> callable returning the list of problems (synthetic tasks); consulted first
-BUILTIN = {'tiny': lambda: tiny_problems('test', 256), 'tiny_train': lambda: tiny_problems('train', 50_000)}
-
-class DataError(ValueError):
-    pass
-
-def _num_str(x):
-    """A JSON/hub number as an answer string: 142.0 -> '142'."""
-    return str(int(x)) if float(x).is_integer() else str(x)
-
-def read_jsonl(path):
-    """One problem per line: 'problem' (or 'question'), 'answer' (str or number), optional 'id'."""
-    rows, seen = [], set()
-    with open(path, encoding='utf-8') as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            problem = obj.get('problem', obj.get('question'))
-            answer = obj.get('answer')
-            if not isinstance(problem, str) or not problem.strip():
-                raise DataError(f"{where}: needs a non-empty string field 'problem' (or 'question')")
-            if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-                answer = _num_str(answer)
-            if not isinstance(answer, str) or not answer.strip():
-                raise DataError(f"{where}: needs a field 'answer' (a string or a number)")
-            pid = str(obj.get('id', len(rows)))  # no id: the row's index
-            if pid in seen:
-                raise DataError(f"{where}: duplicate id {pid!r}")
-            seen.add(pid)
-            rows.append({'id': pid, 'problem': problem, 'answer': answer.strip()})
-    return rows
-
-def _strip_dapo_wrapper(text):
-    # upstream prompt: "Solve the following math problem step by step. The last line ... "Answer:" ...\n\n
-    # <problem>\n\nRemember to put your answer on its own line after "Answer:"." -> keep <problem>
-    parts = text.split('\n\n')
-    if len(parts) >= 3 and parts[0].startswith('Solve the following') and parts[-1].startswith('Remember'):
-        return '\n\n'.join(parts[1:-1]).strip()
-    return text.strip()
-
-def _load_hub(name):
-    """Map each hub dataset's columns to id/problem/answer, ids as in shared/bench (e.g. '2024-I-1')."""
-    import datasets  # lazy: only needed online
-    ds = datasets.load_dataset(BENCHMARKS[name], split='train')
-    rows, seen = [], set()
-    for i, r in enumerate(ds):
-        if name == 'dapo17k':  # the file repeats its ~17.9k prompts 100x; keep the first copy of each index
-            key = (r.get('extra_info') or {}).get('index') or r['prompt'][-1]['content']
-            if key in seen:
-                continue
-            seen.add(key)
-            rows.append({'id': str(len(rows)), 'problem': _strip_dapo_wrapper(r['prompt'][-1]['content']),
-                         'answer': str(r['reward_model']['ground_truth']).strip()})
-            continue
-        if name == 'aime25':  # problem_idx 1..15 is AIME I, 16..30 is AIME II
-            k = int(r['problem_idx'])
-            pid = f"2025-I-{k}" if k <= 15 else f"2025-II-{k - 15}"
-        else:  # aime24, aimo: the AoPS url names the contest, e.g. .../2022_AMC_12A_Problems/Problem_1
-            m = re.search(r'(\d{4})_(?:AIME|AMC)_(\w+?)_Problems/Problem_(\d+)', r.get('url') or '')
-            pid = f"{m[1]}-{m[2]}-{m[3]}" if m else str(r.get('id', i))
-        a = r['answer']
-        rows.append({'id': pid, 'problem': r['problem'], 'answer': a.strip() if isinstance(a, str) else _num_str(a)})
-    return rows
-
-def load_problems(name_or_path, data_dir=None):
-    """Problems of a benchmark: BUILTIN, a .jsonl path, <data_dir>/<name>.jsonl, then the hub (if online)."""
-    name = str(name_or_path)
-    if name in BUILTIN:
-        return BUILTIN[name]()
-    if name.endswith('.jsonl'):
-        if not Path(name).is_file():
-            raise FileNotFoundError(f"no such file: {name}")
-        return read_jsonl(name)
-    data_dir = data_dir or os.environ.get('OPRD_DATA_DIR')
-    if data_dir and (Path(data_dir) / f"{name}.jsonl").is_file():
-        return read_jsonl(Path(data_dir) / f"{name}.jsonl")
-    if name not in BENCHMARKS:
-        known = sorted(BENCHMARKS) + sorted(BUILTIN)
-        raise ValueError(f"unknown benchmark {name!r}: not a .jsonl file, not in data_dir={data_dir!r}, "
-                         f"and not one of {', '.join(known)}")
-    if os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on'):
-        raise FileNotFoundError(f"benchmark {name!r} ({BENCHMARKS[name]}) is not available offline: pass "
-                                f"--data_dir=<folder with {name}.jsonl> (e.g. shared/bench) or set OPRD_DATA_DIR")
-    return _load_hub(name)
 
 # -----------------------------------------------------------------------------
 # grading: pure string work, plus sympy on a whitelisted string; model text is never eval'd or exec'd
@@ -384,19 +252,33 @@ def write_outputs(out_dir, summaries, records):
 
 # -----------------------------------------------------------------------------
 
-def checkpoints_in(out):
-    """distill.py's checkpoints in out (step_NNNNNNN folders, each complete: saves are renamed into place)."""
-    if not os.path.isdir(out):
-        return []
-    steps = sorted(d for d in os.listdir(out) if d.startswith('step_') and d[5:].isdigit())
-    return [os.path.join(out, d) for d in steps]
-
 def resolve_ckpt(path):
     """An HF checkpoint folder as is; distill.py's out_dir -> its newest checkpoint; else as given (hub id)."""
+    from model import checkpoints_in  # lazy: the top half of this file imports without torch
     if os.path.isfile(os.path.join(path, 'config.json')):
         return path
     found = checkpoints_in(path)
     return found[-1] if found else path
+
+def check_settings():
+    """Every setting's range and every input, before a model loads or a folder is made: one ValueError."""
+    rules = [('n_samples', n_samples >= 1, '>= 1'), ('max_new_tokens', max_new_tokens >= 1, '>= 1'),
+             ('batch_problems', batch_problems >= 1, '>= 1'), ('max_prompt_tokens', max_prompt_tokens >= 1, '>= 1'),
+             ('limit', limit >= 0, '>= 0 (0 = all)'), ('temperature', temperature >= 0, '>= 0'),
+             ('top_p', 0 < top_p <= 1, 'in (0, 1]'), ('top_k', top_k == -1 or top_k >= 1, '-1 (off) or >= 1'),
+             ('backend', backend in ('auto', 'vllm', 'torch'), 'auto, vllm or torch'),
+             ('device', device in ('auto', 'cpu', 'cuda'), 'auto, cpu or cuda'),
+             ('gpu_memory_utilization', 0 < gpu_memory_utilization <= 1, 'in (0, 1]'),
+             ('benchmarks', any(b.strip() for b in benchmarks.split(',')), 'at least one benchmark name')]
+    for key, ok, want in rules:
+        if not ok:
+            raise ValueError(f"{key}={globals()[key]!r}: must be {want}")
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out={out!r} is a file: --out names a folder (for summary.json and samples.jsonl)")
+    if device == 'cuda':
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' but torch sees no GPU: use device=cpu (or auto)")
 
 def main():
     import sys
@@ -405,11 +287,13 @@ def main():
             and isinstance(v, (int, float, bool, str, list, tuple, type(None)))]
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     try:
-        globals().update(apply_config(sys.argv[1:], {k: globals()[k] for k in keys}, verbose=rank == 0))
+        globals().update(apply_config(sys.argv[1:], {k: globals()[k] for k in keys}, verbose=rank == 0,
+                                      help_source=__file__))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     try:
+        check_settings()
         evaluate(rank, world)
     except (DataError, ValueError, OSError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
@@ -421,18 +305,22 @@ def evaluate(rank, world):
     from tqdm import tqdm
     import rollout
     from model import CheckpointError, resolve_checkpoint
+    on_gpu = device == 'cuda' or (device == 'auto' and torch.cuda.is_available())
     if world > 1:
-        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+        dist.init_process_group('nccl' if on_gpu else 'gloo')
     path = resolve_checkpoint(resolve_ckpt(ckpt))
     if not os.path.isfile(os.path.join(path, 'config.json')):
-        raise CheckpointError(f"no config.json in {path!r}: not a checkpoint folder, nor an out_dir of distill.py")
+        what = "an out_dir of distill.py with no step_* checkpoint in it" if os.path.isdir(path) else "not a folder"
+        raise CheckpointError(f"no config.json in {path!r}: {what}")
     names = [b.strip() for b in benchmarks.split(',') if b.strip()]
     sets = {name: load_problems(name, data_dir or None)[:limit or None] for name in names}  # errors before work
     if rank == 0:
         print(f"evaluating {path} on {', '.join(names)}: {n_samples} samples per problem, temperature "
               f"{temperature}, top-p {top_p}, up to {max_new_tokens} new tokens ({world} rank(s))")
     tok = rollout.load_tokenizer(path)
-    sampler = rollout.make_sampler(backend, path, seed=seed, max_model_len=max_prompt_tokens + max_new_tokens)
+    dev = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if on_gpu else torch.device('cpu')
+    sampler = rollout.make_sampler(backend, path, seed=seed, max_model_len=max_prompt_tokens + max_new_tokens,
+                                   device=dev, gpu_memory_utilization=gpu_memory_utilization if on_gpu else None)
     summaries, all_records = {}, []
     for name, problems in sets.items():
         mine = problems[rank::world]  # problems split across ranks, results gathered on rank 0
@@ -440,7 +328,7 @@ def evaluate(rank, world):
         bar = tqdm(range(0, len(mine), batch_problems), desc=name, disable=rank != 0)
         for i in bar:
             chunk = mine[i:i + batch_problems]
-            prompts = [tok.chat(build_prompt(p), enable_thinking=enable_thinking) for p in chunk]
+            prompts = [encode_prompt(p, tok, enable_thinking) for p in chunk]
             samples = sampler.generate(prompts, n=n_samples, temperature=temperature, top_p=top_p, top_k=top_k,
                                        max_new_tokens=max_new_tokens, stop_ids=tok.eos_ids,
                                        seed=seed + 7919 * (rank + world * i))

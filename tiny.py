@@ -116,7 +116,7 @@ def distill_run(method, seed, name, student='student', *extra, config='config/ti
     sh(['distill.py', config, f'--method={method}', f'--seed={seed}', f'--out_dir={out}',
         f'--student={work_dir}/{student}', f'--teacher={work_dir}/teacher', f'--max_steps={distill_steps}', *extra],
        os.path.join(work_dir, f'{name}.log'))
-    from eval import checkpoints_in
+    from model import checkpoints_in
     return checkpoints_in(out)[-1]
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_checkpoint
-from distill import Bridge, fit_bridge_layer, fit_projector, load_bridge, oprd_loss, pca, save_bridge
+from bridge import Bridge, fit_bridge_layer, fit_projector, load_bridge, pca, save_bridge
+from losses import oprd_loss
 from test_distill import FIXTURE, TORCHRUN, load_hf, log, run
 
 
@@ -26,7 +27,7 @@ def wide_pair(tmp_path_factory):
 def args(pair, out, bridge, **kw):
     teacher, student = pair
     a = dict(student=student, teacher=teacher, out_dir=str(out), bridge_path=str(bridge), prompts="tiny_train",
-             backend="torch", prompts_per_step=8, n_samples=2, max_new_tokens=16, max_prompt_len=256,
+             backend="torch", device="cpu", prompts_per_step=8, n_samples=2, max_new_tokens=16, max_prompt_len=256,
              layers="all", positions="all", micro_batch_size=8, bridge_rows=600, bridge_rank=8, bridge_lr=1e-2,
              distance="normalized_mse", max_steps=2, lr=1e-3, warmup_frac=0.0, save_every=100, seed=0)
     a.update(kw)

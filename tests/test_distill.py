@@ -25,7 +25,7 @@ def pair(tmp_path_factory):
 
 def base_args(pair, out, **kw):
     teacher, student = pair
-    args = dict(student=student, teacher=teacher, out_dir=str(out), prompts=FIXTURE, backend="torch",
+    args = dict(student=student, teacher=teacher, out_dir=str(out), prompts=FIXTURE, backend="torch", device="cpu",
                 prompts_per_step=4, n_samples=2, max_new_tokens=8, max_prompt_len=256, layers="all",
                 positions="last_k", k_positions=4, max_steps=2, micro_batch_size=3, lr=1e-3, warmup_frac=0.0,
                 save_every=100, seed=0)
@@ -120,7 +120,7 @@ def test_kill_during_saves_leaves_a_loadable_checkpoint(pair, tmp_path):
     cmd = [sys.executable, "distill.py"] + base_args(pair, out, method="oprd", max_steps=50, save_every=1,
                                                      keep_checkpoints=2)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    from eval import checkpoints_in
+    from model import checkpoints_in
     deadline = time.time() + 240
     while len(checkpoints_in(out)) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)

@@ -12,6 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import data  # noqa: E402
 import eval as ev  # noqa: E402  (the repo's eval.py, not the builtin)
 
 FIXTURES = REPO / 'tests' / 'fixtures'
@@ -255,14 +256,14 @@ def test_write_outputs(tmp_path):
 
 
 def test_prompt():
-    p = ev.build_prompt('What is 1+1?')
+    p = data.build_prompt('What is 1+1?')
     assert p == 'What is 1+1?\nPlease reason step by step, and put your final answer within \\boxed{}.'
 
 # -----------------------------------------------------------------------------
 # data loading
 
 def test_fixture_loads():
-    rows = ev.load_problems(str(FIXTURES / 'mini_bench.jsonl'))
+    rows = data.load_problems(str(FIXTURES / 'mini_bench.jsonl'))
     assert [r['id'] for r in rows] == ['m-1', 'm-2', 'm-3', '3', 'm-5']  # blank line skipped; no id -> index
     assert rows[1] == {'id': 'm-2', 'problem': 'Compute $2^{10}$.', 'answer': '1024'}  # 'question', int answer
     assert all(isinstance(v, str) for r in rows for v in r.values())
@@ -280,44 +281,44 @@ def test_fixture_loads():
 def test_malformed_lines(tmp_path, lines, bad_line, msg):
     f = tmp_path / 'bad.jsonl'
     f.write_text('\n'.join(lines) + '\n')
-    with pytest.raises(ev.DataError, match=msg) as e:
-        ev.load_problems(str(f))
+    with pytest.raises(data.DataError, match=msg) as e:
+        data.load_problems(str(f))
     assert str(f) in str(e.value) and f'line {bad_line}' in str(e.value)
 
 
 def test_unknown_name_lists_known():
     with pytest.raises(ValueError, match='aime24.*aime25.*aimo'):
-        ev.load_problems('aime2099')
+        data.load_problems('aime2099')
 
 
 def test_missing_jsonl_path():
     with pytest.raises(FileNotFoundError, match='nope.jsonl'):
-        ev.load_problems('/definitely/nope.jsonl')
+        data.load_problems('/definitely/nope.jsonl')
 
 
 def test_offline_without_data_dir():
     with pytest.raises(FileNotFoundError, match=r"aime24.*--data_dir"):
-        ev.load_problems('aime24')
+        data.load_problems('aime24')
 
 
 def test_data_dir_lookup(tmp_path, monkeypatch):
     (tmp_path / 'aime24.jsonl').write_text('{"id": "x", "problem": "p", "answer": "3"}\n')
     (tmp_path / 'mine.jsonl').write_text('{"problem": "p", "answer": 4}\n')
-    assert ev.load_problems('aime24', data_dir=str(tmp_path))[0]['answer'] == '3'
-    assert ev.load_problems('mine', data_dir=str(tmp_path)) == [{'id': '0', 'problem': 'p', 'answer': '4'}]
+    assert data.load_problems('aime24', data_dir=str(tmp_path))[0]['answer'] == '3'
+    assert data.load_problems('mine', data_dir=str(tmp_path)) == [{'id': '0', 'problem': 'p', 'answer': '4'}]
     monkeypatch.setenv('OPRD_DATA_DIR', str(tmp_path))
-    assert ev.load_problems('aime24')[0]['id'] == 'x'
+    assert data.load_problems('aime24')[0]['id'] == 'x'
 
 
 def test_builtin_hook(monkeypatch):
-    monkeypatch.setitem(ev.BUILTIN, 'tiny', lambda: [{'id': '0', 'problem': '1+1?', 'answer': '2'}])
-    assert ev.load_problems('tiny')[0]['answer'] == '2'
+    monkeypatch.setitem(data.BUILTIN, 'tiny', lambda: [{'id': '0', 'problem': '1+1?', 'answer': '2'}])
+    assert data.load_problems('tiny')[0]['answer'] == '2'
 
 
 @pytest.mark.skipif(not SHARED_BENCH.is_dir(), reason=f'no shared benchmark copies at {SHARED_BENCH}')
 @pytest.mark.parametrize('name, rows', [('aime24', 30), ('aime25', 30), ('aimo', 83)])
 def test_shared_bench(name, rows):
-    probs = ev.load_problems(name, data_dir=str(SHARED_BENCH))
+    probs = data.load_problems(name, data_dir=str(SHARED_BENCH))
     assert len(probs) == rows and len({p['id'] for p in probs}) == rows
     for p in probs:
         a = p['answer']

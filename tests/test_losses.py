@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from distill import (DistillError, depth_map, oprd_loss, output_loss, output_loss_chunk, parse_layers,
+from losses import (DistillError, depth_map, oprd_loss, output_loss, output_loss_chunk, parse_layers,
                      response_masks)
 from model import Transformer
 

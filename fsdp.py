@@ -1,0 +1,197 @@
+"""
+The distributed side of training (distill.py): every run is a process group (a plain process is a group of
+one), the student is sharded with FSDP2, and figures are reduced over ranks. Also the training checkpoint:
+the student in HF format plus resume.pt (optimizer, projector, RNG, the run's config), written beside the
+target and renamed into place.
+"""
+import datetime
+import math
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from model import checkpoints_in
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def _device():
+    """Where collectives' tensors live: the GPU under NCCL, else the CPU."""
+    if is_dist() and dist.get_backend() == 'nccl':
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+
+def all_reduce_sum(x):
+    """Sum a float (or tensor) over ranks; a no-op in a single process."""
+    t = torch.as_tensor(x, dtype=torch.float64, device=_device()).clone()
+    if is_dist():
+        dist.all_reduce(t)
+    return t
+
+
+def all_reduce_max(x):
+    t = torch.tensor(float(x), dtype=torch.float64, device=_device())
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def setup_distributed(device, timeout_min):
+    """torchrun sets RANK/WORLD_SIZE; a plain process becomes a group of one (an in-process store), so one
+    process trains exactly as a one-rank torchrun does: same FSDP2 policy, bf16 on a GPU, same collectives.
+    The timeout covers rank 0 writing a checkpoint of many GB while the others wait at a barrier."""
+    use_cuda = device == 'cuda' or (device == 'auto' and torch.cuda.is_available())
+    dev = torch.device('cpu')
+    if use_cuda:
+        dev = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        torch.cuda.set_device(dev)
+    timeout = datetime.timedelta(minutes=timeout_min)
+    backend_name = 'nccl' if use_cuda else 'gloo'
+    if 'RANK' in os.environ:
+        dist.init_process_group(backend_name, timeout=timeout)
+    else:
+        dist.init_process_group(backend_name, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def shard(model, device, mp_dtype, reshard=True):
+    """FSDP2: fully_shard each block, then the root. bf16 compute with fp32 reduction on GPU; fp32 on CPU."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def shard_projector(proj, device):
+    """The learned projector under FSDP2 too (in fp32: it is small): its gradients are reduced with the
+    model's, and every parameter the optimizer sees is a DTensor (fused AdamW refuses a mix)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    for p in proj.parameters():  # one start on every rank
+        dist.broadcast(p.data, 0)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for lin in proj.values():  # each Linear is called on its own, so each is its own FSDP unit
+        fully_shard(lin, mesh=mesh)
+    return proj
+
+
+def clip_grad_norm(params, max_norm):
+    """Global grad norm over ranks (DTensor shards: full_tensor() reduces it), clipped to max_norm; returns
+    the norm before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    n = torch.nn.utils.get_total_norm(grads)
+    norm = (n.full_tensor() if hasattr(n, 'full_tensor') else n).item()
+    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
+        for g in grads:
+            g.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
+class MemoryMeter:
+    """Transient peak memory of a region: peak during it minus memory at its start (the paper's Table 3).
+
+    GPU: the caching allocator's counters. CPU: the process's resident set (VmHWM after a reset through
+    /proc/self/clear_refs), a process-level measure that also sees allocator reuse.
+    """
+
+    def __init__(self, device):
+        self.cuda = device.type == 'cuda'
+
+    @staticmethod
+    def _status(key):
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def start(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            try:
+                with open('/proc/self/clear_refs', 'w') as f:
+                    f.write('5')  # resets VmHWM to the current RSS
+            except OSError:
+                pass
+            self.base = self._status('VmRSS')
+
+    def transient(self):
+        peak = torch.cuda.max_memory_allocated() if self.cuda else self._status('VmHWM')
+        return max(0, peak - self.base)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def trained_modules(model, proj):
+    """Everything the optimizer updates, as one module: the state-dict API maps optimizer state by its names."""
+    return model if proj is None else nn.ModuleDict({'student': model, 'projector': proj})
+
+
+def read_resume(path, error=ValueError):
+    """A checkpoint's resume.pt (path: its folder), read by rank 0 alone, tensors only (loading never runs
+    code); the step, RNG and config go to every rank, the optimizer and projector states stay on rank 0
+    (load_training_state broadcasts them tensor by tensor). A bad file raises `error` on every rank."""
+    state, rank = None, dist.get_rank()
+    if rank == 0:
+        try:
+            state = torch.load(os.path.join(path, 'resume.pt'), weights_only=True, mmap=True, map_location='cpu')
+        except Exception as e:  # missing, truncated or foreign file
+            state = error(f"corrupt or missing resume state {os.path.join(path, 'resume.pt')}: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    small = [{k: v for k, v in state.items() if k not in ('optimizer', 'projector')}
+             if isinstance(state, dict) else state]
+    dist.broadcast_object_list(small, src=0)
+    if isinstance(small[0], Exception):
+        raise small[0]
+    return dict(small[0], optimizer=state['optimizer'] if rank == 0 else {},
+                projector=state.get('projector') if rank == 0 else {})
+
+def load_training_state(stu, proj, opt, state):
+    """Optimizer (and projector) state from rank 0's resume.pt, broadcast tensor by tensor into the shards."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    if proj is not None:
+        set_model_state_dict(proj, state['projector'], options=opts)
+    # not strict: a parameter that never had a gradient (an LM head OPRD never uses) has no AdamW state
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_optimizer_state_dict(trained_modules(stu, proj), opt, state['optimizer'], options=opts)
+    torch.set_rng_state(state['rng'])
+
+
+def save_checkpoint(out_dir, keep, raw_model, model, opt, proj, step, extra):
+    """out_dir/step_NNNNNNN: the student in HF format + resume.pt. Written as step_N.partial and renamed, so a
+    crash mid-save leaves the previous checkpoint whole; only checkpoints older than this one are pruned, to
+    `keep` in all. extra: more entries of resume.pt (the run's config, the models' shapes)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sd = get_model_state_dict(model, options=opts)  # collectives: every rank takes part
+    osd = get_optimizer_state_dict(trained_modules(model, proj), opt, options=opts)
+    psd = get_model_state_dict(proj, options=opts) if proj is not None else None
+    if dist.get_rank() == 0:
+        final = os.path.join(out_dir, f'step_{step:07d}')
+        partial = final + '.partial'
+        shutil.rmtree(partial, ignore_errors=True)
+        raw_model.save_pretrained(partial, state_dict=sd)
+        torch.save({'step': step, 'optimizer': osd, 'projector': psd, 'rng': torch.get_rng_state(),
+                    'world': dist.get_world_size(), **extra}, os.path.join(partial, 'resume.pt'))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        older = [c for c in checkpoints_in(out_dir) if int(c[-7:]) < step]
+        for old in older[:max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
+        print(f"saved {final}", flush=True)
+    dist.barrier()

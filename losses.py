@@ -1,0 +1,130 @@
+"""
+The objectives (../shared/METHOD.md §2-3): which layers and positions OPRD aligns, the OPRD loss on hidden
+states, and the output-space OPD losses (sampled-token, top-k, full-vocabulary KL), computed in chunks of
+positions so no (tokens x vocabulary) tensor of a batch ever exists. Every loss is a sum over supervised
+positions; distill.py divides by the count of those positions over all ranks.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+class DistillError(ValueError):
+    """A setting or input that cannot work; raised before any work is done."""
+
+
+# ----------------------------------------------------------------------------- layer and position sets
+
+def parse_layers(spec, num_layers):
+    """Student layers to align, as output_hidden_states indices (1..L; 0 = embeddings is allowed if listed)."""
+    L = num_layers
+    named = {'last': [L], 'all': list(range(1, L + 1)), 'even': list(range(2, L + 1, 2)),
+             'odd': list(range(1, L + 1, 2))}
+    if isinstance(spec, str) and spec in named:
+        return named[spec]
+    try:
+        out = [int(x) for x in (spec.split(',') if isinstance(spec, str) else spec)]
+    except (TypeError, ValueError):
+        raise DistillError(f"layers={spec!r}: expected last, all, even, odd or a list like 4,8,12") from None
+    bad = [l for l in out if not 0 <= l <= L]
+    if bad or not out:
+        raise DistillError(f"layers {bad or out} out of range: the student has layers 0..{L}")
+    return sorted(set(out))
+
+
+def depth_map(layer, L_s, L_t):
+    """phi(l): student layer -> teacher layer, round((l-1)(L_T-1)/(L_S-1)) + 1; 0 -> 0; identity when L_S = L_T."""
+    if layer == 0 or L_s == L_t:
+        return layer
+    if L_s == 1:
+        return L_t
+    return math.floor((layer - 1) * (L_t - 1) / (L_s - 1) + 0.5) + 1
+
+
+def response_masks(resp_mask, positions, k, align):
+    """resp_mask (B, T) bool: response tokens. Returns the positions whose states are supervised.
+
+    positions selects response tokens (all, the first k, the last k of each row, EOS included); align picks
+    the position that carries token t: 'predict' = t-1 (the state that predicts t, as output-space OPD),
+    'token' = t itself.
+    """
+    idx = resp_mask.long().cumsum(-1) - 1           # index of each response token within its row
+    n = resp_mask.long().sum(-1, keepdim=True)      # response length per row
+    if positions == 'all':
+        keep = resp_mask
+    elif positions == 'first_k':
+        keep = resp_mask & (idx < k)
+    elif positions == 'last_k':
+        keep = resp_mask & (idx >= n - k)
+    else:
+        raise DistillError(f"positions={positions!r}: expected all, first_k or last_k")
+    if align == 'predict':
+        keep = torch.cat([keep[:, 1:], torch.zeros_like(keep[:, :1])], dim=1)
+    elif align != 'token':
+        raise DistillError(f"align={align!r}: expected predict or token")
+    return keep
+
+
+# ----------------------------------------------------------------------------- losses (sums; divided by a global count)
+
+def oprd_loss(h_s, h_t, distance='mse', proj=None, t_proj=None):
+    """Sum over rows of (1/d) ||h_S - sg(h_T)||^2, rows = supervised positions (N, d). Also the sum of cosines.
+
+    With a projector, h_S is mapped to the teacher's width first; d is the width compared. Through a bridge,
+    proj = P_S and t_proj = P_T(. - mu_T) map both sides to the bridge's r dimensions.
+    """
+    h_t = h_t.detach().float()
+    if t_proj is not None:
+        h_t = t_proj(h_t)
+    h_s = h_s.float() if proj is None else proj(h_s.float())
+    cos = F.cosine_similarity(h_s.detach(), h_t, dim=-1).sum()
+    if distance == 'normalized_mse':
+        h_s, h_t = F.normalize(h_s, dim=-1), F.normalize(h_t, dim=-1)
+    elif distance != 'mse':
+        raise DistillError(f"distance={distance!r}: expected mse or normalized_mse")
+    return (h_s - h_t).pow(2).sum() / h_s.shape[-1], cos
+
+
+def output_loss_chunk(kind, h_s, h_t, targets, w_s, w_t, vocab, k):
+    """One chunk of output-space OPD: rows (n, d) of final-norm states, targets (n,) the sampled tokens.
+
+    Returns (loss sum, KL-estimate sum). Log-probs are over the common vocabulary prefix, in fp32.
+    """
+    logp_s = F.log_softmax(F.linear(h_s, w_s)[:, :vocab].float(), dim=-1)
+    with torch.no_grad():
+        logp_t = F.log_softmax(F.linear(h_t, w_t)[:, :vocab].float(), dim=-1)
+    if kind == 'opd':  # sampled token: REINFORCE with per-token advantage -sg(u_t)
+        lp = logp_s.gather(1, targets[:, None])[:, 0]
+        u = (lp - logp_t.gather(1, targets[:, None])[:, 0]).detach()
+        return (u * lp).sum(), u.sum()
+    if kind == 'opd_topk':  # the student's top-k, probabilities renormalised on it
+        top_lp, top_i = logp_s.detach().topk(k, dim=-1)
+        p_bar = top_lp.softmax(-1)
+        lp = logp_s.gather(1, top_i)
+        diff = (lp - logp_t.gather(1, top_i)).detach()
+        return (p_bar * diff * lp).sum(), (p_bar * diff).sum()
+    if kind == 'opd_full':  # exact reverse KL(p || q) over the vocabulary
+        kl = (logp_s.exp() * (logp_s - logp_t)).sum(-1)
+        return kl.sum(), kl.detach().sum()
+    raise DistillError(f"unknown output loss {kind!r}")
+
+
+def output_loss(kind, h_s, h_t, targets, w_s, w_t, vocab, k, chunk):
+    """Output-space loss over all rows, chunk rows at a time; each chunk's logits are recomputed in backward
+    (activation checkpointing), so no (rows, V) tensor of the whole batch ever exists."""
+    loss, kl = h_s.new_zeros((), dtype=torch.float32), 0.0
+    for i in range(0, h_s.shape[0], chunk):
+        sl = slice(i, i + chunk)
+        args = (kind, h_s[sl], h_t[sl], targets[sl], w_s, w_t, vocab, k)
+        if torch.is_grad_enabled():
+            l, e = torch.utils.checkpoint.checkpoint(output_loss_chunk, *args, use_reentrant=False)
+        else:
+            l, e = output_loss_chunk(*args)
+        loss, kl = loss + l, kl + e.item()
+    return loss, kl
+
+
+def sft_loss(logits, targets):
+    """Summed cross-entropy of the reference tokens; logits (n, V) at the predicting positions."""
+    return F.cross_entropy(logits.float(), targets, reduction='sum')
