@@ -195,7 +195,6 @@ def lr_at(step):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-
 # ----------------------------------------------------------------------------- set-up, before any work
 
 # (setting, valid?, what it must be): every range a typed value can break, checked before anything loads
