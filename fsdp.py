@@ -158,6 +158,7 @@ def read_resume(path, error=ValueError):
     return dict(small[0], optimizer=state['optimizer'] if rank == 0 else {},
                 projector=state.get('projector') if rank == 0 else {})
 
+
 def load_training_state(stu, proj, opt, state):
     """Optimizer (and projector) state from rank 0's resume.pt, broadcast tensor by tensor into the shards."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
