@@ -14,6 +14,7 @@ Tap index convention (transformers' output_hidden_states): 0 = embeddings, l in 
 L = output of the final RMSNorm (the LM-head input). A forward with taps runs no block above the deepest tap.
 """
 
+import copy
 import json
 import os
 import shutil
@@ -129,9 +130,15 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # write this chunk's keys/values into the preallocated cache, attend over all
             k, v = cache.append(self.layer_idx, k, v)
-        # grouped-query attention: each kv head serves nh/nkv query heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.nkv != self.nh)
+        if cache is not None and cache.window is not None:
+            # static decode step (T = 1): the nh/nkv query heads that share a kv head become that head's queries,
+            # so grouped-query attention is plain attention over the cache: no repeated keys, and any SDPA
+            # kernel that takes a mask can run it. mask (B, 1, 1, window) broadcasts over heads and queries.
+            y = F.scaled_dot_product_attention(q.reshape(B, self.nkv, -1, self.hs), k, v, attn_mask=mask)
+            y = y.reshape(B, self.nh, T, self.hs)
+        else:  # grouped-query attention: each kv head serves nh/nkv query heads
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.nkv != self.nh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))
 
 
@@ -164,6 +171,12 @@ class KVCache:
 
     Rows may have different lengths (left padding in the prefill); `valid` remembers which slots hold
     real tokens and `next_pos` each row's next position id, so a padded row decodes as it would alone.
+
+    Two ways to decode with it. Eager: `len` (a python int) slots are written and a step attends to exactly
+    those; select() drops finished rows by copying the cache. Static shapes (rollout.py's StaticDecoder, for
+    CUDA graphs): a view from narrow(rows, window) writes each row's token at `slot`, a 1-element device
+    tensor the forward itself advances, and attends to the first `window` slots with the unwritten ones
+    masked, so a step's shapes and tensor addresses depend on (rows, window) only, never on the step.
     """
 
     def __init__(self, model, batch_size, max_len, dtype=None, device=None):
@@ -176,8 +189,14 @@ class KVCache:
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.len = 0  # slots written so far (same for every row)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # static decoding: the slot written next
+        self.window = None  # static decoding: slots a step attends to (None: eager)
 
     def append(self, layer, k, v):
+        if self.window is not None:  # static: one token per row at `slot`; index_copy_ takes the slot as a tensor
+            self.k[layer].index_copy_(2, self.slot, k)
+            self.v[layer].index_copy_(2, self.slot, v)
+            return self.k[layer][:, :, :self.window], self.v[layer][:, :, :self.window]
         T = k.shape[2]
         self.k[layer][:, :, self.len:self.len + T] = k
         self.v[layer][:, :, self.len:self.len + T] = v
@@ -188,6 +207,21 @@ class KVCache:
         self.k = [t[rows] for t in self.k]
         self.v = [t[rows] for t in self.v]
         self.valid, self.next_pos = self.valid[rows], self.next_pos[rows]
+
+    def narrow(self, rows, window=None):
+        """A cache over the first `rows` rows that shares this one's memory (its writes land here); with a
+        window, set for static-shape decode steps (see the class docstring)."""
+        view = copy.copy(self)  # slot, len: shared / copied as they are
+        view.k, view.v = [t[:rows] for t in self.k], [t[:rows] for t in self.v]
+        view.valid, view.next_pos, view.window = self.valid[:rows], self.next_pos[:rows], window
+        return view
+
+    def step_inputs(self):
+        """Marks `slot` written; returns the positions (B, 1) and the additive attention mask (B, 1, 1, window)
+        of a static decode step. The mask is built once per step, not converted from bool in every layer."""
+        self.valid.index_fill_(1, self.slot, True)
+        mask = torch.zeros(self.valid.shape[0], 1, 1, self.window, dtype=self.k[0].dtype, device=self.valid.device)
+        return self.next_pos[:, None], mask.masked_fill_(~self.valid[:, None, None, :self.window], float("-inf"))
 
 
 class Qwen(nn.Module):
@@ -226,25 +260,31 @@ class Transformer(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.bool, device=idx.device)
         attention_mask = attention_mask.bool()
-        # position ids count real tokens only, so a left-padded row gets the positions it would get alone
-        pos = attention_mask.long().cumsum(-1) - 1
-        if cache is not None:
-            pos = pos + cache.next_pos[:, None]
-            cache.valid[:, cache.len:cache.len + T] = attention_mask
-            keys_valid = cache.valid[:, :cache.len + T]
-            S, offset = cache.len + T, cache.len
+        static = cache is not None and cache.window is not None
+        if static:  # a static-shape decode step: one token per row at slot cache.slot (see KVCache)
+            if T != 1:
+                raise ValueError(f"a static-shape cache step takes one token per row, got {T}")
+            pos, mask = cache.step_inputs()
         else:
-            keys_valid, S, offset = attention_mask, T, 0
-        pos = pos.clamp(min=0)
-        if cache is None and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
-            # no left padding (training batches are right-padded): plain causal attention is exact for every
-            # real token, and without an explicit mask SDPA can use its flash kernels (no T x T matrix at 16k)
-            mask = None
-        else:  # (B, 1, T, S): causal and not padding; a padded query attends to itself so no row is all -inf
-            qi = torch.arange(T, device=idx.device)[:, None] + offset
-            kj = torch.arange(S, device=idx.device)[None, :]
-            mask = (kj <= qi)[None] & keys_valid[:, None, :]
-            mask = (mask | (kj == qi)[None])[:, None]
+            # position ids count real tokens only, so a left-padded row gets the positions it would get alone
+            pos = attention_mask.long().cumsum(-1) - 1
+            if cache is not None:
+                pos = pos + cache.next_pos[:, None]
+                cache.valid[:, cache.len:cache.len + T] = attention_mask
+                keys_valid = cache.valid[:, :cache.len + T]
+                S, offset = cache.len + T, cache.len
+            else:
+                keys_valid, S, offset = attention_mask, T, 0
+            pos = pos.clamp(min=0)
+            if cache is None and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+                # no left padding (training batches are right-padded): plain causal attention is exact for every
+                # real token, and without an explicit mask SDPA can use its flash kernels (no T x T matrix at 16k)
+                mask = None
+            else:  # (B, 1, T, S): causal and not padding; a padded query attends to itself so no row is all -inf
+                qi = torch.arange(T, device=idx.device)[:, None] + offset
+                kj = torch.arange(S, device=idx.device)[None, :]
+                mask = (kj <= qi)[None] & keys_valid[:, None, :]
+                mask = (mask | (kj == qi)[None])[:, None]
 
         x = self.model.embed_tokens(idx)
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
@@ -259,7 +299,10 @@ class Transformer(nn.Module):
                 x = self.model.layers[i](x, cos, sin, mask, cache)
             if taps is not None and i + 1 in taps and i + 1 < L:
                 out[i + 1] = x
-        if cache is not None:
+        if static:  # in place, so the next replay of a recorded step reads the advanced values
+            cache.slot += 1
+            cache.next_pos += 1
+        elif cache is not None:
             cache.len += T
             cache.next_pos += attention_mask.long().sum(-1)
         if taps is not None and taps[-1] < L:

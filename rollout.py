@@ -7,7 +7,8 @@ through this file, with one interface and two backends:
   share of accelerator memory settable, asleep (weights offloaded, KV cache freed) while the trainer updates.
   `update_weights` streams the student's new weights into the engine in place, parameter by parameter.
 - torch: batched sampling with model.py's preallocated KV cache, the same sampling semantics and outputs.
-  Used where vLLM is absent, and by the smallest tests.
+  Used where vLLM is absent, and by the smallest tests. On a GPU each decode step runs at static shapes as a
+  replayed CUDA graph (StaticDecoder, decode='graph'); on CPU the plain eager loop (decode='eager').
 
     tok = load_tokenizer("path/to/hf_dir")              # or "byte": the built-in byte-level tokenizer
     sampler = make_sampler("auto", "path/to/hf_dir", gpu_memory_utilization=0.3)
@@ -17,7 +18,7 @@ through this file, with one interface and two backends:
     sampler.sleep(); ...train step...; sampler.update_weights(fsdp_named_tensors(model)); sampler.wake()
 
 $ python rollout.py path/to/hf_dir "What is 12 + 30?"          # a quick look, default backend
-$ python rollout.py path/to/hf_dir "What is 12 + 30?" torch    # the torch backend
+$ python rollout.py path/to/hf_dir "What is 12 + 30?" torch    # the torch backend (-h: usage)
 
 Sampling semantics (both backends):
 - processing order as in vLLM: temperature, then top-k, then top-p; temperature 0 = greedy (argmax).
@@ -47,8 +48,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
-from model import KVCache, Transformer, resolve_checkpoint
+from model import CheckpointError, KVCache, ModelConfig, Transformer, resolve_checkpoint
 
 # vLLM logs every prefix-cache reset and engine detail at INFO; a training log wants its warnings only
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -206,7 +208,8 @@ class Sample:
 
 VLLM_ONLY = ("gpu_memory_utilization", "tensor_parallel_size", "enable_sleep_mode", "seed", "max_model_len",
              "enforce_eager", "max_num_seqs", "bucket_mb")
-TORCH_ONLY = ("device", "sync_every")
+TORCH_ONLY = ("device", "sync_every", "decode")
+BACKENDS = ("auto", "vllm", "torch")
 
 
 def make_sampler(backend="auto", model_path=None, model=None, **engine_kw):
@@ -214,20 +217,84 @@ def make_sampler(backend="auto", model_path=None, model=None, **engine_kw):
 
     vllm: the engine loads model_path (model= is not used); engine_kw are vLLM's LLM(...) arguments:
     gpu_memory_utilization, tensor_parallel_size, enable_sleep_mode, seed, max_model_len, dtype, enforce_eager,
-    ...; bucket_mb sets the weight-sync bucket. The torch-only device and sync_every are ignored.
+    ...; bucket_mb sets the weight-sync bucket. The torch-only device, sync_every and decode are ignored.
     torch: model= an in-memory Transformer to sample from (shared, not copied: update_weights is then a copy
-    onto itself, i.e. nothing), else one is loaded from model_path; dtype, device, sync_every; the vLLM-only
-    options are ignored, so one config serves both backends.
+    onto itself, i.e. nothing), else one is loaded from model_path; dtype, device, sync_every, decode; the
+    vLLM-only options are ignored, so one config serves both backends.
+    A model_path is checked (check_checkpoint) before any engine starts.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown sampler backend {backend!r}: expected 'auto', 'vllm' or 'torch'")
+    if model_path is not None and (backend != "torch" or model is None):
+        model_path = check_checkpoint(model_path)
     if backend == "auto":
         backend = "vllm" if vllm_available() else "torch"
     if backend == "vllm":
         if model_path is None:
             raise ValueError("the vLLM backend loads the model itself: give model_path (an HF checkpoint folder)")
         return VLLMSampler(model_path, **{k: v for k, v in engine_kw.items() if k not in TORCH_ONLY})
-    if backend == "torch":
-        return TorchSampler(model_path, model=model, **{k: v for k, v in engine_kw.items() if k not in VLLM_ONLY})
-    raise ValueError(f"unknown sampler backend {backend!r}: expected 'auto', 'vllm' or 'torch'")
+    return TorchSampler(model_path, model=model, **{k: v for k, v in engine_kw.items() if k not in VLLM_ONLY})
+
+
+def check_checkpoint(path):
+    """Fail fast, with a one-line model.CheckpointError, on a checkpoint folder no backend could load, before an
+    engine starts (vLLM would fail much later, in pages of engine tracebacks): config.json readable with a
+    supported model_type, every safetensors file present with a readable, complete header (safe_open checks
+    that the header covers the file exactly, so a truncated file fails), and the tensors the config implies,
+    by name and shape. Reads the headers only. Returns the local folder (a hub id is downloaded first)."""
+    path = resolve_checkpoint(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path!r} is not a checkpoint folder (no such directory)")
+    try:
+        hf = read_json(os.path.join(path, "config.json"))
+        cfg = ModelConfig.from_hf(hf)
+    except FileNotFoundError:
+        raise CheckpointError(f"no config.json in {path!r}: not a Hugging Face checkpoint folder") from None
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"unreadable config.json in {path!r}: {type(e).__name__}: {e}") from None
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            files = sorted(set(read_json(index)["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"corrupt {index}: {type(e).__name__}: {e}") from None
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
+    found = {}
+    for name in files:
+        fp = os.path.join(path, name)
+        if not os.path.isfile(fp):
+            raise CheckpointError(f"shard {name} listed in the index is missing from {path!r}")
+        try:
+            with safe_open(fp, framework="pt") as f:
+                found.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+            raise CheckpointError(f"corrupt safetensors file {fp}: {e}") from None
+    with torch.device("meta"):  # the names and shapes the config implies, from the model itself (no memory)
+        expected = {k: tuple(t.shape) for k, t in Transformer(cfg).state_dict().items()}
+    if cfg.tie_word_embeddings:  # tied checkpoints store the embedding only (some store the copy anyway)
+        expected.pop("lm_head.weight")
+        found.pop("lm_head.weight", None)
+    problems = {"missing": sorted(set(expected) - set(found)), "unexpected": sorted(set(found) - set(expected)),
+                "mis-shaped": [f"{k} {found[k]} != {s}" for k, s in expected.items() if k in found and found[k] != s]}
+    if any(problems.values()):
+        raise CheckpointError(f"{path}: the weights do not match the {cfg.model_type} config.json: " + "; ".join(
+            f"{what} {names[:4]}{'...' if len(names) > 4 else ''}" for what, names in problems.items() if names))
+    return path
+
+
+def check_generate_args(prompts, n, temperature, top_p, max_new_tokens):
+    """The arguments both backends' generate() refuse, with the reason."""
+    if n < 1:
+        raise ValueError(f"n={n}: generate() draws n >= 1 samples per prompt")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: a sample has at least one new token")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: every prompt needs at least one token")
+    if not (0 < top_p <= 1 and temperature >= 0):
+        raise ValueError(f"need 0 < top_p <= 1 and temperature >= 0, got top_p={top_p}, temperature={temperature}")
 
 
 def vllm_available():
@@ -335,19 +402,39 @@ def exponential_noise(row_keys, step_key, token_keys):
     return u.neg_().log1p_().neg_()  # -log(1 - u)
 
 
+def sample_next(logits, temperature, top_k, top_p, row_keys, step_key, token_keys):
+    """(B, V) raw logits -> (B,) next tokens, without a host sync: argmax at temperature 0, else the
+    exponential race (argmax p / E, E ~ Exp(1)), which picks v with probability p_v, on hashed noise.
+    step_key: an int, or a 1-element tensor (inside a CUDA graph the step counter lives on the device)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = process_logits(logits, temperature, top_k, top_p).softmax(-1)
+    return probs.div_(exponential_noise(row_keys, step_key, token_keys)).argmax(-1)
+
+
+def step_noise_key(key, t):
+    """The noise key of decode step t (an int, or a tensor hashed elementwise to the same values)."""
+    return hash32(key ^ hash32(t + 2**31))
+
+
 class TorchSampler:
     """Batched sampling with model.py's KV cache.
 
     All samples are decoded together: each prompt is prefilled once (left-padded), its cache rows are copied
-    n times, then one token per row per step. Finished rows are dropped from the batch and the cache at a
-    host sync every `sync_every` steps (every step on CPU, where a sync costs nothing; rows that finish in
-    between run on and their extra tokens are cut). Sampling is exponential-race (argmax p / E, E ~ Exp(1)) with
-    hashed noise, so nothing waits on the host per token.
+    n times, then one token per row per step. Sampling is exponential-race with hashed noise (sample_next), so
+    nothing waits on the host per token. Two decode loops give the same samples (up to float rounding):
+    - 'eager': shapes follow the batch; finished rows are dropped from the batch and the cache at a host sync
+      every `sync_every` steps (every step on CPU, where a sync costs nothing; rows that finish in between run
+      on and their extra tokens are cut). The CPU default.
+    - 'static' / 'graph': StaticDecoder below, the step at static shapes; 'graph' records each step shape once
+      as a CUDA graph and replays it. 'auto' = 'graph' on CUDA, else 'eager'.
     """
 
-    def __init__(self, model_path=None, model=None, dtype=None, device=None, sync_every=None):
+    def __init__(self, model_path=None, model=None, dtype=None, device=None, sync_every=None, decode="auto"):
         if isinstance(dtype, str):  # the vLLM spelling: 'auto', 'bfloat16', ...
             dtype = None if dtype == "auto" else getattr(torch, dtype)
+        if decode not in ("auto", "eager", "static", "graph"):
+            raise ValueError(f"unknown decode {decode!r}: expected 'auto', 'eager', 'static' or 'graph'")
         if model is None:
             if model_path is None:
                 raise ValueError("the torch sampler needs model_path or model")
@@ -359,9 +446,14 @@ class TorchSampler:
                              "in lock-step): pass model_path and update it with update_weights(fsdp_named_tensors(m))")
         self.model = model
         self.device = next(model.parameters()).device
-        if self.device.type == "cpu":
+        on_gpu = self.device.type == "cuda"
+        if not on_gpu:
             torch.set_flush_denormal(True)  # random and tiny models produce denormals, 10x slower on some CPUs
-        self.sync_every = sync_every or (1 if self.device.type == "cpu" else 16)
+        if decode == "graph" and not on_gpu:
+            raise ValueError(f"decode='graph' replays CUDA graphs: the model is on {self.device}, not a CUDA device")
+        self.decode = decode if decode != "auto" else "graph" if on_gpu else "eager"
+        self.sync_every = sync_every or (16 if on_gpu else 1)
+        self.static = None  # the StaticDecoder, kept between calls with its graphs; freed by sleep()
         self.stop_ids = checkpoint_stop_ids(model.source_dir, model.hf_config)
         self.dp_rank, self.dp_size = dist_info()
 
@@ -373,14 +465,33 @@ class TorchSampler:
     def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=256, stop_ids=None,
                  seed=0, logprobs=False):
         """prompts: lists of token ids. Returns [prompt][sample] -> Sample."""
-        model, dev = self.model, self.device
-        if not prompts or max_new_tokens < 1:
-            return [[Sample([], "length", [] if logprobs else None) for _ in range(n)] for _ in prompts]
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("empty prompt: every prompt needs at least one token")
-        if not (0 < top_p <= 1 and temperature >= 0):
-            raise ValueError(f"need 0 < top_p <= 1 and temperature >= 0, got top_p={top_p}, temperature={temperature}")
+        check_generate_args(prompts, n, temperature, top_p, max_new_tokens)
+        if not prompts:
+            return []
+        dev = self.device
         stop = torch.tensor(self.stop_ids if stop_ids is None else list(stop_ids), dtype=torch.long, device=dev)
+        P, B = len(prompts), len(prompts) * n
+        out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)  # row = prompt index * n + sample index
+        out_lp = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=dev) if logprobs else None
+        settings = (temperature, top_k, top_p, logprobs)
+        key = mix_seed(seed, self.dp_rank)
+        if self.decode == "eager":
+            self._decode_eager(prompts, n, settings, max_new_tokens, stop, key, out, out_lp)
+        else:
+            self._decode_static(prompts, n, settings, max_new_tokens, stop, key, out, out_lp)
+        # cut each row after its first stop token (later slots hold tokens of finished rows that ran on, or nothing)
+        is_stop = torch.isin(out, stop)
+        first = torch.where(is_stop.any(1), is_stop.float().argmax(1) + 1, max_new_tokens).tolist()
+        stopped = is_stop.any(1).tolist()
+        out = out.tolist()
+        out_lp = out_lp.tolist() if logprobs else None
+        samples = [Sample(out[r][:first[r]], "stop" if stopped[r] else "length",
+                          out_lp[r][:first[r]] if logprobs else None) for r in range(B)]
+        return [samples[i * n:(i + 1) * n] for i in range(P)]
+
+    def _decode_eager(self, prompts, n, settings, max_new_tokens, stop, key, out, out_lp):
+        model, dev = self.model, self.device
+        temperature, top_k, top_p, logprobs = settings
         P, B, T = len(prompts), len(prompts) * n, max(len(p) for p in prompts)
         idx = torch.zeros(P, T, dtype=torch.long)
         mask = torch.zeros(P, T, dtype=torch.bool)
@@ -393,21 +504,12 @@ class TorchSampler:
             rows = torch.arange(P, device=dev).repeat_interleave(n)
             cache.select(rows)
             logits = logits[rows]
-        V = logits.shape[-1]
-        key = mix_seed(seed, self.dp_rank)
         row_keys = hash32(key ^ hash32(torch.arange(B, device=dev)))  # row = prompt index * n + sample index
-        token_keys = hash32(torch.arange(V, device=dev))
-        out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
-        out_lp = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=dev) if logprobs else None
+        token_keys = hash32(torch.arange(logits.shape[-1], device=dev))
         alive = torch.arange(B, device=dev)  # the rows of `out` still in the batch
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         for t in range(max_new_tokens):
-            if temperature == 0:
-                tok = logits.argmax(-1)
-            else:
-                probs = process_logits(logits, temperature, top_k, top_p).softmax(-1)
-                noise = exponential_noise(row_keys[alive], hash32(key ^ hash32(t + 2**31)), token_keys)
-                tok = probs.div_(noise).argmax(-1)  # the exponential race: argmax p / E picks v with probability p_v
+            tok = sample_next(logits, temperature, top_k, top_p, row_keys[alive], step_noise_key(key, t), token_keys)
             out[alive, t] = tok
             if logprobs:
                 out_lp[alive, t] = logits.float().log_softmax(-1).gather(-1, tok[:, None])[:, 0]
@@ -422,15 +524,20 @@ class TorchSampler:
                     alive, tok = alive[keep], tok[keep]
                     cache.select(keep)
             logits = model(tok[:, None], cache=cache)[:, -1]
-        # cut each row after its first stop token (a dropped row's later slots were never written)
-        is_stop = torch.isin(out, stop)
-        first = torch.where(is_stop.any(1), is_stop.float().argmax(1) + 1, max_new_tokens).tolist()
-        stopped = is_stop.any(1).tolist()
-        out = out.tolist()
-        out_lp = out_lp.tolist() if logprobs else None
-        samples = [Sample(out[r][:first[r]], "stop" if stopped[r] else "length",
-                          out_lp[r][:first[r]] if logprobs else None) for r in range(B)]
-        return [samples[i * n:(i + 1) * n] for i in range(P)]
+
+    def _decode_static(self, prompts, n, settings, max_new_tokens, stop, key, out, out_lp):
+        B, T = len(prompts) * n, max(len(p) for p in prompts)
+        # the cache holds the longest row this call can make (its longest prompt + max_new_tokens), not the
+        # model's whole context; a decoder from an earlier call is kept (graphs and all) when it is large enough
+        max_len = round_up(T + max_new_tokens, StaticDecoder.LEN_BUCKET)
+        want = min(bucket(B), StaticDecoder.MAX_ROWS)
+        if self.static is None or self.static.max_len < max_len or self.static.wanted < want:
+            self.static = None  # free the old one first: what memory allows is measured without it
+            self.static = StaticDecoder(self.model, want, max_len, graphs=self.decode == "graph")
+        dec = self.static
+        dec.start(settings, stop, key)
+        for lo in range(0, B, dec.rows):  # more rows than fit: in turns (a row's samples do not depend on it)
+            dec.decode(prompts, n, lo, min(B, lo + dec.rows), max_new_tokens, self.sync_every, out, out_lp)
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]):
@@ -447,13 +554,201 @@ class TorchSampler:
                 p.copy_(t)
 
     def sleep(self):
-        pass
+        """Free the static decoder's cache and graphs for the trainer; the next generate() rebuilds them."""
+        self.static = None
 
     def wake(self):
         pass
 
     def close(self):
-        pass
+        self.static = None
+
+
+def bucket(n):
+    """The batch bucket of n rows: the next power of two."""
+    return 1 << (n - 1).bit_length()
+
+
+def round_up(n, m):
+    return -(-n // m) * m
+
+
+class StaticDecoder:
+    """The torch sampler's decode loop at static shapes, so that a CUDA graph can record each step once and
+    replay it (decode='graph'; decode='static' runs the same code without graphs, on any device).
+
+    Eager decoding on a GPU costs ~20 ms a step whatever the batch: a 1.5B model's step is ~1,200 small kernels
+    launched one by one from Python, and dropping finished rows copies the whole cache. Here:
+    - a step's shapes depend only on its batch bucket (1, 2, 4, ... rows: padded with dead rows) and its length
+      bucket (attention reads the first LEN_BUCKET * k cache slots, the unwritten ones masked), so one graph per
+      (batch, length, sampling settings) replays every step of that shape: one launch instead of ~1,200;
+    - all a step reads or writes lives in buffers allocated once here (cache, each row's last token, step and
+      slot counters, outputs, done flags), so the addresses baked into the graphs never change: they stay valid
+      across generate() calls and in-place weight updates (update_weights);
+    - sampling (the hashed exponential race), stop detection and the output writes run inside the graph; the
+      host syncs only every sync_every steps, to read the done flags;
+    - finished rows leave by re-bucketing: once the live rows fit a smaller batch bucket they are gathered to
+      the front (one copy of their cache) and the smaller graphs take over; until then they ride along;
+    - the prefill stays eager: one forward per PREFILL_CHUNK prompt tokens.
+    """
+    LEN_BUCKET = 256  # attention windows are multiples of this many slots
+    MAX_ROWS = 256  # rows decoded at once (more are decoded in turns), fewer if memory is short
+    PREFILL_CHUNK = 2048  # prompt tokens per prefill forward: bounds its (rows, chunk, cache) attention mask
+
+    def __init__(self, model, rows, max_len, graphs):
+        dev = next(model.parameters()).device
+        self.model, self.max_len, self.graphs = model, max_len, graphs
+        self.wanted, self.rows = rows, self.rows_that_fit(model, rows, max_len)
+        R, V = self.rows, model.config.vocab_size
+        self.cache = KVCache(model, R, max_len)  # its `slot`: where every row writes its next token
+        self.tok = torch.zeros(R, dtype=torch.long, device=dev)  # each row's last token: the next step's input
+        self.row_keys = torch.zeros(R, dtype=torch.long, device=dev)  # noise key of each row
+        self.done = torch.zeros(R, dtype=torch.bool, device=dev)  # stopped (or a dead padding row)
+        self.out = torch.zeros(R, max_len, dtype=torch.long, device=dev)  # tokens, by batch slot
+        self.lp = torch.zeros(R, max_len, dtype=torch.float32, device=dev)  # their log-probs, when asked
+        self.t = torch.zeros(1, dtype=torch.long, device=dev)  # decode step: the column of `out` written next
+        self.key = torch.zeros(1, dtype=torch.long, device=dev)  # mix_seed(seed, rank)
+        self.token_keys = hash32(torch.arange(V, device=dev))
+        self.is_stop = torch.zeros(V, dtype=torch.bool, device=dev)  # a lookup table: isin() may sync the host
+        self.recorded = {}  # (rows, window, settings) -> torch.cuda.CUDAGraph
+        # one memory pool for all graphs: they never run at once and keep nothing in it between replays
+        self.pool = torch.cuda.graph_pool_handle() if graphs else None
+
+    @staticmethod
+    def rows_that_fit(model, rows, max_len):
+        """rows, or the largest power of two below it whose cache (and per-row sampling buffers) fit in 80% of
+        the free GPU memory."""
+        dev = next(model.parameters()).device
+        if dev.type != "cuda":
+            return rows
+        c = model.config
+        elt = model.model.embed_tokens.weight.element_size()
+        per_row = (2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * elt + 13) * max_len
+        per_row += 32 * c.vocab_size  # logits, probabilities, noise: a few (V,) fp32/int64 copies per row
+        free = torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+        fit = int(0.8 * free) // per_row
+        if fit < 1:
+            raise RuntimeError(f"not enough GPU memory for the KV cache of one {max_len}-token row "
+                               f"({per_row / 2**20:.0f} MiB; {free / 2**20:.0f} MiB free)")
+        return min(rows, 1 << (fit.bit_length() - 1))
+
+    def start(self, settings, stop, key):
+        """Settings of a generate() call: (temperature, top_k, top_p, logprobs), stop ids, noise key."""
+        self.settings = settings
+        self.is_stop.zero_()
+        self.is_stop[stop[stop < len(self.is_stop)]] = True  # ids beyond the vocabulary can never be sampled
+        self.key.fill_(key)
+
+    def decode(self, prompts, n, lo, hi, max_new_tokens, sync_every, out, out_lp):
+        """Rows lo..hi-1 of the batch (row = prompt index * n + sample index), written into out / out_lp."""
+        dev, c = self.tok.device, self.cache
+        R, first = hi - lo, lo // n
+        logits, T = self.prefill(prompts[first:(hi - 1) // n + 1])
+        src = torch.arange(lo, hi, device=dev) // n - first  # each row's prompt among those prefilled
+        if n > 1:  # each sample of a prompt gets a copy of its prompt's cache row
+            for buf in c.k + c.v:
+                buf[:R, :, :T] = buf[src, :, :T]
+            c.valid[:R], c.next_pos[:R], logits = c.valid[src], c.next_pos[src], logits[src]
+        self.row_keys[:R] = hash32(self.key ^ hash32(torch.arange(lo, hi, device=dev)))
+        B = bucket(R)
+        self.done.zero_()
+        self.done[R:B] = True  # padding rows: attend only to their own new keys, never counted as live
+        self.t.zero_()
+        c.slot.fill_(T)
+        self.sample(logits)  # token 0, from the prefill
+        live = list(range(lo, hi)) + [-1] * (B - R)  # batch slot -> row of `out`; -1: padding or retired
+        for t in range(1, max_new_tokens):
+            if t % sync_every == 0:  # the one host sync
+                B = self.retire(live, B, T + t - 1, out, out_lp)
+                if B == 0:
+                    return
+            # this step writes token t-1 at slot T+t-1 and attends to slots 0..T+t-1
+            self.step(B, min(self.max_len, round_up(T + t, self.LEN_BUCKET)))
+        self.write_back(live, out, out_lp)
+
+    def prefill(self, prompts):
+        """Left-padded prefill of the first len(prompts) rows (eager); returns their last logits (P, V) and the
+        padded prompt length T: every row's next token goes to slot T."""
+        dev, P, T = self.tok.device, len(prompts), max(len(p) for p in prompts)
+        idx = torch.zeros(P, T, dtype=torch.long)
+        mask = torch.zeros(P, T, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            idx[i, T - len(p):] = torch.tensor(p)
+            mask[i, T - len(p):] = True
+        idx, mask = idx.to(dev), mask.to(dev)
+        self.cache.valid.zero_()  # forget the previous batch: its keys stay in the cache, masked
+        self.cache.next_pos.zero_()
+        cache = self.cache.narrow(P)  # eager mode, on the first P rows of the buffers
+        for i in range(0, T, self.PREFILL_CHUNK):
+            logits = self.model(idx[:, i:i + self.PREFILL_CHUNK], attention_mask=mask[:, i:i + self.PREFILL_CHUNK],
+                                cache=cache, last_only=True)
+        return logits[:, -1], T
+
+    def sample(self, logits):
+        """Each row's next token from its (B, V) logits, recorded at step t; then t += 1. No host sync."""
+        B = logits.shape[0]
+        temperature, top_k, top_p, logprobs = self.settings
+        tok = sample_next(logits, temperature, top_k, top_p, self.row_keys[:B], step_noise_key(self.key, self.t),
+                          self.token_keys)
+        self.tok[:B] = tok
+        self.out[:B].index_copy_(1, self.t, tok[:, None])  # the step as a tensor: a graph replays it unchanged
+        if logprobs:
+            self.lp[:B].index_copy_(1, self.t, logits.float().log_softmax(-1).gather(-1, tok[:, None]))
+        self.done[:B].logical_or_(self.is_stop[tok])
+        self.t += 1
+
+    def forward_and_sample(self, B, W):
+        """One decode step of the first B rows, attention over W slots: what a CUDA graph records."""
+        self.sample(self.model(self.tok[:B, None], cache=self.cache.narrow(B, W))[:, -1])
+
+    def step(self, B, W):
+        if not self.graphs:
+            return self.forward_and_sample(B, W)
+        key = (B, W, self.settings)
+        if key in self.recorded:
+            return self.recorded[key].replay()
+        # first step of this shape: run it eagerly on a side stream, which also warms up what must not first
+        # happen during capture (cuBLAS handles and workspaces, lazy kernel loading), then record it. Recording
+        # runs nothing, so the step is done once; the graph replays it from the next step of this shape on.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.forward_and_sample(B, W)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.forward_and_sample(B, W)
+        self.recorded[key] = graph
+
+    def retire(self, live, B, S, out, out_lp):
+        """At a host sync: once the live rows fit a smaller batch bucket, write every row's tokens back and
+        gather the live rows to the front (their first S cache slots); returns the batch bucket, 0 when none is
+        live. `live` is updated in place."""
+        done = self.done[:B].tolist()
+        keep = [i for i in range(B) if live[i] >= 0 and not done[i]]
+        nb = bucket(len(keep)) if keep else 0
+        if nb == B:  # finished rows ride along until the bucket can shrink; their extra tokens are cut
+            return B
+        self.write_back(live, out, out_lp)
+        if not keep:
+            return 0
+        k, idx, c = len(keep), torch.tensor(keep, device=self.tok.device), self.cache
+        for buf in c.k + c.v:
+            buf[:k, :, :S] = buf[idx, :, :S]
+        for buf in (c.valid, c.next_pos, self.tok, self.row_keys, self.out, self.lp):
+            buf[:k] = buf[idx]
+        self.done[:k] = False
+        self.done[k:nb] = True
+        live[:] = [live[i] for i in keep] + [-1] * (nb - k)
+        return nb
+
+    def write_back(self, live, out, out_lp):
+        """Copy the tokens (and log-probs) of the rows in the batch to their rows of out / out_lp."""
+        slots = [i for i, r in enumerate(live) if r >= 0]
+        rows = [live[i] for i in slots]
+        out[rows] = self.out[slots, :out.shape[1]]
+        if out_lp is not None:
+            out_lp[rows] = self.lp[slots, :out.shape[1]]
 
 
 # ----------------------------------------------------------------------------- the vLLM backend
@@ -567,6 +862,7 @@ class VLLMSampler:
     def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=256, stop_ids=None,
                  seed=0, logprobs=False):
         from vllm import SamplingParams
+        check_generate_args(prompts, n, temperature, top_p, max_new_tokens)
         self.wake()
         stop = list(self.stop_ids if stop_ids is None else stop_ids)
         key = mix_seed(seed, self.dp_rank)
@@ -639,15 +935,31 @@ class VLLMSampler:
 
 # ----------------------------------------------------------------------------- a quick look
 
+USAGE = """usage: python rollout.py <hf_checkpoint_dir> <prompt> [auto|vllm|torch]
+
+Samples one answer to <prompt> (rendered with the checkpoint's chat template; temperature 0.7, top-p 0.95,
+up to 512 new tokens) with the given backend (default auto: vLLM if it imports, else torch)."""
+
+
 def main(argv):
-    if len(argv) < 2:
-        print("usage: python rollout.py <hf_checkpoint_dir> <prompt> [auto|vllm|torch]", file=sys.stderr)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return
+    if len(argv) not in (2, 3):
+        print(USAGE.splitlines()[0], file=sys.stderr)
         sys.exit(2)
-    path, prompt = argv[0], argv[1]
-    tok = load_tokenizer(path)
-    sampler = make_sampler(argv[2] if len(argv) > 2 else "auto", path)
-    s = sampler.generate([tok.chat(prompt)], temperature=0.7, top_p=0.95, max_new_tokens=512,
-                         stop_ids=tok.eos_ids)[0][0]
+    path, prompt, backend = argv[0], argv[1], argv[2] if len(argv) > 2 else "auto"
+    try:  # a bad path, checkpoint or backend: one line, no traceback, before any engine starts
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown sampler backend {backend!r}: expected 'auto', 'vllm' or 'torch'")
+        path = check_checkpoint(path)
+        tok = load_tokenizer(path)
+        ids = tok.chat(prompt)
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError; no tokenizer or chat template: either
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(1)
+    sampler = make_sampler(backend, path)
+    s = sampler.generate([ids], temperature=0.7, top_p=0.95, max_new_tokens=512, stop_ids=tok.eos_ids)[0][0]
     print(f"[{type(sampler).__name__}, {len(s.tokens)} tokens, finish={s.finish}]\n{tok.decode(s.tokens)}")
     sampler.close()
 

@@ -195,6 +195,87 @@ def test_make_sampler_and_shard(tiny_qwen3):
     assert sum(shares, []) == items and [len(s) for s in shares] == [3, 3, 4]
 
 
+def test_generate_refuses_no_samples_and_no_tokens(model, sampler):
+    for s in (sampler, TorchSampler(model=model, decode="static")):
+        with pytest.raises(ValueError, match="n=0"):
+            s.generate(PROMPTS, n=0)
+        with pytest.raises(ValueError, match="max_new_tokens=0"):
+            s.generate(PROMPTS, max_new_tokens=0)
+        with pytest.raises(ValueError, match="max_new_tokens=-1"):
+            s.generate([], max_new_tokens=-1)
+
+
+def broken_checkpoints(tmp_path, good):
+    """{what is wrong: (folder, the message it must give)}, each a copy of the good checkpoint, damaged."""
+    def copy(name):
+        return shutil.copytree(good, tmp_path / name)
+
+    def edit_config(path, **kw):
+        with open(path / "config.json") as f:
+            cfg = json.load(f)
+        cfg.update(kw)
+        with open(path / "config.json", "w") as f:
+            json.dump(cfg, f)
+        return path
+    truncated = copy("truncated")
+    size = os.path.getsize(truncated / "model.safetensors")
+    with open(truncated / "model.safetensors", "r+b") as f:
+        f.truncate(size // 2)
+    no_weights = copy("no_weights")
+    os.remove(no_weights / "model.safetensors")
+    no_config = copy("no_config")
+    os.remove(no_config / "config.json")
+    sharded = Transformer.from_pretrained(good)
+    sharded.save_pretrained(tmp_path / "sharded", max_shard_bytes=100_000)
+    os.remove(tmp_path / "sharded" / "model-00002-of-00007.safetensors")
+    return {"truncated": (str(truncated), "corrupt safetensors file .*incomplete metadata"),
+            "no weights": (str(no_weights), "no model.safetensors"),
+            "no config": (str(no_config), "no config.json"),
+            "llama": (str(edit_config(copy("llama"), model_type="llama")), "unsupported architecture"),
+            "shapes": (str(edit_config(copy("shapes"), intermediate_size=96)), "do not match.*mlp.*96"),
+            "missing shard": (str(tmp_path / "sharded"), "shard model-00002-of-00007.safetensors .* missing"),
+            "no folder": (str(tmp_path / "nope"), "no such directory")}
+
+
+@pytest.mark.parametrize("backend", ["torch", "vllm", "auto"])
+def test_make_sampler_checks_the_checkpoint_before_any_engine(tmp_path, tiny_qwen3, monkeypatch, backend):
+    import rollout
+    from model import CheckpointError
+    def engine(*a, **kw):
+        pytest.fail("an engine started on a broken checkpoint")
+    monkeypatch.setattr(rollout, "VLLMSampler", engine)
+    monkeypatch.setattr(rollout, "TorchSampler", engine)
+    for what, (path, message) in broken_checkpoints(tmp_path, tiny_qwen3).items():
+        with pytest.raises(CheckpointError, match=message) as e:
+            make_sampler(backend, path)
+        assert "\n" not in str(e.value), what
+
+
+def run_cli(*args):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    return subprocess.run([sys.executable, os.path.join(ROOT, "rollout.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+
+
+def test_cli(tmp_path, tiny_qwen3):
+    """python rollout.py: one line `error: ...` and exit status 1 for a bad path, checkpoint or backend."""
+    truncated = broken_checkpoints(tmp_path, tiny_qwen3)["truncated"][0]
+    for args, message in ((["/nope", "1+1=?", "torch"], "no such directory"),
+                          ([truncated, "1+1=?", "vllm"], "corrupt safetensors file"),
+                          ([tiny_qwen3, "1+1=?", "hf"], "unknown sampler backend 'hf'")):
+        r = run_cli(*args)
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+        assert message in r.stderr
+    r = run_cli("-h")
+    assert r.returncode == 0 and r.stdout.startswith("usage: python rollout.py") and not r.stderr
+    r = run_cli(tiny_qwen3)
+    assert r.returncode == 2 and r.stderr.startswith("usage:")
+    r = run_cli(tiny_qwen3, "What is 12 + 30?", "torch")
+    assert r.returncode == 0 and r.stdout.startswith("[TorchSampler, "), r.stderr
+
+
 # ----------------------------------------------------------------------------- tokenizers
 
 def test_byte_tokenizer():
