@@ -109,7 +109,7 @@ def test_decoder_is_kept_between_calls_and_freed_by_sleep(model):
 def test_update_weights_reach_a_kept_decoder(model, tiny_qwen3, tiny_qwen3_b):
     """Weights are copied in place, so a kept decoder (and its graphs, on CUDA) decodes with the new ones."""
     from rollout import fsdp_named_tensors
-    own = TorchSampler(tiny_qwen3, decode="static")
+    own = TorchSampler(tiny_qwen3, decode="static", device="cpu")  # beside the CPU eager run below
     before = own.generate(PROMPTS, temperature=0, max_new_tokens=8, stop_ids=[])
     dec = own.static
     other = Transformer.from_pretrained(tiny_qwen3_b).eval()
