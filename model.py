@@ -438,16 +438,18 @@ def resolve_checkpoint(path):
         raise CheckpointError(f"could not download {path!r} from the hub: {type(e).__name__}: {e}") from None
 
 
-def read_safetensors(path):
-    """All tensors of a checkpoint folder, single-file or sharded, as {name: tensor} (CPU)."""
+def read_safetensors(path, shapes_only=False):
+    """All tensors of a checkpoint folder, single-file or sharded, as {name: tensor} (CPU); with shapes_only,
+    {name: shape} from the headers alone (safe_open checks that a header covers its file, so a truncated file
+    fails either way)."""
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(index):
         try:
             with open(index) as f:
                 files = sorted(set(json.load(f)["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"corrupt {index}: {e}") from None
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"corrupt {index}: {type(e).__name__}: {e}") from None
     elif os.path.isfile(single):
         files = ["model.safetensors"]
     else:
@@ -460,7 +462,7 @@ def read_safetensors(path):
         try:
             with safe_open(fp, framework="pt") as f:
                 for k in f.keys():
-                    sd[k] = f.get_tensor(k)
+                    sd[k] = tuple(f.get_slice(k).get_shape()) if shapes_only else f.get_tensor(k)
         except Exception as e:  # safetensors raises its own error types for truncated or garbled files
             raise CheckpointError(f"corrupt safetensors file {fp}: {e}") from None
     return sd

@@ -48,9 +48,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
-from model import CheckpointError, KVCache, ModelConfig, Transformer, resolve_checkpoint
+from model import CheckpointError, KVCache, ModelConfig, Transformer, read_safetensors, resolve_checkpoint
 
 # vLLM logs every prefix-cache reset and engine detail at INFO; a training log wants its warnings only
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -252,26 +251,7 @@ def check_checkpoint(path):
         raise CheckpointError(f"no config.json in {path!r}: not a Hugging Face checkpoint folder") from None
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"unreadable config.json in {path!r}: {type(e).__name__}: {e}") from None
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        try:
-            files = sorted(set(read_json(index)["weight_map"].values()))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"corrupt {index}: {type(e).__name__}: {e}") from None
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
-    found = {}
-    for name in files:
-        fp = os.path.join(path, name)
-        if not os.path.isfile(fp):
-            raise CheckpointError(f"shard {name} listed in the index is missing from {path!r}")
-        try:
-            with safe_open(fp, framework="pt") as f:
-                found.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
-        except Exception as e:  # safetensors raises its own error types for truncated or garbled files
-            raise CheckpointError(f"corrupt safetensors file {fp}: {e}") from None
+    found = read_safetensors(path, shapes_only=True)
     with torch.device("meta"):  # the names and shapes the config implies, from the model itself (no memory)
         expected = {k: tuple(t.shape) for k, t in Transformer(cfg).state_dict().items()}
     if cfg.tie_word_embeddings:  # tied checkpoints store the embedding only (some store the copy anyway)
