@@ -651,10 +651,16 @@ SECTIONS = {"update": bench_update, "forward": bench_forward, "sampler": bench_s
 def main():
     from configurator import ConfigError, apply_config
     try:
-        cfg = apply_config(sys.argv[1:], CONFIG)
+        cfg = apply_config(sys.argv[1:], CONFIG, help_source=__file__)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    for key, ok, want in (("repeats", cfg["repeats"] >= 1, ">= 1"), ("response_len", cfg["response_len"] >= 1, ">= 1"),
+                          ("variance_rollouts", cfg["variance_rollouts"] >= 2, ">= 2"),
+                          ("peak_tflops", cfg["peak_tflops"] > 0, "> 0"), ("threads", cfg["threads"] >= 0, ">= 0")):
+        if not ok:
+            print(f"error: {key}={cfg[key]!r}: must be {want}", file=sys.stderr)
+            sys.exit(2)
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
     if cfg["update_method"]:  # a child of bench_update: one method at one CPU shape, a fresh process
