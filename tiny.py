@@ -1,52 +1,89 @@
 """
-The embedded default: OPRD end to end on a CPU in minutes, on the built-in tiny task (eval.py: 'tiny').
+The embedded default: OPRD end to end on a CPU in minutes, on the built-in tiny task (data.py: 'tiny').
 
-$ python tiny.py                  # make teacher + student if absent, OPRD through vLLM rollouts, evaluate
+$ python tiny.py                  # make the teacher and the student (or reuse them: below), distil the student
+                                  # with OPRD through vLLM rollouts, evaluate all three on the held-out problems
+$ python tiny.py --verbose=True   # the same with the scripts' whole output (every step, vLLM's start-up log)
+$ python tiny.py --tune=True      # the validation runs that chose the pair and config/tiny.py's learning rate
 $ python tiny.py --table=True     # README's small-scale table: every method, equal steps, 3 seeds
                                   # (runs already evaluated in work_dir are reused: delete it to redo them)
 
-Everything runs through the project's own scripts as subprocesses (distill.py for SFT and distillation,
-eval.py for accuracy), so what this prints is what a user of those scripts gets.
+The pair is a function of the code: the settings that made it (shapes, init seed, the SFT run's resolved
+settings and data, the checkpoints kept) are written beside it (work_dir/pair.json), and a pair made by other
+settings is remade, with one line saying what changed. Everything runs through the project's own scripts as
+subprocesses (distill.py for SFT and distillation, eval.py for accuracy), so what this prints is what a user of
+those scripts gets; their whole output goes to work_dir/*.log.
 """
+import hashlib
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from collections import deque
 
 # -----------------------------------------------------------------------------
 work_dir = 'tiny'             # models, runs and evaluations go here
 table = False                 # the small-scale table instead of the quick start
+tune = False                  # the validation runs behind the pair and config/tiny.py instead of the quick start
+verbose = False               # print the scripts' whole output, not only their own lines (the logs have it all)
+student_step = 500            # the student: this checkpoint of the SFT run that makes the pair (config/tiny_sft.py)
+teacher_step = 1000           # the teacher: this one (both chosen on the validation split: tiny.py --tune=True)
 methods = 'oprd,opd,opd_topk,opd_full,opd+oprd'
 seeds = 3
 distill_steps = 60            # equal step budget for every method
-eval_backend = 'auto'
+tune_lrs = '1e-3,2e-3,3e-3'   # OPRD learning rates that --tune=True compares on the validation split
+eval_backend = 'torch'        # greedy evaluation of 256 short answers: the torch sampler, no engine to start
 table_backend = 'torch'       # the table's many short runs: the torch sampler, no engine start per run
 # -----------------------------------------------------------------------------
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+SFT_CONFIG = 'config/tiny_sft.py'
 # the tiny Qwen3-architecture models: head_dim 32 so that vLLM's CPU attention serves them
 SHAPES = {'student': dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                           intermediate_size=384),
           # the smaller student of another width and depth, for the projector and Bridge paths
           'small': dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
                         intermediate_size=192)}
+# distill.py settings that cannot change the weights an SFT run makes: left out of the recorded recipe
+NOT_RECIPE = ('out_dir', 'student', 'log_every', 'save_every', 'keep_checkpoints', 'wandb_log', 'wandb_project',
+              'dist_timeout_min')
+# what the scripts' dependencies print while they start (vLLM's log, python and torch warnings, progress bars)
+CHATTER = re.compile(r"^\([\w-]+ pid=\d+\) |^(INFO|WARNING|DEBUG|ERROR) \d\d-\d\d |^\[W\d{4} |^\S+:\d+: \w*Warning: |"
+                     r"^Triton |^Loading safetensors|it/s\]|s/it\]|^\s*$")
 
 
-def sh(args, log=None):
-    """Run one of the project's scripts; its output goes to the terminal (and a log file)."""
-    cmd = [sys.executable] + args
-    print('$ ' + ' '.join(['python'] + args), flush=True)
-    with open(log, 'w') if log else open(os.devnull, 'w') as f:
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def sh(args, log, every=1):
+    """Run one of the project's scripts, its whole output to the log file. On the terminal (unless verbose): its
+    own lines without the config echo and its dependencies' chatter, and of its step lines the first, every
+    `every`-th and the last; if it fails, the log's last lines."""
+    print('$ ' + ' '.join(['python'] + args) + f'    (log: {log})', flush=True)
+    tail, pending, warned = deque(maxlen=30), None, False
+    with open(log, 'w') as f:
+        p = subprocess.Popen([sys.executable] + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
         for line in p.stdout:
             f.write(line)
-            if not line.startswith('config:'):
-                print('  ' + line, end='', flush=True)
+            tail.append(line)
+            step = re.match(r'step (\d+):', line)
+            if step:
+                show = step[1] == '0' or (int(step[1]) + 1) % every == 0
+            else:  # python prints a warning's source line after it: skipped with it
+                show = not (warned or line.startswith('config:') or CHATTER.search(line)
+                            or (every > 1 and line.startswith('saved ')))
+                warned = bool(re.match(r'\S+:\d+: \w*Warning: ', line))
+            if verbose or show:  # the last step line, if not shown, comes before the next line that is
+                print(('' if step else pending or '') + '  ' + line, end='', flush=True)
+                pending = None
+            elif step:
+                pending = '  ' + line
         if p.wait() != 0:
-            raise SystemExit(f"error: {' '.join(args[:1])} failed (exit {p.returncode})")
+            if not verbose:
+                print(''.join('  | ' + l for l in tail), end='')
+            raise SystemExit(f"error: {args[0]} failed (exit {p.returncode}); its whole output is in {log}")
 
 
 def make_init(path, seed=0, **shape):
@@ -69,45 +106,118 @@ def make_init(path, seed=0, **shape):
     mark_byte_tokenizer(path)
 
 
-def make_pair():
-    """Teacher and student from one SFT run: the checkpoint at step 400 is the student, at 1000 the teacher."""
+def recipe(shape, seed, steps):
+    """Everything that determines models made by make_models: the init (shape, seed, make_init's code), the SFT
+    run's settings as distill.py resolves them, its data and tokenizer, the checkpoints kept, torch's version."""
+    import inspect
+    import torch
+    import data
+    import distill
+    import rollout
+    from configurator import apply_config
+    sha = lambda text: hashlib.sha256(text.encode()).hexdigest()[:16]
+    defaults = {k: v for k, v in vars(distill).items() if not k.startswith('_') and k.islower()
+                and isinstance(v, (int, float, bool, str, list, tuple, type(None)))}  # as distill.main()
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # a config file may exec another by its path from the repository root
+    try:
+        sft = apply_config([SFT_CONFIG], defaults, verbose=False)
+    finally:
+        os.chdir(cwd)
+    problems = data.load_problems(sft['prompts'])
+    r = {'init': dict(shape, seed=seed, code=sha(inspect.getsource(make_init))),
+         'sft': {k: v for k, v in sorted(sft.items()) if k not in NOT_RECIPE},
+         'sft_data': sha(json.dumps([(data.build_prompt(p), p.get('solution')) for p in problems])),
+         'tokenizer': sha(inspect.getsource(rollout.ByteTokenizer)),
+         'checkpoints': steps, 'torch': torch.__version__}
+    return json.loads(json.dumps(r))  # as it reads back from the file (tuples become lists)
+
+
+def changes(old, new, prefix=''):
+    """'key old -> new' for every setting that differs between two recipes."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, '(none)'), new.get(k, '(none)')
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changes(a, b, f'{prefix}{k}.')
+        elif a != b:
+            out.append(f'{prefix}{k} {a!r} -> {b!r}')
+    return out
+
+
+def make_models(name, shape, seed, steps):
+    """Models of one SFT run from a seeded random init: work_dir/<who> = its checkpoint at step steps[who].
+    Reused only if work_dir/<name>.json records this very recipe; otherwise remade, saying why in one line, and
+    every run and evaluation made from the old models removed."""
     w = work_dir
-    if all(os.path.isfile(os.path.join(w, m, 'config.json')) for m in ('teacher', 'student')):
+    record = os.path.join(w, f'{name}.json')
+    want = recipe(shape, seed, steps)
+    have = all(os.path.isfile(os.path.join(w, who, 'config.json')) for who in steps)
+    old = None
+    if os.path.isfile(record):
+        with open(record) as f:
+            old = json.load(f)
+    diff = changes(old, want) if old is not None else []
+    if have and old is not None and not diff:
+        print(f"{', '.join(steps)}: reused ({record} records this recipe: SFT checkpoints "
+              f"{', '.join(f'{who} {s}' for who, s in steps.items())})", flush=True)
         return
-    init = os.path.join(w, 'init')
-    make_init(init, **SHAPES['student'])
-    sft = os.path.join(w, 'sft')
-    sh(['distill.py', 'config/tiny_sft.py', f'--student={init}', f'--out_dir={sft}'], os.path.join(w, 'sft.log'))
-    for name, step in (('student', 400), ('teacher', 1000)):
-        keep(os.path.join(sft, f'step_{step:07d}'), os.path.join(w, name))
+    why = ("made by one SFT run" if not have else
+           f"remade, no {record} records how they were made" if old is None else
+           f"remade, the recipe changed since {record} ({'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''})")
+    print(f"{', '.join(steps)}: {why}", flush=True)
+    init, sft = os.path.join(w, f'init_{name}'), os.path.join(w, f'sft_{name}')
+    for d in [init, sft, *steps, 'runs', 'eval', 'bridges']:
+        shutil.rmtree(os.path.join(w, d), ignore_errors=True)
+    if os.path.exists(record):
+        os.remove(record)
+    make_init(init, seed=seed, **shape)
+    sh(['distill.py', SFT_CONFIG, f'--student={init}', f'--out_dir={sft}'], os.path.join(w, f'sft_{name}.log'), 100)
+    from model import checkpoints_in
+    for ckpt in checkpoints_in(sft):  # the finished run's checkpoints need no resume state
+        os.remove(os.path.join(ckpt, 'resume.pt'))
+    for who, step in steps.items():
+        ckpt = os.path.join(sft, f'step_{step:07d}')
+        if not os.path.isdir(ckpt):
+            raise SystemExit(f"error: {SFT_CONFIG} kept no checkpoint at step {step} (see its save_every and "
+                             "keep_checkpoints)")
+        shutil.copytree(ckpt, os.path.join(w, who))
+    with open(record, 'w') as f:
+        json.dump(want, f, indent=1)
+
+
+def make_pair():
+    make_models('pair', SHAPES['student'], 0, {'student': student_step, 'teacher': teacher_step})
 
 
 def make_small():
     """The smaller student (another width and depth): its own SFT run, 1000 steps."""
-    w = work_dir
-    if os.path.isfile(os.path.join(w, 'small', 'config.json')):
-        return
-    init = os.path.join(w, 'init_small')
-    make_init(init, seed=1, **SHAPES['small'])
-    sft = os.path.join(w, 'sft_small')
-    sh(['distill.py', 'config/tiny_sft.py', f'--student={init}', f'--out_dir={sft}'], os.path.join(w, 'sft_small.log'))
-    keep(os.path.join(sft, 'step_0001000'), os.path.join(w, 'small'))
+    make_models('small', SHAPES['small'], 1, {'small': 1000})
 
 
-def keep(ckpt, dst):
-    """A checkpoint of distill.py as a plain model folder (without its resume state)."""
-    shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(ckpt, dst, ignore=shutil.ignore_patterns('resume.pt'))
+def write_val(path, n=512):
+    """The validation split: tiny_train's generator continued past the problems training draws from, so it
+    shares no prompt with training (checked) nor with the held-out test problems (checked); prompts exactly as
+    the task's ("37+48-29=?"), which eval.py reads from the file's 'prompt' field."""
+    import data
+    train, test = data.BUILTIN['tiny_train'](), data.BUILTIN['tiny']()
+    val = data.tiny_problems('train', len(train) + n)[len(train):]
+    assert not {p['prompt'] for p in val} & {p['prompt'] for p in train + test}
+    with open(path, 'w') as f:
+        for i, p in enumerate(val):
+            f.write(json.dumps({'id': f'val-{i}', 'problem': p['problem'], 'prompt': p['prompt'],
+                                'answer': p['answer']}) + '\n')
+    return path
 
 
-def accuracy(ckpt, name, backend=None):
-    """Greedy accuracy on the held-out tiny benchmark (256 problems), through eval.py."""
+def accuracy(ckpt, name, backend=None, bench='tiny'):
+    """Greedy accuracy through eval.py: on the held-out tiny benchmark (256 problems), or a .jsonl split."""
     out = os.path.join(work_dir, 'eval', name)
-    sh(['eval.py', f'--ckpt={ckpt}', '--benchmarks=tiny', '--n_samples=1', '--temperature=0.0', '--top_p=1.0',
+    sh(['eval.py', f'--ckpt={ckpt}', f'--benchmarks={bench}', '--n_samples=1', '--temperature=0.0', '--top_p=1.0',
         '--max_new_tokens=64', '--max_prompt_tokens=64', f'--backend={backend or eval_backend}', f'--out={out}'],
        os.path.join(work_dir, f'eval_{name}.log'))
     with open(os.path.join(out, 'summary.json')) as f:
-        return json.load(f)['tiny']['avg@1']
+        return json.load(f)[bench]['avg@1']
 
 
 def distill_run(method, seed, name, student='student', *extra, config='config/tiny.py'):
@@ -115,7 +225,7 @@ def distill_run(method, seed, name, student='student', *extra, config='config/ti
     shutil.rmtree(out, ignore_errors=True)
     sh(['distill.py', config, f'--method={method}', f'--seed={seed}', f'--out_dir={out}',
         f'--student={work_dir}/{student}', f'--teacher={work_dir}/teacher', f'--max_steps={distill_steps}', *extra],
-       os.path.join(work_dir, f'{name}.log'))
+       os.path.join(work_dir, f'{name}.log'), 10)
     from model import checkpoints_in
     return checkpoints_in(out)[-1]
 
@@ -132,15 +242,44 @@ def bridge_run(seed, name):
 def quick_start():
     t0 = time.time()
     make_pair()
+    t_pair = time.time() - t0
     before = accuracy(f'{work_dir}/student', 'student')
     teacher = accuracy(f'{work_dir}/teacher', 'teacher')
     after = accuracy(distill_run('oprd', 0, 'oprd_seed0'), 'oprd_seed0')
     gap = (after - before) / max(teacher - before, 1e-9)
-    print(f"\ntiny task, greedy accuracy on 256 held-out problems ({time.time() - t0:.0f} s in all):")
+    wall = time.time() - t0
+    print("\ntiny task, greedy accuracy on 256 held-out problems:")
     print(f"  student before   {100 * before:5.1f}%")
     print(f"  teacher          {100 * teacher:5.1f}%")
     print(f"  student + OPRD   {100 * after:5.1f}%   ({100 * gap:.0f}% of the teacher-student gap closed "
           f"in {distill_steps} steps)")
+    print(f"{wall / 60:.1f} minutes in all, {t_pair / 60:.1f} of them making the pair")
+
+
+def tune_runs():
+    """The numbers behind the settings, all on the validation split (never the held-out test problems): every
+    kept checkpoint of the pair's SFT run, then OPRD from the student at each of tune_lrs; to work_dir/tune.md."""
+    from model import checkpoints_in
+    make_pair()
+    val = write_val(os.path.join(work_dir, 'val.jsonl'))
+    lines = [f"Greedy accuracy on the validation split ({val}, 512 problems); gap closed = (after - before) / "
+             "(teacher - before).", "", "| model | accuracy (%) | gap closed |", "|---|---|---|"]
+    acc = {}
+    for ckpt in checkpoints_in(os.path.join(work_dir, 'sft_pair')):
+        step = int(ckpt.rsplit('_', 1)[1])
+        acc[step] = accuracy(ckpt, f'val_sft_{step}', bench=val)
+        who = {student_step: ' (the student)', teacher_step: ' (the teacher)'}.get(step, '')
+        lines.append(f"| SFT step {step}{who} | {100 * acc[step]:.1f} | |")
+    before, teacher = acc[student_step], acc[teacher_step]
+    for lr in tune_lrs.split(','):
+        after = accuracy(distill_run('oprd', 0, f'val_oprd_lr{lr}', 'student', f'--lr={lr}'), f'val_oprd_lr{lr}',
+                         bench=val)
+        lines.append(f"| student + OPRD, {distill_steps} steps at lr {lr} | {100 * after:.1f} | "
+                     f"{100 * (after - before) / max(teacher - before, 1e-9):.0f}% |")
+    text = '\n'.join(lines)
+    print(text)
+    with open(os.path.join(work_dir, 'tune.md'), 'w') as f:
+        f.write(text + '\n')
 
 
 def small_scale_table():
@@ -192,9 +331,9 @@ if __name__ == '__main__':
     keys = [k for k, v in list(globals().items()) if not k.startswith('_') and k.islower()
             and isinstance(v, (int, float, bool, str))]
     try:
-        globals().update(apply_config(sys.argv[1:], {k: globals()[k] for k in keys}))
+        globals().update(apply_config(sys.argv[1:], {k: globals()[k] for k in keys}, help_source=__file__))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     os.makedirs(work_dir, exist_ok=True)
-    small_scale_table() if table else quick_start()
+    small_scale_table() if table else tune_runs() if tune else quick_start()

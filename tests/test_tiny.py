@@ -1,0 +1,123 @@
+"""tiny.py without its training: the recipe recorded beside the pair, a remake when it changes (never a silent
+reuse), the validation split, and the quick start's filtered output. The SFT run is mocked; seconds."""
+
+import json
+import os
+
+import pytest
+from conftest import ROOT
+
+import tiny
+
+
+@pytest.fixture
+def fake_sft(tmp_path, monkeypatch):
+    """tiny.py in a temporary work_dir, its SFT run replaced by empty checkpoint folders at every 100th step."""
+    calls = []
+
+    def sh(args, log, every=1):
+        calls.append(args)
+        out = next(a.split('=', 1)[1] for a in args if a.startswith('--out_dir='))
+        for step in range(100, 1001, 100):
+            os.makedirs(os.path.join(out, f'step_{step:07d}'))
+            for name in ('config.json', 'resume.pt'):
+                with open(os.path.join(out, f'step_{step:07d}', name), 'w') as f:
+                    f.write('{"step": %d}' % step)
+
+    monkeypatch.setattr(tiny, 'sh', sh)
+    monkeypatch.setattr(tiny, 'make_init', lambda path, seed=0, **shape: os.makedirs(path))
+    monkeypatch.setattr(tiny, 'work_dir', str(tmp_path / 'tiny'))
+    return calls
+
+
+def step_of(path):
+    with open(os.path.join(path, 'config.json')) as f:
+        return json.load(f)['step']
+
+
+def test_pair_records_its_recipe_and_is_reused_only_unchanged(fake_sft, capsys):
+    w = tiny.work_dir
+    tiny.make_pair()
+    assert len(fake_sft) == 1 and fake_sft[0][:2] == ['distill.py', 'config/tiny_sft.py']
+    assert (step_of(f'{w}/student'), step_of(f'{w}/teacher')) == (tiny.student_step, tiny.teacher_step)
+    assert not os.path.exists(f'{w}/student/resume.pt')
+    with open(f'{w}/pair.json') as f:
+        rec = json.load(f)
+    assert rec['checkpoints'] == {'student': tiny.student_step, 'teacher': tiny.teacher_step}
+    assert rec['init']['hidden_size'] == 128 and rec['init']['seed'] == 0
+    assert rec['sft']['method'] == 'sft' and rec['sft']['lr'] == 3e-3 and rec['sft']['max_steps'] == 1000
+    assert 'out_dir' not in rec['sft'] and rec['sft_data'] and rec['torch']
+    capsys.readouterr()
+
+    tiny.make_pair()  # the same recipe: reused, and said so
+    assert len(fake_sft) == 1
+    assert 'reused' in capsys.readouterr().out
+
+
+def test_a_changed_recipe_remakes_the_pair_and_what_came_from_it(fake_sft, monkeypatch, tmp_path, capsys):
+    w = tiny.work_dir
+    tiny.make_pair()
+    os.makedirs(f'{w}/eval/oprd_seed0')  # an evaluation of the old pair: must not outlive it
+    capsys.readouterr()
+
+    monkeypatch.setattr(tiny, 'student_step', 300)  # another checkpoint
+    tiny.make_pair()
+    out = capsys.readouterr().out.splitlines()
+    assert len(fake_sft) == 2 and step_of(f'{w}/student') == 300 and not os.path.exists(f'{w}/eval')
+    assert [line for line in out if 'remade' in line] == \
+        [f"student, teacher: remade, the recipe changed since {w}/pair.json (checkpoints.student 500 -> 300)"]
+
+    cfg = tmp_path / 'tiny_sft_other.py'  # another SFT learning rate
+    cfg.write_text(open(os.path.join(ROOT, 'config', 'tiny_sft.py')).read() + 'lr = 2e-3\n')
+    monkeypatch.setattr(tiny, 'SFT_CONFIG', str(cfg))
+    tiny.make_pair()
+    assert len(fake_sft) == 3 and fake_sft[-1][1] == str(cfg)
+    assert 'sft.lr 0.003 -> 0.002' in capsys.readouterr().out
+
+    monkeypatch.setitem(tiny.SHAPES, 'student', dict(tiny.SHAPES['student'], intermediate_size=256))
+    tiny.make_pair()
+    assert len(fake_sft) == 4 and 'init.intermediate_size 384 -> 256' in capsys.readouterr().out
+
+
+def test_a_pair_without_a_record_is_never_reused(fake_sft, capsys):
+    w = tiny.work_dir
+    for who in ('student', 'teacher'):  # a pair from an older tiny.py: no pair.json beside it
+        os.makedirs(f'{w}/{who}')
+        open(f'{w}/{who}/config.json', 'w').write('{"step": 0}')
+    tiny.make_pair()
+    assert len(fake_sft) == 1 and step_of(f'{w}/student') == tiny.student_step
+    assert 'no ' + f'{w}/pair.json records how they were made' in capsys.readouterr().out
+
+
+def test_validation_split_is_disjoint_and_formatted_like_the_task(tmp_path):
+    import data
+    val = data.load_problems(tiny.write_val(str(tmp_path / 'val.jsonl'), n=64))
+    assert len(val) == 64 and all(p['prompt'] == p['problem'] + '=?' for p in val)
+    assert all(data.build_prompt(p) == p['prompt'] for p in val)  # the prompt the model sees: as in training
+    used = {p['prompt'] for p in data.BUILTIN['tiny_train']() + data.BUILTIN['tiny']()}
+    assert not used & {p['prompt'] for p in val}
+
+
+def test_sh_shows_progress_not_chatter_and_logs_everything(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tiny, 'verbose', False)
+    lines = (['config: lr = 0.003', '(EngineCore pid=12) WARNING 11-28 20:19:51 [cpu.py:224] Triton is not installed.',
+              'INFO 11-28 20:19:51 [core.py:1] engine started', 'method sft | student x'] +
+             [f'step {i}: loss {1 / (i + 1):.3f}' for i in range(250)] + ['saved out/step_0000250', 'done: out'])
+    script = tmp_path / 'noisy.py'
+    script.write_text(f"import sys, warnings\nfor l in {lines!r}: print(l)\n"
+                      "warnings.warn('deprecated', FutureWarning)\n")
+    log = tmp_path / 'noisy.log'
+    tiny.sh([str(script)], str(log), every=100)
+    shown = [line.strip() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert shown == ['method sft | student x', 'step 0: loss 1.000', 'step 99: loss 0.010', 'step 199: loss 0.005',
+                     'step 249: loss 0.004', 'done: out']
+    logged = log.read_text()
+    assert all(line in logged for line in lines) and 'FutureWarning' in logged
+
+
+def test_sh_failure_shows_the_log_tail_and_exits(tmp_path, capsys):
+    script = tmp_path / 'fails.py'
+    script.write_text("print('step 0: loss 1'); raise SystemExit('error: something broke')\n")
+    with pytest.raises(SystemExit, match='failed'):
+        tiny.sh([str(script)], str(tmp_path / 'fails.log'))
+    assert 'error: something broke' in capsys.readouterr().out
