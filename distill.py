@@ -354,7 +354,7 @@ def rollouts(sampler, items, step, rank, world, tok):
     """(prompt ids, response ids, finish) for this rank to train on. The ranks of one tensor-parallel group
     share prompts and seed (vLLM's external launcher serves them together), then each keeps every tp-th
     sequence, so each rollout is trained on once."""
-    tp = tensor_parallel_size
+    tp = tensor_parallel_size if method != 'sft' else 1  # sft has no sampler: every rank its own share
     mine = step_prompts(items, step, rank // tp, world // tp)
     if method == 'sft':
         return [(it['prompt'], it['response'], 'stop') for it in mine]
@@ -446,7 +446,8 @@ def bridge_batches(sampler, items, rank, world, tok, dev):
     steps' order and seeds, one pass at most) as micro-batches, each with the positions stage 2 supervises."""
     for step in range(max(1, len(items) // prompts_per_step)):
         seqs = rollouts(sampler, items, step, rank, world, tok)
-        batches = [collate(seqs[i:i + micro_batch_size], tok.pad_id, dev) for i in range(0, len(seqs), micro_batch_size)]
+        batches = [collate(seqs[i:i + micro_batch_size], tok.pad_id, dev)
+                   for i in range(0, len(seqs), micro_batch_size)]
         yield [(b, response_masks(b['resp'], positions, k_positions, align)) for b in batches]
 
 
