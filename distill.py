@@ -386,7 +386,6 @@ def accumulate_gradients(stu, tea, seqs, plan, proj, bridge, filler, pad_id, dev
     the extra ones zero-weight copies of `filler`: FSDP2's collectives pair up only if the counts match.
     The loss is divided by the all-reduced count of supervised tokens, so sharding does not change it; FSDP
     averages gradients over ranks, hence the factor world."""
-    world = dist.get_world_size()
     batches = [collate(seqs[i:i + micro_batch_size], pad_id, dev) for i in range(0, len(seqs), micro_batch_size)]
     n_out = all_reduce_sum(sum(b['out_mask'].sum().item() for b in batches)).item()
     n_rep = all_reduce_sum(sum(response_masks(b['resp'], positions, k_positions, align).sum().item()
@@ -399,7 +398,7 @@ def accumulate_gradients(stu, tea, seqs, plan, proj, bridge, filler, pad_id, dev
         stu.set_requires_gradient_sync(mi == n_mb - 1)
         b, weight = (batches[mi], 1.0) if mi < len(batches) else (filler, 0.0)
         loss, ms = micro_batch_loss(stu, tea, b, plan, proj, n_out, n_rep, bridge)
-        (loss * (world * weight)).backward()
+        (loss * (dist.get_world_size() * weight)).backward()
         if weight:
             st['loss'] += loss.item()
             st['kl'] += ms['kl']
@@ -566,6 +565,7 @@ def run(cfg):
             save_checkpoint(out_dir, keep_checkpoints, raw_stu, stu, opt, proj, step + 1, dict(archs, config=cfg))
         if stop_step and step + 1 >= stop_step:
             break
+    dist.barrier()  # every rank's collectives (FSDP2's asynchronous reduce-scatters too) end before teardown
     if master:
         print(f"done: {(checkpoints_in(out_dir) or [out_dir])[-1]}")
 
