@@ -20,7 +20,6 @@ a process group with the student under FSDP2, so one GPU trains exactly as a one
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -29,14 +28,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 import data
 from bridge import arch, check_bridge, fit_stage1, load_bridge
 from fsdp import (MemoryMeter, all_reduce_max, all_reduce_sum, clip_grad_norm, is_dist, load_training_state,
                   read_resume, save_checkpoint, setup_distributed, shard, shard_projector)
-from losses import (DistillError, depth_map, oprd_loss, output_loss, output_loss_chunk, parse_layers,  # noqa: F401
-                    response_masks, sft_loss)
+from losses import DistillError, depth_map, oprd_loss, output_loss, parse_layers, response_masks, sft_loss
 from model import CheckpointError, Transformer, checkpoints_in, resolve_checkpoint
 
 # -----------------------------------------------------------------------------
