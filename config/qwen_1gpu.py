@@ -1,6 +1,6 @@
 # The paper's main setting (METHOD.md §5) on ONE 80 GB GPU: the same 16 sequences per step (8 prompts x 2 samples,
 # accumulated one 16k-token sequence at a time), the same optimizer and schedule, vLLM colocated.
-# $ python distill.py config/qwen_1gpu.py          (a plain process trains exactly as a one-rank torchrun)
+# $ python distill.py config/qwen_1gpu.py     (a plain process trains exactly as a one-rank torchrun does)
 #
 # Peak memory, worked out for DeepSeek-R1-Distill-Qwen-1.5B (Qwen2.5-1.5B shape, untied head: 1.78 B parameters;
 # body 28 x 46.8 M = 1.31 B, embedding and head 2 x 0.233 B) with GB = 2^30 bytes:
@@ -16,29 +16,9 @@
 #   28 layers x 2 x 256 x 2 B = 28 KB per token = 7.9 GB, plus its work space. Sleep mode offloads its weights and
 #   frees the KV cache during the update, so the two peaks do not add up: about 23 + 24 = 47 GB while sampling,
 #   31 GB (+ vLLM's few hundred MB) while updating. On a 40 GB card: no (use two GPUs and torchrun).
+exec(open('config/qwen.py').read())  # the paper's setting, then only what differs
 out_dir = 'out/qwen_oprd_1gpu'
-student = 'deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B'
-teacher = 'hbx/JustRL-DeepSeek-1.5B'
-method = 'oprd'
-prompts = 'dapo17k'
-max_prompt_len = 2048
-prompts_per_step = 8          # x 2 samples = 16 sequences per step, all on this GPU
-n_samples = 2
-temperature = 1.0
-top_p = 1.0
-max_new_tokens = 16384
-gpu_memory_utilization = 0.3
-layers = 'all'
-positions = 'last_k'
-k_positions = 2000
-distance = 'mse'
-oprd_coef = 1.0
-max_steps = 500
-lr = 1e-5
-warmup_frac = 0.03
-weight_decay = 0.01
-grad_clip = 1.0
-micro_batch_size = 1          # 16 micro-batches of one sequence, gradients accumulated
-activation_checkpointing = True
-save_every = 100
 device = 'cuda'
+# unchanged from config/qwen.py, and what makes it fit: prompts_per_step = 8 x n_samples = 2 = 16 sequences on this
+# one rank, micro_batch_size = 1 (16 micro-batches accumulated), activation_checkpointing = True,
+# gpu_memory_utilization = 0.3
