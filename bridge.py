@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fsdp import all_reduce_sum
+from fsdp import all_reduce_max, all_reduce_sum, is_dist
 
 
 class BridgeError(ValueError):
@@ -186,7 +186,7 @@ def check_bridge(meta, path, plan, stu_cfg, tea_cfg):
 
 def gather_rows(x, device):
     """All ranks' rows (n_rank, d), concatenated in rank order, on every rank; a copy in one process."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_dist():
         return x.to(device)
     x = x.to(device)
     n = torch.tensor([len(x)], device=device)
@@ -203,8 +203,7 @@ def fit_bridge(rows, s_layers, r, device, max_rows=16384, seed=0, **fit_kw):
     """Stage 1's fit, every layer: rows {student layer: (h_S rows, h_T rows)} of this rank (CPU). Every rank's
     rows are gathered; layer j is fit by rank j % world and broadcast, so the bridge is the same on every rank
     (checked by a checksum). Returns the Bridge and {'heldout_cos', 'cos_by_rank', 'cos_by_rank_mean'}."""
-    on = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
     fits = {}
     for j, l in enumerate(s_layers):
         h_s, h_t = (gather_rows(torch.cat(x), device) for x in rows.pop(l))
@@ -213,18 +212,14 @@ def fit_bridge(rows, s_layers, r, device, max_rows=16384, seed=0, **fit_kw):
     for l, (h_s, h_t) in fits.items():
         out = fit_bridge_layer(h_s, h_t, r, max_rows, seed=seed + l, **fit_kw)
         fits[l] = [t.cpu() if torch.is_tensor(t) else t for t in out]
-    if on:
+    if is_dist():
         for j, l in enumerate(s_layers):  # the owner's fit to every rank (pickled CPU tensors)
             obj = [fits.get(l)]
             dist.broadcast_object_list(obj, src=j % world)
             fits[l] = obj[0]
     bridge = Bridge({l: fits[l][:3] for l in s_layers})
-    checksum = torch.tensor([sum(t.double().sum().item() + t.double().abs().sum().item()
-                                 for t in bridge.state_dict().values())] * 2, dtype=torch.float64, device=device)
-    checksum[1].neg_()
-    if on:
-        dist.all_reduce(checksum, op=dist.ReduceOp.MAX)
-    if checksum[0].item() != -checksum[1].item():  # max == min over ranks
+    checksum = sum(t.double().sum().item() + t.double().abs().sum().item() for t in bridge.state_dict().values())
+    if all_reduce_max(checksum) != -all_reduce_max(-checksum):  # max == min over ranks
         raise RuntimeError("the bridge differs between ranks")
     by_rank = {str(l): {str(k): c for k, c in fits[l][4].items()} for l in s_layers}
     ranks = list(fits[s_layers[0]][4])
@@ -269,7 +264,7 @@ def fit_stage1(stu, tea, steps, plan, cfg, paths, device):
     """OPRD-Bridge stage 1 (METHOD.md §4), driven by distill.py method=bridge_fit: rows, the per-layer fit,
     the report, and bridge_path written by rank 0. cfg: distill.py's settings. Returns (bridge, meta)."""
     r, t0 = cfg['bridge_rank'], time.time()
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = dist.get_rank() if is_dist() else 0
     rows, n_rows, n_steps = collect_rows(stu, tea, steps, plan, cfg['bridge_rows'])
     if n_rows < 2 * r + 10:
         raise BridgeError(f"stage 1 collected only {n_rows} rows per layer: too few for a rank-{r} bridge (more "
@@ -286,11 +281,11 @@ def fit_stage1(stu, tea, steps, plan, cfg, paths, device):
             'rows_collected': n_rows, 'rows': min(n_rows, cfg['bridge_rows']), 'holdout': 0.1,
             **{k: cfg[k] for k in ('positions', 'k_positions', 'align', 'seed')}, **settings, **fit}
     if rank == 0:
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        world = dist.get_world_size() if is_dist() else 1
         print(f"bridge identical on {world} rank(s); fit in {time.time() - t1:.1f} s")
         print_fit(fit, plan.s_layers, plan.t_layers, r)
         save_bridge(cfg['bridge_path'], bridge, meta)
         print(f"saved {cfg['bridge_path']}")
-    if dist.is_initialized():
+    if is_dist():
         dist.barrier()
     return bridge, meta
