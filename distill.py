@@ -35,6 +35,7 @@ from fsdp import (MemoryMeter, all_reduce_max, all_reduce_sum, clip_grad_norm, i
                   read_resume, save_checkpoint, setup_distributed, shard, shard_projector)
 from losses import DistillError, depth_map, oprd_loss, output_loss, parse_layers, response_masks, sft_loss
 from model import CheckpointError, Transformer, checkpoints_in, resolve_checkpoint
+from tokenizer import load_tokenizer, same_tokenization
 
 # -----------------------------------------------------------------------------
 # default config values, overridden by config/*.py and --key=value
@@ -267,7 +268,6 @@ def check_resume(saved, cfg, world, stu_cfg, tea_cfg):
 def load_models(student_path, dev, master):
     """Student (fp32 master weights), frozen teacher (compute dtype), tokenizer, the plan, and the projector
     or bridge, with every check that needs them. Returns a dict of them."""
-    import rollout
     compute_dtype = torch.bfloat16 if dev.type == 'cuda' else torch.float32
     try:
         student_path = resolve_checkpoint(student_path)  # a hub id is downloaded once, then used as a folder
@@ -279,8 +279,8 @@ def load_models(student_path, dev, master):
             tea.requires_grad_(False)
     except CheckpointError as e:
         raise DistillError(str(e)) from None
-    tok = rollout.load_tokenizer(student_path)
-    if tea is not None and not rollout.same_tokenization(tok, rollout.load_tokenizer(teacher_path)):
+    tok = load_tokenizer(student_path)
+    if tea is not None and not same_tokenization(tok, load_tokenizer(teacher_path)):
         raise DistillError(f"teacher {teacher!r} and student {student_path!r} tokenize differently: "
                            "OPRD and OPD need identical rollout token ids")
     plan = make_plan(method, stu.config, tea.config if tea is not None else None, layers, positions, k_positions,

@@ -305,6 +305,7 @@ def evaluate(rank, world):
     from tqdm import tqdm
     import rollout
     from model import CheckpointError, resolve_checkpoint
+    from tokenizer import load_tokenizer
     on_gpu = device == 'cuda' or (device == 'auto' and torch.cuda.is_available())
     if world > 1:
         dist.init_process_group('nccl' if on_gpu else 'gloo')
@@ -317,7 +318,7 @@ def evaluate(rank, world):
     if rank == 0:
         print(f"evaluating {path} on {', '.join(names)}: {n_samples} samples per problem, temperature "
               f"{temperature}, top-p {top_p}, up to {max_new_tokens} new tokens ({world} rank(s))")
-    tok = rollout.load_tokenizer(path)
+    tok = load_tokenizer(path)
     dev = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if on_gpu else torch.device('cpu')
     sampler = rollout.make_sampler(backend, path, seed=seed, max_model_len=max_prompt_tokens + max_new_tokens,
                                    device=dev, gpu_memory_utilization=gpu_memory_utilization if on_gpu else None)

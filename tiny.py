@@ -90,7 +90,7 @@ def make_init(path, seed=0, **shape):
     """A randomly initialised tiny Qwen3 checkpoint that uses the built-in byte-level tokenizer."""
     import torch
     from model import ModelConfig, Transformer, to_hf_config
-    from rollout import ByteTokenizer, mark_byte_tokenizer
+    from tokenizer import ByteTokenizer, mark_byte_tokenizer
     torch.manual_seed(seed)
     tok = ByteTokenizer()
     cfg = ModelConfig(model_type='qwen3', vocab_size=tok.vocab_size, head_dim=32, rope_theta=10000.0,
@@ -113,7 +113,7 @@ def recipe(shape, seed, steps):
     import torch
     import data
     import distill
-    import rollout
+    import tokenizer
     from configurator import apply_config
     sha = lambda text: hashlib.sha256(text.encode()).hexdigest()[:16]
     defaults = {k: v for k, v in vars(distill).items() if not k.startswith('_') and k.islower()
@@ -128,7 +128,7 @@ def recipe(shape, seed, steps):
     r = {'init': dict(shape, seed=seed, code=sha(inspect.getsource(make_init))),
          'sft': {k: v for k, v in sorted(sft.items()) if k not in NOT_RECIPE},
          'sft_data': sha(json.dumps([(data.build_prompt(p), p.get('solution')) for p in problems])),
-         'tokenizer': sha(inspect.getsource(rollout.ByteTokenizer)),
+         'tokenizer': sha(inspect.getsource(tokenizer.ByteTokenizer)),
          'checkpoints': steps, 'torch': torch.__version__}
     return json.loads(json.dumps(r))  # as it reads back from the file (tuples become lists)
 

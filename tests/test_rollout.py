@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 from model import Transformer
-from rollout import (ByteTokenizer, HFTokenizer, Sample, TorchSampler, fsdp_named_tensors, load_tokenizer,
-                     make_sampler, mark_byte_tokenizer, process_logits, same_tokenization, shard)
+from rollout import Sample, TorchSampler, fsdp_named_tensors, make_sampler, process_logits, shard
+from tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, mark_byte_tokenizer, same_tokenization
 
 PROMPTS = [[5, 6, 7], list(range(3, 40)), [9] * 12, [40, 41, 42, 43]]
 
