@@ -297,7 +297,9 @@ def add_ratios(res):
             r = by.get(setting, {})
             if "seconds" in r and "seconds" in base:
                 r["speedup_vs_topk"] = base["seconds"] / r["seconds"]
-                r["mem_ratio_vs_topk"] = r["transient_mb"] / base["transient_mb"]
+                # None when top-16 showed no transient peak: on a CPU the resident set's high-water mark can
+                # already stand above the update's peak in a process that ran other work first
+                r["mem_ratio_vs_topk"] = r["transient_mb"] / base["transient_mb"] if base["transient_mb"] else None
     oprd = res["methods"].get("oprd", {}).get("chunked", {})
     if "speedup_vs_topk" in oprd:
         res["oprd_speedup_vs_topk"] = oprd["speedup_vs_topk"]
@@ -305,7 +307,8 @@ def add_ratios(res):
     one = res["methods"].get("opd_topk", {}).get("one_chunk", {})
     if "seconds" in oprd and "seconds" in one:  # against a top-16 that materialises the logits, as the paper's
         res["oprd_speedup_vs_topk_one_chunk"] = one["seconds"] / oprd["seconds"]
-        res["oprd_mem_ratio_vs_topk_one_chunk"] = oprd["transient_mb"] / one["transient_mb"]
+        res["oprd_mem_ratio_vs_topk_one_chunk"] = (oprd["transient_mb"] / one["transient_mb"]
+                                                   if one["transient_mb"] else None)
 
 
 def method_line(m, by, unit):
@@ -330,11 +333,12 @@ def body_to_head_line(shape, T):
 def ratio_line(res):
     if "oprd_speedup_vs_topk" not in res:
         return "  OPRD vs top-16 OPD: not measured"
+    mem = lambda x: "? (top-16 showed no peak)" if x is None else f"{x:.2f}x"  # noqa: E731
     line = (f"  OPRD vs top-16 OPD (chunked): {res['oprd_speedup_vs_topk']:.2f}x faster, "
-            f"{res['oprd_mem_ratio_vs_topk']:.2f}x the transient memory")
+            f"{mem(res['oprd_mem_ratio_vs_topk'])} the transient memory")
     if "oprd_speedup_vs_topk_one_chunk" in res:
         line += (f"; vs top-16 in one chunk: {res['oprd_speedup_vs_topk_one_chunk']:.2f}x faster, "
-                 f"{res['oprd_mem_ratio_vs_topk_one_chunk']:.2f}x the memory")
+                 f"{mem(res['oprd_mem_ratio_vs_topk_one_chunk'])} the memory")
     return line + " (paper, 8 x A100: 1.44x over the run, 0.46x)"
 
 
@@ -604,7 +608,8 @@ def bench_variance(cfg, device):
     """
     from distill import collate, make_plan, micro_batch_loss
     from model import Transformer
-    from rollout import TorchSampler, load_tokenizer
+    from rollout import TorchSampler
+    from tokenizer import load_tokenizer
     import eval as evaluation
     R, n_prompts = cfg["variance_rollouts"], 8
     if os.path.isfile("tiny/teacher/config.json") and os.path.isfile("tiny/student/config.json"):

@@ -58,4 +58,8 @@ def test_update_table_toy_shape_cpu():
             assert r["seconds"] > 0 and r["mfu"] > 0
         assert by["one_chunk"]["vocab_chunk_tokens"] == 64
     assert res["methods"]["oprd"]["chunked"]["model_tflop"] < res["methods"]["opd_topk"]["chunked"]["model_tflop"]
-    assert math.isfinite(res["oprd_speedup_vs_topk"]) and math.isfinite(res["oprd_mem_ratio_vs_topk"])
+    assert math.isfinite(res["oprd_speedup_vs_topk"])
+    # in this process (other tests ran first) top-16's resident-set peak can be 0: then there is no memory ratio
+    base_mb = res["methods"]["opd_topk"]["chunked"]["transient_mb"]
+    assert (res["oprd_mem_ratio_vs_topk"] is None) == (base_mb == 0)
+    assert base_mb == 0 or math.isfinite(res["oprd_mem_ratio_vs_topk"])
