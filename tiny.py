@@ -5,8 +5,8 @@ $ python tiny.py                  # make the teacher and the student (or reuse t
                                   # with OPRD through vLLM rollouts, evaluate all three on the held-out problems
 $ python tiny.py --verbose=True   # the same with the scripts' whole output (every step, vLLM's start-up log)
 $ python tiny.py --tune=True      # the validation runs that chose the pair and config/tiny.py's learning rate
-$ python tiny.py --table=True     # README's small-scale table: every method, equal steps, 3 seeds
-                                  # (runs already evaluated in work_dir are reused: delete it to redo them)
+$ python tiny.py --study=True     # README's small-scale study (study.py): a rate chosen per method, the
+                                  # paper's ablations, the cross-width student; finished runs are reused
 
 The pair is a function of the code: the settings that made it (shapes, init seed, the SFT run's resolved
 settings and data, the checkpoints kept) are written beside it (work_dir/pair.json), and a pair made by other
@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -27,17 +26,16 @@ from collections import deque
 
 # -----------------------------------------------------------------------------
 work_dir = 'tiny'             # models, runs and evaluations go here
-table = False                 # the small-scale table instead of the quick start
+study = False                 # the small-scale study (study.py) instead of the quick start
+jobs = 2                      # the study's runs at a time (one thread each)
 tune = False                  # the validation runs behind the pair and config/tiny.py instead of the quick start
 verbose = False               # print the scripts' whole output, not only their own lines (the logs have it all)
 student_step = 500            # the student: this checkpoint of the SFT run that makes the pair (config/tiny_sft.py)
 teacher_step = 1000           # the teacher: this one (both chosen on the validation split: tiny.py --tune=True)
-methods = 'oprd,opd,opd_topk,opd_full,opd+oprd'
-seeds = 3
+seeds = 3                     # the study's seeds per setting
 distill_steps = 60            # equal step budget for every method
 tune_lrs = '1e-3,2e-3,3e-3'   # OPRD learning rates that --tune=True compares on the validation split
 eval_backend = 'torch'        # greedy evaluation of 256 short answers: the torch sampler, no engine to start
-table_backend = 'torch'       # the table's many short runs: the torch sampler, no engine start per run
 # -----------------------------------------------------------------------------
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -48,6 +46,8 @@ SHAPES = {'student': dict(hidden_size=128, num_hidden_layers=4, num_attention_he
           # the smaller student of another width and depth, for the projector and Bridge paths
           'small': dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
                         intermediate_size=192)}
+# eval.py's settings for the tiny task: one greedy answer per problem
+EVAL_ARGS = ('--n_samples=1', '--temperature=0.0', '--top_p=1.0', '--max_new_tokens=64', '--max_prompt_tokens=64')
 # distill.py settings that cannot change the weights an SFT run makes: left out of the recorded recipe
 NOT_RECIPE = ('out_dir', 'student', 'log_every', 'save_every', 'keep_checkpoints', 'wandb_log', 'wandb_project',
               'dist_timeout_min')
@@ -167,7 +167,7 @@ def make_models(name, shape, seed, steps):
            f"remade, the recipe changed since {record} ({'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''})")
     print(f"{', '.join(steps)}: {why}", flush=True)
     init, sft = os.path.join(w, f'init_{name}'), os.path.join(w, f'sft_{name}')
-    for d in [init, sft, *steps, 'runs', 'eval', 'bridges']:
+    for d in [init, sft, *steps, 'runs', 'eval', 'bridges', 'study']:
         shutil.rmtree(os.path.join(w, d), ignore_errors=True)
     if os.path.exists(record):
         os.remove(record)
@@ -213,9 +213,8 @@ def write_val(path, n=512):
 def accuracy(ckpt, name, backend=None, bench='tiny'):
     """Greedy accuracy through eval.py: on the held-out tiny benchmark (256 problems), or a .jsonl split."""
     out = os.path.join(work_dir, 'eval', name)
-    sh(['eval.py', f'--ckpt={ckpt}', f'--benchmarks={bench}', '--n_samples=1', '--temperature=0.0', '--top_p=1.0',
-        '--max_new_tokens=64', '--max_prompt_tokens=64', f'--backend={backend or eval_backend}', f'--out={out}'],
-       os.path.join(work_dir, f'eval_{name}.log'))
+    sh(['eval.py', f'--ckpt={ckpt}', f'--benchmarks={bench}', *EVAL_ARGS, f'--backend={backend or eval_backend}',
+        f'--out={out}'], os.path.join(work_dir, f'eval_{name}.log'))
     with open(os.path.join(out, 'summary.json')) as f:
         return json.load(f)[bench]['avg@1']
 
@@ -228,15 +227,6 @@ def distill_run(method, seed, name, student='student', *extra, config='config/ti
        os.path.join(work_dir, f'{name}.log'), 10)
     from model import checkpoints_in
     return checkpoints_in(out)[-1]
-
-
-def bridge_run(seed, name):
-    """OPRD-Bridge on the smaller student: stage 1 fits a rank-8 bridge from its rollouts, stage 2 distils."""
-    bridge = os.path.join(work_dir, 'bridges', name)
-    args = ('--bridge_path=' + bridge, f'--backend={table_backend}')
-    sh(['distill.py', 'config/tiny_bridge.py', '--method=bridge_fit', f'--seed={seed}', f'--student={work_dir}/small',
-        f'--teacher={work_dir}/teacher', *args], os.path.join(work_dir, f'{name}_fit.log'))
-    return distill_run('oprd_bridge', seed, name, 'small', *args, config='config/tiny_bridge.py')
 
 
 def quick_start():
@@ -282,50 +272,6 @@ def tune_runs():
         f.write(text + '\n')
 
 
-def small_scale_table():
-    """Every method from the same student with the same step budget, `seeds` seeds each, greedy accuracy."""
-    make_pair()
-    make_small()
-    teacher = accuracy(f'{work_dir}/teacher', 'teacher', table_backend)
-    rows = []
-    # (student, label, method, extra distill.py arguments)
-    backend = (f'--backend={table_backend}',)
-    runs = [('student', m, m, backend) for m in methods.split(',')]
-    runs += [('small', 'opd (sampled-token)', 'opd', backend),
-             ('small', 'oprd + projector', 'oprd', backend + ('--projector=True',)),
-             ('small', 'oprd_bridge (r = 8)', 'oprd_bridge', None)]
-    for student in ('student', 'small'):
-        base = accuracy(f'{work_dir}/{student}', student, table_backend)
-        rows.append((student, f'{student} (before)', base, 0.0, 0.0))
-        for who, label, method, extra in runs:
-            if who != student:
-                continue
-            accs = []
-            for seed in range(seeds):
-                name = f"{student}_{method}_seed{seed}"
-                done = os.path.join(work_dir, 'eval', name, 'summary.json')
-                if os.path.isfile(done):  # evaluated by an earlier (interrupted) table run: reused
-                    with open(done) as f:
-                        accs.append(json.load(f)['tiny']['avg@1'])
-                    continue
-                ckpt = bridge_run(seed, name) if method == 'oprd_bridge' else \
-                    distill_run(method, seed, name, student, *extra)
-                accs.append(accuracy(ckpt, name, table_backend))
-            mean, sd = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
-            rows.append((student, label, mean, sd, (mean - base) / max(teacher - base, 1e-9)))
-    shape = {k: f"{v['num_hidden_layers']} layers, d={v['hidden_size']}" for k, v in SHAPES.items()}
-    lines = [f"Teacher ({shape['student']}): {100 * teacher:.1f}%. Greedy accuracy on 256 held-out problems after "
-             f"{distill_steps} steps, mean ± sd over {seeds} seeds; gap closed = (after − before) / "
-             f"(teacher − before).", "",
-             "| student | method | accuracy (%) | gap closed |", "|---|---|---|---|"]
-    for student, label, mean, sd, gap in rows:
-        lines.append(f"| {student} ({shape[student]}) | {label} | {100 * mean:.1f} ± {100 * sd:.1f} | {100 * gap:.0f}% |")
-    text = '\n'.join(lines)
-    print(text)
-    with open(os.path.join(work_dir, 'table.md'), 'w') as f:
-        f.write(text + '\n')
-
-
 if __name__ == '__main__':
     from configurator import ConfigError, apply_config
     keys = [k for k, v in list(globals().items()) if not k.startswith('_') and k.islower()
@@ -336,4 +282,8 @@ if __name__ == '__main__':
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     os.makedirs(work_dir, exist_ok=True)
-    small_scale_table() if table else tune_runs() if tune else quick_start()
+    if study:
+        import study as small_scale_study
+        small_scale_study.main(jobs)
+    else:
+        tune_runs() if tune else quick_start()
