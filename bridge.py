@@ -62,13 +62,42 @@ def fit_projector(x, y, x_val, y_val, lr=1e-4, epochs=20, batch_size=256, seed=0
     return best, best_cos
 
 
-def lstsq_map(x, yc):
-    """The least-squares linear map W (d_S, d_T) from student rows x (N, d_S) to centred teacher rows yc (N, d_T),
-    closed form in fp64 with a ridge of 1e-6 x the mean eigenvalue of x^T x. The best rank-r P_S is P_T W^T."""
-    x, yc = x.double(), yc.double()
-    gram = x.T @ x
+def solve_map(gram, cross):
+    """The least-squares map W from the normal equations (x^T x) W = x^T y, in fp64, with a ridge of 1e-6 x the
+    mean eigenvalue of x^T x."""
+    gram = gram.double().clone()
     gram.diagonal().add_(1e-6 * gram.diagonal().mean() + 1e-12)
-    return torch.linalg.solve(gram, x.T @ yc)
+    return torch.linalg.solve(gram, cross.double())
+
+
+def lstsq_map(x, yc):
+    """The least-squares linear map W (d_S, d_T) from student rows x (N, d_S) to centred teacher rows yc (N, d_T).
+    The best rank-r P_S is P_T W^T."""
+    x, yc = x.double(), yc.double()
+    return solve_map(x.T @ x, x.T @ yc)
+
+
+def init_projector(proj, stu, tea, batches, plan):
+    """The learned projector's start under projector_init='lstsq' (distill.py): per aligned layer, the least-squares
+    map from the student's states to the teacher's on one step of the student's rollouts (batches: (batch, mask)
+    pairs), the normal equations summed over ranks so every rank starts alike. From nn.Linear's random start the
+    projection is noise, and the first updates bend the student toward that noise before the projector has
+    learned anything; from this start the gradient into the student is only what no linear map explains."""
+    sums = {ls: [torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64, device=w.device),
+                 torch.zeros(w.shape[1], w.shape[0], dtype=torch.float64, device=w.device)]
+            for ls, w in ((ls, proj[str(ls)].weight) for ls in plan.s_layers)}  # x^T x (d_S, d_S), x^T y (d_S, d_T)
+    for b, m in batches:
+        with torch.no_grad():
+            hs_t = tea(b['idx'], attention_mask=b['attn'], taps=plan.t_taps)
+            hs_s = stu(b['idx'], attention_mask=b['attn'], taps=plan.s_taps)
+        for ls, lt in zip(plan.s_layers, plan.t_layers):
+            x, y = hs_s[ls][m].double(), hs_t[lt][m].double()
+            sums[ls][0] += x.T @ x
+            sums[ls][1] += x.T @ y
+    with torch.no_grad():
+        for ls, (gram, cross) in sums.items():
+            w = proj[str(ls)].weight
+            w.copy_(solve_map(all_reduce_sum(gram), all_reduce_sum(cross)).T.to(w))
 
 
 def sweep_ranks(k):

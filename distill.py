@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import data
-from bridge import arch, check_bridge, fit_stage1, load_bridge
+from bridge import arch, check_bridge, fit_stage1, init_projector, load_bridge
 from fsdp import (MemoryMeter, all_reduce_max, all_reduce_sum, clip_grad_norm, is_dist, load_training_state,
                   read_resume, save_checkpoint, setup_distributed, shard, shard_projector)
 from losses import DistillError, depth_map, oprd_loss, output_loss, parse_layers, response_masks, sft_loss
@@ -69,6 +69,7 @@ align = 'predict'             # 'predict': the state that predicts token t (posi
 oprd_coef = 1.0
 mu = 1.0                      # weight of OPRD in the combined objectives opd+oprd, opd_topk+oprd
 projector = False             # learn a linear map d_S -> d_T per layer when the widths differ
+projector_init = 'random'     # its start: nn.Linear's init (the paper) | lstsq (least squares on step 0's rollouts)
 # OPRD-Bridge (METHOD.md §4): a frozen rank-r bridge per layer, fit by method=bridge_fit, used by oprd_bridge
 bridge_path = ''              # folder: bridge.safetensors + bridge.json
 bridge_rank = 8               # r: the teacher's top-r principal directions (8 cross-architecture, 4 cross-tokenizer)
@@ -204,17 +205,15 @@ RULES = [
     ('positions', lambda v: v in ('all', 'first_k', 'last_k'), ": must be all, first_k or last_k"),
     ('distance', lambda v: v in ('mse', 'normalized_mse'), ": must be mse or normalized_mse"),
     ('align', lambda v: v in ('predict', 'token'), ": must be predict or token"),
-    ('bridge_init', lambda v: v in ('random', 'lstsq'), ": must be random or lstsq"),
     ('temperature', lambda v: v >= 0, ": must be >= 0"),
     ('top_p', lambda v: 0 < v <= 1, ": must be in (0, 1]"),
     ('top_k', lambda v: v == -1 or v >= 1, ": must be -1 (off) or >= 1"),
     ('gpu_memory_utilization', lambda v: 0 < v <= 1, ": must be in (0, 1]"),
-    ('min_lr', lambda v: 0 <= v <= lr, ": must be in [0, lr]"),
     ('lr', lambda v: v > 0, ": must be > 0"),
-    ('warmup_frac', lambda v: 0 <= v < 1, ": must be in [0, 1)"),
-    ('beta1', lambda v: 0 <= v < 1, ": must be in [0, 1)"),
-    ('beta2', lambda v: 0 <= v < 1, ": must be in [0, 1)"),
+    ('min_lr', lambda v: 0 <= v <= lr, ": must be in [0, lr]"),
     ('stop_step', lambda v: v >= 0, ": must be >= 0 (0 = off)"),
+] + [(k, lambda v: 0 <= v < 1, ": must be in [0, 1)") for k in ('warmup_frac', 'beta1', 'beta2')] + [
+    (k, lambda v: v in ('random', 'lstsq'), ": must be random or lstsq") for k in ('bridge_init', 'projector_init')
 ] + [(k, lambda v: v >= 0, ": must be >= 0") for k in ('weight_decay', 'grad_clip', 'mu', 'oprd_coef')] + [
     (k, lambda v: v >= 1, ": must be >= 1") for k in (
         'prompts_per_step', 'n_samples', 'max_new_tokens', 'max_prompt_len', 'k_positions', 'topk',
@@ -497,6 +496,9 @@ def run(cfg):
                           (m['student_path'], m['teacher_path']), dev)
 
     # ---- the student (and projector) under FSDP2, the optimizer, resumed state
+    if m['proj'] is not None and state is None and projector_init == 'lstsq':  # on step 0's rollouts, replicated
+        init_projector(m['proj'], stu, tea, next(bridge_batches(sampler, items, rank, world, tok, dev)), plan)
+        sampler.wake()
     stu.activation_checkpointing = activation_checkpointing
     raw_stu, stu = stu, shard(stu, dev, m['compute_dtype'])
     if tea is not None and teacher_fsdp:

@@ -62,8 +62,11 @@ MAIN = [Row('student', 'oprd', 'oprd'),
         Row('student', 'sft (reference solutions)', 'sft', ('--prompts_per_step=64',))]  # 64 sequences a step too
 SMALL = [Row('small', 'opd (sampled token)', 'opd'),
          Row('small', 'opd_topk (k = 16)', 'opd_topk'),
-         Row('small', 'oprd + learned projector', 'oprd', ('--projector=True',))] + [
-    Row('small', f'oprd_bridge (r = {r})', 'oprd_bridge', (), 'config/tiny_bridge.py', r) for r in (4, 8, 16)]
+         Row('small', 'oprd + learned projector', 'oprd', ('--projector=True',)),  # the paper's v1: a random start
+         Row('small', 'oprd + learned projector, least-squares start', 'oprd',
+             ('--projector=True', '--projector_init=lstsq'))] + [
+    Row('small', f'oprd_bridge (r = {r})', 'oprd_bridge', (), 'config/tiny_bridge.py', r) for r in (4, 8, 16)] + [
+    Row('small', 'sft (reference solutions)', 'sft', ('--prompts_per_step=64',))]  # what 60 steps can teach it
 # (group, setting, row, the main row whose rate it uses, what the paper says): the default settings are MAIN[0]
 ABLATIONS = [('layers', s, Row('student', f'layers {s}', 'oprd', (f'--layers={s}',)), 'oprd', p)
              for s, p in (('last', ''), ('even', ''), ('odd', ''))] + [
@@ -154,17 +157,15 @@ def train(row, lr, seed, splits):
 
 
 def diagnose(row, lr):
-    """From seed 0's log: the alignment (cosine, or KL for output-space rows), response length and truncation
-    rate, at the first and at the last step."""
+    """From seed 0's log, at steps 0, EVAL_EVERY, ... and the last: the alignment (the mean cosine over layers, or
+    the KL for output-space rows), the response length and the truncation rate."""
     with open(here('runs', f'{row.key}-lr{lr:g}-s0', 'log.jsonl')) as f:
         recs = [json.loads(line) for line in f]
-    d = {}
-    for k in ('mean_response_len', 'trunc_rate', 'kl'):
-        if k in recs[0]:
-            d[k] = [recs[0][k], recs[-1][k]]
+    recs = recs[::EVAL_EVERY] + ([recs[-1]] if (len(recs) - 1) % EVAL_EVERY else [])
+    d = {k: [r[k] for r in recs] for k in ('mean_response_len', 'trunc_rate', 'kl') if k in recs[0]}
     cos = [k for k in recs[0] if k.startswith('cos/')]
     if cos:
-        d['cos'] = [statistics.mean(r[k] for k in cos) for r in (recs[0], recs[-1])]
+        d['cos'] = [statistics.mean(r[k] for k in cos) for r in recs]
     return d
 
 
@@ -228,6 +229,7 @@ def run_study(jobs):
     result = {
         'minutes': (time.time() - t0) / 60, 'steps': tiny.distill_steps, 'eval_every': EVAL_EVERY,
         'seeds': tiny.seeds, 'k_positions': K_POSITIONS, 'jobs': jobs, 'base': base,
+        'diagnosis_steps': [str(s) for s in range(0, tiny.distill_steps, EVAL_EVERY)] + [str(tiny.distill_steps - 1)],
         'shapes': {k: f"{v['num_hidden_layers']} layers, d = {v['hidden_size']}" for k, v in tiny.SHAPES.items()},
         'main': [table(row) for row in MAIN], 'small': [table(row) for row in SMALL],
         'ablations': [dict(group=g, setting=s, lr=f'{by_label[b]:g}', paper=p,
@@ -286,13 +288,14 @@ def ablation_table(res):
 
 
 def diagnosis_table(res):
-    arrow = lambda d, k, f: f"{f(d[k][0])} → {f(d[k][1])}" if k in d else '—'
-    lines = ["| small student, seed 0 at the chosen rate | KL to the teacher, first → last step | cosine to the "
-             "teacher (after the projector / in the bridge) | response length | truncated |", "|---|---|---|---|---|"]
+    arrow = lambda d, k, f: ' → '.join(f(x) for x in d[k]) if k in d else '—'
+    lines = [f"| small student, seed 0 at the chosen rate; at steps {', '.join(res['diagnosis_steps'])} | KL to the "
+             "teacher | cosine to the teacher (after the projector / in the bridge) | response length | truncated "
+             "(%) |", "|---|---|---|---|---|"]
     for t in res['small']:
         d = t['diagnosis']
         lines.append(f"| {t['label']} | {arrow(d, 'kl', '{:.3f}'.format)} | {arrow(d, 'cos', '{:.3f}'.format)} | "
-                     f"{arrow(d, 'mean_response_len', '{:.1f}'.format)} | {arrow(d, 'trunc_rate', pct)}% |")
+                     f"{arrow(d, 'mean_response_len', '{:.0f}'.format)} | {arrow(d, 'trunc_rate', lambda x: f'{100 * x:.0f}')} |")
     by_rank = next(iter(res['bridges'].values()))['cos_by_rank_mean']  # the same rows for every fit: seed 0
     lines += ["", "| bridge (stage 1): held-out cosine at rank r | " + ' | '.join(f'r = {k}' for k in by_rank) + " |",
               "|---" * (len(by_rank) + 1) + "|",

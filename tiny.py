@@ -283,6 +283,7 @@ if __name__ == '__main__':
         sys.exit(2)
     os.makedirs(work_dir, exist_ok=True)
     if study:
+        sys.modules['tiny'] = sys.modules[__name__]  # study.py reads these settings (work_dir, seeds, ...) as tiny.*
         import study as small_scale_study
         small_scale_study.main(jobs)
     else:

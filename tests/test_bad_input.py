@@ -40,6 +40,7 @@ DISTILL = [  # (overrides, the message's gist)
     (dict(positions="last"), "positions='last': must be all, first_k or last_k"),
     (dict(distance="cos"), "distance='cos': must be mse or normalized_mse"),
     (dict(align="next"), "align='next': must be predict or token"),
+    (dict(projector_init="zeros"), "projector_init='zeros': must be random or lstsq"),
     (dict(temperature=-1), "temperature=-1.0: must be >= 0"),
     (dict(top_p=0), "top_p=0.0: must be in (0, 1]"),
     (dict(top_p=1.5), "top_p=1.5: must be in (0, 1]"),

@@ -147,6 +147,38 @@ def test_stage2_two_ranks_through_the_frozen_bridge(fitted, wide_pair, tmp_path)
     assert open(os.path.join(path, "bridge.safetensors"), "rb").read() == before
 
 
+def test_projector_least_squares_start_two_ranks(wide_pair, tmp_path):
+    """projector_init=lstsq: OPRD with a learned projector starts at the least-squares map of step 0's rollouts
+    (normal equations summed over both ranks): its first cosine is far above a random projector's, and the map
+    equals the closed form on the same states."""
+    import distill
+    from bridge import init_projector, lstsq_map
+    from model import Transformer
+    cos = {}
+    for init in ("random", "lstsq"):
+        out = tmp_path / init
+        run(TORCHRUN + ["distill.py"] + args(wide_pair, out, "", method="oprd", projector=True, projector_init=init,
+                                             distance="mse", max_steps=1))
+        rows = log(out)[0]
+        cos[init] = sum(rows[f"cos/{l}"] for l in (1, 2, 3)) / 3
+    assert abs(cos["random"]) < 0.2 and cos["lstsq"] > 0.5, cos
+
+    teacher, student = (Transformer.from_pretrained(p) for p in wide_pair)
+    plan = distill.make_plan("oprd", student.config, teacher.config, positions="all")
+    g = torch.Generator().manual_seed(0)
+    seqs = [(torch.randint(0, 300, (5,), generator=g).tolist(), torch.randint(0, 300, (n,), generator=g).tolist(),
+             "stop") for n in (7, 12, 3)]
+    b = distill.collate(seqs, 0, "cpu")
+    proj = torch.nn.ModuleDict({str(l): torch.nn.Linear(64, 128, bias=False) for l in plan.s_layers})
+    init_projector(proj, student, teacher, [(b, b["resp"])], plan)
+    with torch.no_grad():
+        hs_s, hs_t = student(b["idx"], attention_mask=b["attn"], taps=plan.s_taps), \
+            teacher(b["idx"], attention_mask=b["attn"], taps=plan.t_taps)
+    for ls, lt in zip(plan.s_layers, plan.t_layers):
+        w = lstsq_map(hs_s[ls][b["resp"]], hs_t[lt][b["resp"]])  # (64, 128), uncentred: the projector has no bias
+        torch.testing.assert_close(proj[str(ls)].weight.double(), w.T, rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- errors, before any work
 
 @pytest.mark.parametrize("change,bridge,message", [

@@ -64,7 +64,7 @@ def fake(tmp_path, monkeypatch):
             assert kw['backend'] == 'torch' and kw['max_steps'] == str(tiny.distill_steps)
             for s in range(study.EVAL_EVERY, tiny.distill_steps + 1, study.EVAL_EVERY):
                 os.makedirs(os.path.join(kw['out_dir'], f'step_{s:07d}'))
-            recs = [{'step': i, 'mean_response_len': 36.0 - i, 'trunc_rate': 0.0} for i in (0, 59)]
+            recs = [{'step': i, 'mean_response_len': 36.0 - i / 10, 'trunc_rate': 0.0} for i in range(60)]
             for r in recs:
                 r.update({'cos/1': 0.9, 'cos/2': 0.95} if 'oprd' in kw['method'] else {'kl': 0.5})
             with open(os.path.join(kw['out_dir'], 'log.jsonl'), 'w') as f:
@@ -95,12 +95,19 @@ def test_the_schedule_chooses_rates_on_validation_and_reports_seeds_on_test(fake
     assert main['oprd']['curves'][1][-1] == pytest.approx(0.9 - 0.01 - 0.05)  # seed 1, last step, test split
     mu = [a for a in res['ablations'] if a['group'].startswith('µ')]
     assert [a['lr'] for a in mu] == [main['opd+oprd (µ = 1)']['lr']] * 3
-    assert small['oprd + learned projector']['diagnosis']['cos'] == [pytest.approx(0.925)] * 2
-    assert small['opd (sampled token)']['diagnosis']['kl'] == [0.5, 0.5]
+    assert small['oprd + learned projector']['diagnosis']['cos'] == [pytest.approx(0.925)] * 4  # steps 0, 20, 40, 59
+    assert small['opd (sampled token)']['diagnosis']['kl'] == [0.5] * 4
+    assert small['sft (reference solutions)']['diagnosis']['mean_response_len'] == [36.0, 34.0, 32.0, 30.1]
     assert res['bridges']['8']['heldout_cos'] == pytest.approx(0.6)
 
     fake.clear()  # everything finished is reused
     assert study.run_study(jobs=1)['main'] == res['main'] and fake == []
+
+
+def test_every_row_has_its_own_runs():
+    """Run folders are named by row: two rows (or ablations) with one name would share each other's runs."""
+    keys = [row.key for row in study.MAIN + study.SMALL] + [a[2].key for a in study.ABLATIONS]
+    assert len(keys) == len(set(keys))
 
 
 def test_tables_plot_and_readme_block_are_written_from_the_results(fake, tmp_path, capsys):
