@@ -288,14 +288,18 @@ def ablation_table(res):
 
 
 def diagnosis_table(res):
-    arrow = lambda d, k, f: ' → '.join(f(x) for x in d[k]) if k in d else '—'
-    lines = [f"| small student, seed 0 at the chosen rate; at steps {', '.join(res['diagnosis_steps'])} | KL to the "
-             "teacher | cosine to the teacher (after the projector / in the bridge) | response length | truncated "
-             "(%) |", "|---|---|---|---|---|"]
-    for t in res['small']:
+    """What happened inside the small student's runs (seed 0), beside the same-width OPRD run for reference; then
+    how much of the teacher's states a linear map of the small student's can reach (the bridge's stage 1)."""
+    series = lambda d, k, f: ' → '.join(f(x) for x in d[k]) if k in d else '—'
+    lines = [f"| seed 0 at the chosen rate; at steps {', '.join(res['diagnosis_steps'])} | KL to the teacher | cosine "
+             "to the teacher (after the projector / in the bridge) | response length | truncated (%) |",
+             "|---|---|---|---|---|"]
+    rows = [(f"student: {t['label']} (same width, no map)", t) for t in res['main'] if t['label'] == 'oprd']
+    for label, t in rows + [(f"small: {t['label']}", t) for t in res['small']]:
         d = t['diagnosis']
-        lines.append(f"| {t['label']} | {arrow(d, 'kl', '{:.3f}'.format)} | {arrow(d, 'cos', '{:.3f}'.format)} | "
-                     f"{arrow(d, 'mean_response_len', '{:.0f}'.format)} | {arrow(d, 'trunc_rate', lambda x: f'{100 * x:.0f}')} |")
+        lines.append(f"| {label} | {series(d, 'kl', '{:.3f}'.format)} | {series(d, 'cos', '{:.3f}'.format)} | "
+                     f"{series(d, 'mean_response_len', '{:.0f}'.format)} | "
+                     f"{series(d, 'trunc_rate', lambda x: f'{100 * x:.0f}')} |")
     by_rank = next(iter(res['bridges'].values()))['cos_by_rank_mean']  # the same rows for every fit: seed 0
     lines += ["", "| bridge (stage 1): held-out cosine at rank r | " + ' | '.join(f'r = {k}' for k in by_rank) + " |",
               "|---" * (len(by_rank) + 1) + "|",
