@@ -335,7 +335,7 @@ def plot(res, path):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     steps = list(range(0, res['steps'] + 1, res['eval_every']))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6), sharey=True)
     for ax, part in zip(axes, ('main', 'small')):
         who = 'student' if part == 'main' else 'small'
         for t in res[part]:
@@ -347,7 +347,7 @@ def plot(res, path):
         ax.axhline(100 * res['base']['teacher']['test'], color='k', ls='--', lw=1, label='teacher')
         ax.set(title=f"{who} ({res['shapes'][who]})", xlabel='step', xticks=steps)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc='lower right')
+        ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.12), ncol=2)  # below: clear of the lines
     axes[0].set_ylabel('test accuracy (%), greedy')
     fig.tight_layout()
     fig.savefig(path, dpi=110)
