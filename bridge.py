@@ -4,7 +4,8 @@ OPRD-Bridge (../shared/METHOD.md §4): a teacher of another width and depth, see
 Stage 1 (distill.py method=bridge_fit collects the rows; fit_bridge here fits them), both models frozen: at
 each aligned layer, the teacher's top-r principal directions P_T (with mean mu_T) of its hidden states on the
 student's rollouts, and a linear P_S (r x d_S) trained toward P_T (h_T - mu_T). Stage 2 (method=oprd_bridge) is
-the OPRD loss between P_S h_S and P_T (h_T - mu_T), the bridge frozen, only the student learning.
+the OPRD loss between P_S h_S and P_T (h_T - mu_T), the bridge frozen, only the student learning. The same least
+squares also gives distill.py's learned projector (projector=True) its start under projector_init='lstsq'.
 
     bridge, fit = fit_bridge(rows, s_layers, r=8, ...)     # rows: {layer: (student rows, teacher rows)}
     save_bridge('bridge/', bridge, meta); bridge, meta = load_bridge('bridge/')
@@ -83,9 +84,11 @@ def init_projector(proj, stu, tea, batches, plan):
     pairs), the normal equations summed over ranks so every rank starts alike. From nn.Linear's random start the
     projection is noise, and the first updates bend the student toward that noise before the projector has
     learned anything; from this start the gradient into the student is only what no linear map explains."""
-    sums = {ls: [torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64, device=w.device),
-                 torch.zeros(w.shape[1], w.shape[0], dtype=torch.float64, device=w.device)]
-            for ls, w in ((ls, proj[str(ls)].weight) for ls in plan.s_layers)}  # x^T x (d_S, d_S), x^T y (d_S, d_T)
+    sums = {}  # per layer: x^T x (d_S, d_S) and x^T y (d_S, d_T) in fp64, over this rank's rows
+    for ls in plan.s_layers:
+        (d_t, d_s), dev = proj[str(ls)].weight.shape, proj[str(ls)].weight.device
+        sums[ls] = [torch.zeros(d_s, d_s, dtype=torch.float64, device=dev),
+                    torch.zeros(d_s, d_t, dtype=torch.float64, device=dev)]
     for b, m in batches:
         with torch.no_grad():
             hs_t = tea(b['idx'], attention_mask=b['attn'], taps=plan.t_taps)

@@ -194,6 +194,8 @@ def said(item, acc):
 
 
 def run_study(jobs):
+    """The models, the rates (validation), the seeds and ablations (test), then every figure the tables and the
+    plot need, as the dict that study.json keeps."""
     t0 = time.time()
     tiny.make_pair()
     tiny.make_small()
