@@ -2,7 +2,7 @@
 The small-scale study behind README's tables: every method at its own learning rate, the paper's ablations of
 OPRD, and a student of another width and depth. Run it through tiny.py, which makes the models:
 
-$ python tiny.py --study=True            # about an hour on 2 CPU cores; finished runs and evaluations are reused
+$ python tiny.py --study=True            # 48 minutes on 2 CPU cores; finished runs and evaluations are reused
 $ python tiny.py --study=True --jobs=1   # one run at a time (each run uses one thread)
 
 1. Rates. Each method of the main table (and each cross-width row) is trained from its student for the same
