@@ -193,10 +193,21 @@ def said(item, acc):
     return f"{row.who} {row.label}, lr {lr:g}, seed {seed}: {split} {pct(acc[split][max(acc[split])])}%"
 
 
+def tally(since):
+    """(minutes the study has cost so far, now): earlier invocations' minutes (work_dir/study/minutes, cleared with
+    the runs when the models are remade) plus this one's since `since`, written back. A rerun that reuses finished
+    runs thus reports what they cost, not the seconds it took to read them."""
+    path, now = here('minutes'), time.time()
+    total = (float(open(path).read()) if os.path.isfile(path) else 0.0) + (now - since) / 60
+    with open(path, 'w') as f:
+        f.write(f'{total}\n')
+    return total, now
+
+
 def run_study(jobs):
     """The models, the rates (validation), the seeds and ablations (test), then every figure the tables and the
     plot need, as the dict that study.json keeps."""
-    t0 = time.time()
+    t = time.time()
     tiny.make_pair()
     tiny.make_small()
     for d in ('runs', 'eval', 'logs', 'bridges'):
@@ -208,6 +219,7 @@ def run_study(jobs):
     ranks = sorted({row.bridge for row in SMALL if row.bridge})
     bridges = dict(zip(ranks, parallel(jobs, fit_bridge, ranks, lambda r, b: f"bridge r = {r} fitted")))
     rows = MAIN + SMALL
+    _, t = tally(t)
 
     print("rates: seed 0 of every row at each rate, scored on the validation split", flush=True)
     val = {row: {} for row in rows}
@@ -217,6 +229,7 @@ def run_study(jobs):
         for (row, lr, _), acc in zip(todo, res):
             val[row][lr] = acc['val'][tiny.distill_steps]
         todo = [(row, next_rate(val[row]), 0) for row in rows if next_rate(val[row]) is not None]
+        _, t = tally(t)
     rate = {row: choose_rate(val[row]) for row in rows}
     by_label = {row.label: rate[row] for row in MAIN}
 
@@ -229,7 +242,7 @@ def run_study(jobs):
     table = lambda row: dict(label=row.label, val={f'{lr:g}': a for lr, a in sorted(val[row].items())},
                              lr=f'{rate[row]:g}', curves=curves(row, rate[row]), diagnosis=diagnose(row, rate[row]))
     result = {
-        'minutes': (time.time() - t0) / 60, 'steps': tiny.distill_steps, 'eval_every': EVAL_EVERY,
+        'minutes': tally(t)[0], 'steps': tiny.distill_steps, 'eval_every': EVAL_EVERY,
         'seeds': tiny.seeds, 'k_positions': K_POSITIONS, 'jobs': jobs, 'base': base,
         'diagnosis_steps': [str(s) for s in range(0, tiny.distill_steps, EVAL_EVERY)] + [str(tiny.distill_steps - 1)],
         'shapes': {k: f"{v['num_hidden_layers']} layers, d = {v['hidden_size']}" for k, v in tiny.SHAPES.items()},
@@ -316,8 +329,8 @@ def render(res):
     every = ', '.join(str(s) for s in range(res['eval_every'], res['steps'] + 1, res['eval_every']))
     return '\n'.join([
         BEGIN,
-        f"`python tiny.py --study=True`: {res['minutes']:.0f} minutes on this 2-core CPU, {res['jobs']} runs at a "
-        f"time. Every run: {res['steps']} steps of 32 prompts × 2 rollouts (sft: 64 reference solutions), the "
+        f"`python tiny.py --study=True`: {res['minutes']:.0f} minutes on this 2-core CPU (every invocation that "
+        f"made these figures), {res['jobs']} runs at a time. Every run: {res['steps']} steps of 32 prompts × 2 rollouts (sft: 64 reference solutions), the "
         f"torch sampler. Test: greedy accuracy on the 256 held-out problems, mean ± sd over {res['seeds']} seeds; "
         f"gap closed = (after − before) / (teacher − before). Validation: 512 other problems (seed 0).", "",
         *main_table(res, 'main'), "",
