@@ -78,6 +78,7 @@ def lstsq_map(x, yc):
     return solve_map(x.T @ x, x.T @ yc)
 
 
+@torch.no_grad()
 def init_projector(proj, stu, tea, batches, plan):
     """The learned projector's start under projector_init='lstsq' (distill.py): per aligned layer, the least-squares
     map from the student's states to the teacher's on one step of the student's rollouts (batches: (batch, mask)
@@ -90,17 +91,15 @@ def init_projector(proj, stu, tea, batches, plan):
         sums[ls] = [torch.zeros(d_s, d_s, dtype=torch.float64, device=dev),
                     torch.zeros(d_s, d_t, dtype=torch.float64, device=dev)]
     for b, m in batches:
-        with torch.no_grad():
-            hs_t = tea(b['idx'], attention_mask=b['attn'], taps=plan.t_taps)
-            hs_s = stu(b['idx'], attention_mask=b['attn'], taps=plan.s_taps)
+        hs_t = tea(b['idx'], attention_mask=b['attn'], taps=plan.t_taps)
+        hs_s = stu(b['idx'], attention_mask=b['attn'], taps=plan.s_taps)
         for ls, lt in zip(plan.s_layers, plan.t_layers):
             x, y = hs_s[ls][m].double(), hs_t[lt][m].double()
             sums[ls][0] += x.T @ x
             sums[ls][1] += x.T @ y
-    with torch.no_grad():
-        for ls, (gram, cross) in sums.items():
-            w = proj[str(ls)].weight
-            w.copy_(solve_map(all_reduce_sum(gram), all_reduce_sum(cross)).T.to(w))
+    for ls, (gram, cross) in sums.items():
+        w = proj[str(ls)].weight
+        w.copy_(solve_map(all_reduce_sum(gram), all_reduce_sum(cross)).T.to(w))
 
 
 def sweep_ranks(k):

@@ -225,7 +225,7 @@ def run_study(jobs):
     val = {row: {} for row in rows}
     todo = [(row, lr, 0) for row in rows for lr in GRID]
     while todo:
-        res = parallel(jobs, lambda t: train(*t, ('val',)), todo, said)
+        res = parallel(jobs, lambda job: train(*job, ('val',)), todo, said)
         for (row, lr, _), acc in zip(todo, res):
             val[row][lr] = acc['val'][tiny.distill_steps]
         todo = [(row, next_rate(val[row]), 0) for row in rows if next_rate(val[row]) is not None]
@@ -236,7 +236,7 @@ def run_study(jobs):
     print(f"test: {tiny.seeds} seeds at the chosen rates, and the ablations", flush=True)
     todo = [(row, rate[row], s) for row in rows for s in range(tiny.seeds)]
     todo += [(row, by_label[base_row], s) for _, _, row, base_row, _ in ABLATIONS for s in range(tiny.seeds)]
-    res = dict(zip(todo, parallel(jobs, lambda t: train(*t, ('test',)), todo, said)))
+    res = dict(zip(todo, parallel(jobs, lambda job: train(*job, ('test',)), todo, said)))
     curves = lambda row, lr: [[base[row.who]['test']] + [res[(row, lr, s)]['test'][k] for k in sorted(
         res[(row, lr, s)]['test'])] for s in range(tiny.seeds)]
     table = lambda row: dict(label=row.label, val={f'{lr:g}': a for lr, a in sorted(val[row].items())},
