@@ -210,10 +210,10 @@ def write_val(path, n=512):
     return path
 
 
-def accuracy(ckpt, name, backend=None, bench='tiny'):
+def accuracy(ckpt, name, bench='tiny'):
     """Greedy accuracy through eval.py: on the held-out tiny benchmark (256 problems), or a .jsonl split."""
     out = os.path.join(work_dir, 'eval', name)
-    sh(['eval.py', f'--ckpt={ckpt}', f'--benchmarks={bench}', *EVAL_ARGS, f'--backend={backend or eval_backend}',
+    sh(['eval.py', f'--ckpt={ckpt}', f'--benchmarks={bench}', *EVAL_ARGS, f'--backend={eval_backend}',
         f'--out={out}'], os.path.join(work_dir, f'eval_{name}.log'))
     with open(os.path.join(out, 'summary.json')) as f:
         return json.load(f)[bench]['avg@1']
