@@ -1,25 +1,20 @@
 """
-nanoGPT's configurator, with clear errors. A script keeps its settings as plain module globals, then:
+nanoGPT's configurator, with clear errors. A script keeps its settings as plain module globals (lower-case names
+of ints, floats, bools, strings, lists, tuples or None) and, in main(), calls
 
-    config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, list, tuple, type(None)))]
-    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-    config = {k: globals()[k] for k in config_keys}
+    cfg = configure(globals(), __file__)     # applies sys.argv, updates the globals, returns the settings
 
-and is run as, e.g.
+so that, e.g., `python distill.py config/tiny.py --method=opd --max_steps 20` runs.
 
-    python eval.py config/eval_gsm8k.py --ckpt out/ --batch_size=16 --compile
-
-Arguments apply left to right. A bare argument is a python config file, exec'd in a fresh namespace
-seeded with the current values; it may only assign known keys. `--key=value` and `--key value` override
-one key; the value is read with ast.literal_eval, else kept as the raw string, then checked against the
-default's type (int is accepted for float; a str default keeps the raw string; a list/tuple default
-also takes `1,2,3`; a None default takes anything). A bool key alone (`--compile`) means True, and takes
-a following word only if it is true/false/1/0, so `--compile config/x.py` still reads config/x.py.
-Every value applied is printed once (rank 0 only under torchrun). Any mistake (a config file that does
-not parse or raises included) is one line on stderr and exit status 2. `-h` / `--help` prints the script's
-docstring and every key with its default and the comment beside it in the script, and exits 0.
-
-Tests and scripts that would rather not exec can import it:  from configurator import apply_config
+Arguments apply left to right. A bare argument is a python config file, exec'd in a fresh namespace seeded with
+the current values; it may only assign known keys (helpers start with '_'). `--key=value` and `--key value`
+override one key; the value is read with ast.literal_eval, else kept as the raw string, then checked against the
+default's type (int is accepted for float; a str default keeps the raw string; a list/tuple default also takes
+`1,2,3`; a None default takes anything). A bool key alone (`--wandb_log`) means True, and takes a following word
+only if it is true/false/1/0, so `--wandb_log config/x.py` still reads config/x.py. Every value applied is printed
+once (rank 0 only under torchrun). Any mistake (a config file that does not parse or raises included) is one line
+on stderr and exit status 2. `-h` / `--help` prints the script's docstring and every key with its default and the
+comment beside it in the script, and exits 0.
 """
 import ast
 import difflib
@@ -135,9 +130,21 @@ def apply_config(args, defaults, verbose=True, help_source=None):
         put(key, _convert(key, _literal(raw), cfg[key], raw))
     return cfg
 
-if 'config_keys' in globals():  # exec'd by a script (importing this module defines no config_keys)
+
+def settings(namespace):
+    """A script's settings: the lower-case names of plain values in its globals (modules and functions are not)."""
+    return {k: v for k, v in namespace.items() if not k.startswith('_') and k.islower()
+            and isinstance(v, (int, float, bool, str, list, tuple, type(None)))}
+
+
+def configure(namespace, script_path, argv=None):
+    """Apply argv (sys.argv[1:] by default) to the settings of namespace (a script's globals(), or a dict of
+    defaults), update namespace with the result and return it as a dict. A mistake is one line on stderr and
+    exit status 2; -h / --help prints script_path's docstring and settings."""
     try:
-        globals().update(apply_config(sys.argv[1:], {k: globals()[k] for k in config_keys}))
+        cfg = apply_config(sys.argv[1:] if argv is None else argv, settings(namespace), help_source=script_path)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    namespace.update(cfg)
+    return cfg

@@ -282,16 +282,9 @@ def check_settings():
 
 def main():
     import sys
-    from configurator import ConfigError, apply_config
-    keys = [k for k, v in globals().items() if not k.startswith('_') and k.islower()
-            and isinstance(v, (int, float, bool, str, list, tuple, type(None)))]
+    from configurator import configure
+    configure(globals(), __file__)
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-    try:
-        globals().update(apply_config(sys.argv[1:], {k: globals()[k] for k in keys}, verbose=rank == 0,
-                                      help_source=__file__))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     try:
         check_settings()
         evaluate(rank, world)

@@ -8,6 +8,7 @@ import datetime
 import math
 import os
 import shutil
+import time
 
 import torch
 import torch.distributed as dist
@@ -130,6 +131,30 @@ class MemoryMeter:
     def transient(self):
         peak = torch.cuda.max_memory_allocated() if self.cuda else self._status('VmHWM')
         return max(0, peak - self.base)
+
+
+class StepClock:
+    """The step's wall clock split into named parts that add up to it: each lap() charges the time since the
+    previous lap to one part. On a GPU each lap waits for the queued kernels, so a part is charged with its own
+    work (a few syncs per micro-batch: small beside a forward of thousands of tokens)."""
+    PARTS = ('rollout', 'teacher', 'student', 'optimizer', 'sync', 'log_ckpt', 'rest')
+
+    def __init__(self, dev):
+        self.cuda, self.last = dev.type == 'cuda', time.perf_counter()
+        self.parts = dict.fromkeys(self.PARTS, 0.0)
+
+    def lap(self, part):
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.parts[part] += now - self.last
+        self.last = now
+
+    def split(self):
+        """This step's parts (max over ranks, as the slowest rank sets the pace) and their sum; starts the next."""
+        parts = {f'time/{k}': all_reduce_max(v) for k, v in self.parts.items()}
+        self.parts = dict.fromkeys(self.PARTS, 0.0)
+        return dict(parts, **{'time/step': sum(parts.values())})
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -1,10 +1,11 @@
 """
-The objectives (../shared/METHOD.md §2-3): which layers and positions OPRD aligns, the OPRD loss on hidden
-states, and the output-space OPD losses (sampled-token, top-k, full-vocabulary KL), computed in chunks of
-positions so no (tokens x vocabulary) tensor of a batch ever exists. Every loss is a sum over supervised
-positions; distill.py divides by the count of those positions over all ranks.
+The objectives (METHOD.md §2-3): which layers and positions OPRD aligns, the OPRD loss on hidden states, and the
+output-space OPD losses (sampled-token, top-k, full-vocabulary KL), computed in chunks of positions so no
+(tokens x vocabulary) tensor of a batch ever exists. Every loss is a sum over supervised positions; at the bottom,
+micro_batch_loss composes them for one micro-batch (the Plan says which), divided by the step's global counts.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -51,18 +52,13 @@ def response_masks(resp_mask, positions, k, align):
     """
     idx = resp_mask.long().cumsum(-1) - 1           # index of each response token within its row
     n = resp_mask.long().sum(-1, keepdim=True)      # response length per row
-    if positions == 'all':
-        keep = resp_mask
-    elif positions == 'first_k':
+    keep = resp_mask  # positions == 'all'; the settings were checked where they are read (distill.check_settings)
+    if positions == 'first_k':
         keep = resp_mask & (idx < k)
     elif positions == 'last_k':
         keep = resp_mask & (idx >= n - k)
-    else:
-        raise DistillError(f"positions={positions!r}: expected all, first_k or last_k")
     if align == 'predict':
         keep = torch.cat([keep[:, 1:], torch.zeros_like(keep[:, :1])], dim=1)
-    elif align != 'token':
-        raise DistillError(f"align={align!r}: expected predict or token")
     return keep
 
 
@@ -79,10 +75,8 @@ def oprd_loss(h_s, h_t, distance='mse', proj=None, t_proj=None):
         h_t = t_proj(h_t)
     h_s = h_s.float() if proj is None else proj(h_s.float())
     cos = F.cosine_similarity(h_s.detach(), h_t, dim=-1).sum()
-    if distance == 'normalized_mse':
+    if distance == 'normalized_mse':  # else raw MSE / d
         h_s, h_t = F.normalize(h_s, dim=-1), F.normalize(h_t, dim=-1)
-    elif distance != 'mse':
-        raise DistillError(f"distance={distance!r}: expected mse or normalized_mse")
     return (h_s - h_t).pow(2).sum() / h_s.shape[-1], cos
 
 
@@ -128,3 +122,73 @@ def output_loss(kind, h_s, h_t, targets, w_s, w_t, vocab, k, chunk):
 def sft_loss(logits, targets):
     """Summed cross-entropy of the reference tokens; logits (n, V) at the predicting positions."""
     return F.cross_entropy(logits.float(), targets, reduction='sum')
+
+
+# ----------------------------------------------------------------------------- one micro-batch
+
+@dataclass
+class Plan:
+    """What an update computes, fixed once from the config and the two models."""
+    method: str
+    out_kind: str | None          # output-space loss: opd | opd_topk | opd_full | None
+    s_layers: list                # student layers aligned by OPRD (empty without OPRD)
+    t_layers: list                # phi(l) for each
+    s_taps: list                  # what each forward computes: OPRD layers, plus the final norm for logits
+    t_taps: list
+    L_s: int
+    L_t: int
+    vocab: int                    # common vocabulary prefix
+    positions: str = 'last_k'
+    k_positions: int = 2000
+    align: str = 'predict'
+    distance: str = 'mse'
+    oprd_weight: float = 1.0      # oprd_coef, times mu in the combined objectives
+    topk: int = 16
+    chunk: int = 1024
+
+
+def make_plan(method, stu_cfg, tea_cfg, layers='all', positions='last_k', k_positions=2000, align='predict',
+              distance='mse', oprd_coef=1.0, mu=1.0, topk=16, chunk=1024):
+    out_kind = {'opd': 'opd', 'opd_topk': 'opd_topk', 'opd_full': 'opd_full', 'opd+oprd': 'opd',
+                'opd_topk+oprd': 'opd_topk'}.get(method)
+    L_s = stu_cfg.num_hidden_layers
+    L_t = tea_cfg.num_hidden_layers if tea_cfg is not None else 0
+    s_layers = parse_layers(layers, L_s) if 'oprd' in method or method == 'bridge_fit' else []
+    t_layers = [depth_map(l, L_s, L_t) for l in s_layers]
+    s_taps = sorted(set(s_layers) | ({L_s} if out_kind or method == 'sft' else set()))
+    t_taps = sorted(set(t_layers) | ({L_t} if out_kind else set()))
+    vocab = min(stu_cfg.vocab_size, tea_cfg.vocab_size) if tea_cfg is not None else stu_cfg.vocab_size
+    return Plan(method, out_kind, s_layers, t_layers, s_taps, t_taps, L_s, L_t, vocab, positions, k_positions,
+                align, distance, oprd_coef * (mu if out_kind else 1.0), topk, chunk)
+
+
+def micro_batch_loss(plan, hs_s, hs_t, b, n_out, n_rep, w_s=None, w_t=None, proj=None, bridge=None):
+    """The loss of one micro-batch from the two forwards' taps ({layer: (B, T, d)}), already divided by the
+    global supervised-token counts n_out (output-space positions) and n_rep (OPRD positions), so that summing
+    it over micro-batches and ranks gives the step's token mean. w_s, w_t: the LM heads' weights (output-space
+    losses and sft only); proj: the learned projector (or None); bridge: the frozen OPRD-Bridge (or None).
+    Returns (loss, stats): stats holds sums over this micro-batch for the log."""
+    loss = hs_s[plan.s_taps[-1]].new_zeros((), dtype=torch.float32)
+    stats = {'kl': 0.0, 'layer_loss': [], 'layer_cos': []}
+    if plan.out_kind or plan.method == 'sft':
+        predicts = b['out_mask']  # positions whose next token is a response token
+        rows_s = hs_s[plan.L_s][predicts]
+        targets = b['idx'][:, 1:][predicts[:, :-1]]  # the token each of those positions predicts
+        if plan.method == 'sft':
+            out = sft_loss(F.linear(rows_s, w_s)[:, :plan.vocab], targets)
+        else:
+            out, stats['kl'] = output_loss(plan.out_kind, rows_s, hs_t[plan.L_t][predicts], targets, w_s, w_t,
+                                           plan.vocab, plan.topk, plan.chunk)
+        loss = loss + out / max(n_out, 1)
+    if plan.s_layers:
+        supervised = response_masks(b['resp'], plan.positions, plan.k_positions, plan.align)
+        rep = 0.0
+        for ls, lt in zip(plan.s_layers, plan.t_layers):
+            key = str(ls)  # through the frozen bridge (both sides mapped), the learned projector, or as they are
+            maps = (bridge.student[key], bridge.teacher[key]) if bridge is not None else (proj and proj[key], None)
+            l_sum, cos = oprd_loss(hs_s[ls][supervised], hs_t[lt][supervised], plan.distance, *maps)
+            rep = rep + l_sum / len(plan.s_layers)
+            stats['layer_loss'].append(l_sum.item())
+            stats['layer_cos'].append(cos.item())
+        loss = loss + plan.oprd_weight * rep / max(n_rep, 1)
+    return loss, stats

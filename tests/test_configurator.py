@@ -1,4 +1,4 @@
-"""Tests for configurator.py: the apply_config function, and the exec path a script uses (run as a subprocess)."""
+"""Tests for configurator.py: the apply_config function, and configure() as a script uses it (run as a subprocess)."""
 import os
 import subprocess
 import sys
@@ -106,16 +106,17 @@ def test_printing(capsys, monkeypatch):
     apply_config(['--lr=1e-4'], DEFAULTS)
     assert capsys.readouterr().out == ''
 
-# ----- the exec path, as a script uses it -----
+# ----- configure(), as a script uses it -----
 
 SCRIPT = """\
-import os
+import sys
+sys.path.insert(0, {root!r})
+from configurator import configure
 batch_size = 8
 lr = 1e-5
 ckpt = ''
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, list, tuple, type(None)))]
-exec(open(os.path.join({root!r}, 'configurator.py')).read())
-config = {{k: globals()[k] for k in config_keys}}
+config = configure(globals(), __file__)
+assert (batch_size, lr, ckpt) == (config['batch_size'], config['lr'], config['ckpt'])  # the globals updated
 print('result', config)
 """
 

@@ -28,8 +28,6 @@ def test_oprd_normalized_mse_is_two_one_minus_cos_over_d():
     h_s, h_t = torch.randn(5, 8), torch.randn(5, 8)
     loss, cos = oprd_loss(h_s, h_t, 'normalized_mse')
     torch.testing.assert_close(loss, (2 * (1 - F.cosine_similarity(h_s, h_t, dim=-1)) / 8).sum(), rtol=1e-5, atol=1e-6)
-    with pytest.raises(DistillError, match="distance='l1'"):
-        oprd_loss(h_s, h_t, 'l1')
 
 
 def test_oprd_zero_with_zero_gradient_for_the_same_model(tiny_qwen3):
@@ -151,5 +149,3 @@ def test_position_sets_and_alignment():
     assert last.long().tolist() == [[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 0]]
     first = response_masks(resp, 'first_k', 1, 'token')
     assert first.long().tolist() == [[0, 0, 1, 0, 0, 0], [0, 0, 0, 1, 0, 0]]
-    with pytest.raises(DistillError, match="positions='middle'"):
-        response_masks(resp, 'middle', 1, 'token')
