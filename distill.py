@@ -30,9 +30,9 @@ import torch.nn as nn
 import data
 from bridge import arch, check_bridge, fit_stage1, init_projector, load_bridge
 from configurator import configure
-from fsdp import (MemoryMeter, StepClock, all_reduce_max, all_reduce_sum, clip_grad_norm, is_dist,
+from fsdp import (MemoryMeter, StepClock, all_reduce_max, all_reduce_sum, balance, clip_grad_norm, is_dist,
                   load_training_state, read_resume, save_checkpoint, setup_distributed, shard, shard_projector)
-from losses import DistillError, make_plan, micro_batch_loss, response_masks
+from losses import DistillError, collate, make_plan, micro_batch_loss, response_masks, sampler_gap, supervise
 from model import CheckpointError, Transformer, checkpoints_in, resolve_checkpoint
 from tokenizer import load_tokenizer, same_tokenization
 
@@ -95,6 +95,9 @@ device = 'auto'               # auto (cuda if there is one) | cpu | cuda
 dist_timeout_min = 120        # collectives wait this long (rank 0 writing a many-GB checkpoint while others wait)
 teacher_fsdp = False          # shard the teacher with FSDP2 too (when it does not fit replicated)
 max_bad_steps = 3             # consecutive NaN/inf steps before the run stops
+check_tokens = 256            # per step and rank: sampled tokens whose log-probs the student recomputes (0 = off)
+stale_factor = 10.0           # stop when that gap (mean |d log p|) exceeds this many times its first step's
+                              # (at least 0.01 nats): the sampler is not serving the trained weights
 stop_step = 0                 # >0: stop after this many steps as if preempted (the schedule still spans max_steps)
 # io
 seed = 0
@@ -295,58 +298,51 @@ def step_prompts(items, step, rank, world):
 
 
 def rollouts(sampler, items, step, rank, world, tok):
-    """(prompt ids, response ids, finish) for this rank to train on. The ranks of one tensor-parallel group
+    """(prompt ids, response ids, finish, sampler log-probs) for this rank to train on. The ranks of one tensor-parallel group
     share prompts and seed (vLLM's external launcher serves them together), then each keeps every tp-th
     sequence, so each rollout is trained on once."""
     tp = tensor_parallel_size if method != 'sft' else 1  # sft has no sampler: every rank its own share
     mine = step_prompts(items, step, rank // tp, world // tp)
     if method == 'sft':
-        return [(it['prompt'], it['response'], 'stop') for it in mine]
+        return [(it['prompt'], it['response'], 'stop', None) for it in mine]
     samples = sampler.generate([it['prompt'] for it in mine], n=n_samples, temperature=temperature, top_p=top_p,
                                top_k=top_k, max_new_tokens=max_new_tokens, stop_ids=tok.eos_ids,
-                               seed=seed * 1_000_003 + step * (world // tp) + rank // tp) if mine else []
+                               seed=seed * 1_000_003 + step * (world // tp) + rank // tp,
+                               logprobs=check_tokens > 0) if mine else []
     sampler.sleep()
-    return [(it['prompt'], s.tokens, s.finish) for it, ss in zip(mine, samples) for s in ss][rank % tp::tp]
+    return [(it['prompt'], s.tokens, s.finish, s.logprobs) for it, ss in zip(mine, samples) for s in ss][rank % tp::tp]
 
 
-def collate(seqs, pad_id, device):
-    """Right-padded (B, T) ids + masks. resp marks response tokens; out_mask the positions that predict them."""
-    T = max(len(p) + len(r) for p, r, _ in seqs)
-    B = len(seqs)
-    idx = torch.full((B, T), pad_id, dtype=torch.long)
-    attn = torch.zeros(B, T, dtype=torch.bool)
-    resp = torch.zeros(B, T, dtype=torch.bool)
-    for i, (p, r, _) in enumerate(seqs):
-        idx[i, :len(p) + len(r)] = torch.tensor(list(p) + list(r), dtype=torch.long)
-        attn[i, :len(p) + len(r)] = True
-        resp[i, len(p):len(p) + len(r)] = True
-    out_mask = torch.cat([resp[:, 1:], torch.zeros(B, 1, dtype=torch.bool)], dim=1)
-    return {'idx': idx.to(device), 'attn': attn.to(device), 'resp': resp.to(device), 'out_mask': out_mask.to(device)}
-
-
-def micro_batches(seqs, plan, pad_id, dev):
+def micro_batches(seqs, plan, pad_id, dev, step):
     """This rank's micro-batches, the step's supervised-token counts summed over ranks (output-space positions,
     OPRD positions: every loss is divided by them, so sharding does not change it), and how many micro-batches
     the busiest rank has (every rank runs as many: FSDP2's collectives pair up only if the counts match)."""
-    batches = [collate(seqs[i:i + micro_batch_size], pad_id, dev) for i in range(0, len(seqs), micro_batch_size)]
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    n_check = -(-check_tokens // max(1, -(-len(seqs) // micro_batch_size)))  # spread over the micro-batches
+    batches = [supervise(collate(seqs[i:i + micro_batch_size], pad_id, dev), plan, gen, n_check)
+               for i in range(0, len(seqs), micro_batch_size)]
     n_out = all_reduce_sum(sum(b['out_mask'].sum().item() for b in batches)).item()
-    n_rep = all_reduce_sum(sum(response_masks(b['resp'], positions, k_positions, align).sum().item()
-                               for b in batches)).item() if plan.s_layers else 0.0
+    n_rep = all_reduce_sum(sum(b['oprd'].sum().item() for b in batches)).item()
     return batches, n_out, n_rep, int(all_reduce_max(len(batches)))
 
 
 def log_record(step, totals, lr_now, grad_norm, loss, seqs, n_out, n_rep, mem, plan, sampler, clock):
     """The step's figures, reduced over ranks: what is printed and appended to log.jsonl."""
     n_seqs = all_reduce_sum(len(seqs)).item()
-    gen = all_reduce_sum(sum(len(r) for _, r, _ in seqs)).item()
+    gen = all_reduce_sum(sum(len(s[1]) for s in seqs)).item()
     rec = {'step': step, 'loss': loss, 'grad_norm': grad_norm, 'lr': lr_now,
            'sequences': n_seqs, 'mean_response_len': gen / max(n_seqs, 1),
-           'trunc_rate': all_reduce_sum(sum(f == 'length' for _, _, f in seqs)).item() / max(n_seqs, 1),
+           'trunc_rate': all_reduce_sum(sum(s[2] == 'length' for s in seqs)).item() / max(n_seqs, 1),
            'update_tok_s': all_reduce_sum(totals['tokens']).item() /
            max(all_reduce_max(clock.parts['teacher'] + clock.parts['student'] + clock.parts['optimizer']), 1e-9),
            'update_transient_mem_mb': mem / 2**20}
     if sampler is not None:
         rec['rollout_tok_s'] = gen / max(all_reduce_max(clock.parts['rollout']), 1e-9)
+        rec['load_max_over_mean'] = totals['load']
+        if check_tokens:
+            rec['sampler_logp_gap'] = totals['gap']
+        if totals['reserved_at_wake']:  # GPU: what the trainer still holds when the engine wakes
+            rec['reserved_mb_at_wake'] = totals['reserved_at_wake'] / 2**20
     for j, l in enumerate(plan.s_layers):
         rec[f'oprd_loss/{l}'] = all_reduce_sum(totals['layer_loss'][j]).item() / max(n_rep, 1)
         rec[f'cos/{l}'] = all_reduce_sum(totals['layer_cos'][j]).item() / max(n_rep, 1)
@@ -362,6 +358,8 @@ def write_record(rec, plan):
         extra += f" | cos {sum(rec[f'cos/{l}'] for l in plan.s_layers) / len(plan.s_layers):.4f}"
     if 'rollout_tok_s' in rec:
         extra += f" | rollout {rec['rollout_tok_s']:.0f} tok/s"
+    if 'sampler_logp_gap' in rec:
+        extra += f" | dlogp {rec['sampler_logp_gap']:.4f}"
     times = ' '.join(f"{k} {rec[f'time/{k}']:.2f}" for k in StepClock.PARTS if rec.get(f'time/{k}', 0) >= 0.005)
     print(f"step {rec['step']}: loss {rec['loss']:.6f} | grad {rec['grad_norm']:.3f} | lr {rec['lr']:.2e} | "
           f"len {rec['mean_response_len']:.1f} | trunc {rec['trunc_rate']:.2f}{extra} | "
@@ -372,6 +370,27 @@ def write_record(rec, plan):
     if wandb_log:
         import wandb
         wandb.log(rec, step=rec['step'])
+
+
+def check_stale_sampler(step, gap, first_gap):
+    """The rollouts of every step after the first come from weights pushed by a sync: if the sampler's log-probs
+    drift far from the student's own, the sync did not reach it (TRL #5312). Returns the reason to stop, or None."""
+    if first_gap is None or gap <= stale_factor * max(first_gap, 0.01):
+        return None
+    return (f"step {step}: stale sampler weights: the sampler's log-probs of its own tokens differ from the "
+            f"student's by {gap:.4f} nats on average ({first_gap:.4f} at the first step); the weight sync did not "
+            "reach the engine")
+
+
+def drop_logged_steps_from(step):
+    """A resume from an older checkpoint runs steps >= step again: their old records leave log.jsonl first."""
+    path = os.path.join(out_dir, 'log.jsonl')
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)['step'] < step]
+        with open(path + '.tmp', 'w') as f:
+            f.writelines(kept)
+        os.replace(path + '.tmp', path)
 
 
 # ----------------------------------------------------------------------------- OPRD-Bridge stage 1
@@ -440,24 +459,28 @@ def train(cfg):
     filler = collate([(items[0]['prompt'], [tok.pad_id], 'stop')], tok.pad_id, dev)  # a zero-weight micro-batch
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
-        print(f"resuming from {resume_path} at step {start_step}") if state is not None else None
+        if state is not None:  # steps logged after the checkpoint ran again: their records go
+            print(f"resuming from {resume_path} at step {start_step}")
+            drop_logged_steps_from(start_step)
         announce(plan, stu, student_path, bridge_meta, world, len(items))
         if wandb_log:
             import wandb
             wandb.init(project=wandb_project, config=cfg)
 
-    mem, clock, bad_steps = MemoryMeter(dev), StepClock(dev), 0
+    mem, clock, bad_steps, first_gap, reserved = MemoryMeter(dev), StepClock(dev), 0, None, 0
     for step in range(start_step, max_steps):
-        # 1. rollouts of this rank's prompts with the current weights (reference solutions under sft)
+        # 1. rollouts of this rank's prompts with the current weights (reference solutions under sft), then
+        # dealt across ranks by length
         seqs = rollouts(sampler, items, step, rank, world, tok)
         clock.lap('rollout')
+        seqs, load = balance(seqs, world)
         mem.start()
         lr_now = lr_at(step)
         for group in opt.param_groups:
             group['lr'] = lr_now
-        batches, n_out, n_rep, n_micro = micro_batches(seqs, plan, tok.pad_id, dev)
+        batches, n_out, n_rep, n_micro = micro_batches(seqs, plan, tok.pad_id, dev, step)
         totals = {'loss': 0.0, 'kl': 0.0, 'tokens': 0, 'layer_loss': [0.0] * len(plan.s_layers),
-                  'layer_cos': [0.0] * len(plan.s_layers)}
+                  'layer_cos': [0.0] * len(plan.s_layers), 'gap': [0.0, 0], 'load': load, 'reserved_at_wake': reserved}
         stu.train()
         clock.lap('rest')
 
@@ -468,12 +491,16 @@ def train(cfg):
         for i in range(n_micro):
             b, weight = (batches[i], 1.0) if i < len(batches) else (filler, 0.0)
             stu.set_requires_gradient_sync(i == n_micro - 1)
-            with torch.no_grad():
-                hs_t = tea(b['idx'], attention_mask=b['attn'], taps=plan.t_taps) if tea is not None else None
+            with torch.no_grad():  # of the teacher's states only the rows a loss reads are kept
+                rows_t = {l: h[b['keep']] for l, h in tea(b['idx'], attention_mask=b['attn'],
+                                                            taps=plan.t_taps).items()} if tea is not None else None
             clock.lap('teacher')
             hs_s = stu(b['idx'], attention_mask=b['attn'], taps=plan.s_taps)
-            loss, stats = micro_batch_loss(plan, hs_s, hs_t, b, n_out, n_rep, stu.lm_head.weight,
+            loss, stats = micro_batch_loss(plan, hs_s, rows_t, b, n_out, n_rep, stu.lm_head.weight,
                                            tea.lm_head.weight if tea is not None else None, proj, bridge)
+            if weight and b['check'].any():
+                gap = sampler_gap(hs_s[plan.L_s], stu.lm_head.weight, b)
+                totals['gap'] = [totals['gap'][0] + gap[0], totals['gap'][1] + gap[1]]
             (loss * (world * weight)).backward()
             clock.lap('student')
             if weight:
@@ -483,6 +510,8 @@ def train(cfg):
                 for j in range(len(plan.s_layers)):
                     totals['layer_loss'][j] += stats['layer_loss'][j]
                     totals['layer_cos'][j] += stats['layer_cos'][j]
+        gap_sum, gap_n = all_reduce_sum(totals['gap']).tolist()
+        totals['gap'] = gap_sum / max(gap_n, 1)
 
         # 4. optimizer step, skipped when the loss or the gradient is not finite
         grad_norm = clip_grad_norm(params, grad_clip)
@@ -497,8 +526,12 @@ def train(cfg):
         peak = all_reduce_max(mem.transient())
         clock.lap('optimizer')
 
-        # 5. push the new weights to the sampler (streamed one parameter at a time)
+        # 5. push the new weights to the sampler (streamed one parameter at a time); the trainer's cached blocks
+        # go back to the device first, so the waking engine finds its memory
         if sampler is not None:
+            if dev.type == 'cuda':
+                torch.cuda.empty_cache()
+                reserved = torch.cuda.memory_reserved(dev)
             sampler.wake()
             sampler.update_weights(fsdp_named_tensors(stu))
         clock.lap('sync')
@@ -507,10 +540,12 @@ def train(cfg):
         logged = step % log_every == 0 or step == max_steps - 1
         rec = log_record(step, totals, lr_now, grad_norm, loss, seqs, n_out, n_rep, peak, plan, sampler, clock) \
             if logged else None
-        if bad_steps >= max_bad_steps:  # after the step's log line, so the log shows why the run stopped
+        stale = check_stale_sampler(step, totals['gap'], first_gap) if sampler is not None and check_tokens else None
+        first_gap = totals['gap'] if first_gap is None else first_gap
+        if bad_steps >= max_bad_steps or stale:  # after the step's log line, so the log shows why the run stopped
             if rank == 0 and logged:
                 write_record(rec, plan)
-            raise DistillError(f"{bad_steps} non-finite steps in a row: stopping")
+            raise DistillError(stale or f"{bad_steps} non-finite steps in a row: stopping")
         if (step + 1) % save_every == 0 or step == max_steps - 1:
             save_checkpoint(out_dir, keep_checkpoints, raw_stu, stu, opt, proj, step + 1, dict(archs, config=cfg))
         clock.lap('log_ckpt')

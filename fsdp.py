@@ -98,6 +98,25 @@ def clip_grad_norm(params, max_norm):
     return norm
 
 
+def balance(seqs, world):
+    """The step's rollouts of every rank, dealt again so that ranks carry about the same tokens: longest first,
+    each to the least loaded rank (verl's balance_batch does the same). Without it both samples of a prompt stay
+    on one rank and the update waits for the rank that drew the longest responses. Returns this rank's share and
+    the max/mean token load over ranks."""
+    if world == 1:
+        return seqs, 1.0
+    shares = [None] * world
+    dist.all_gather_object(shares, seqs)
+    pool = [s for share in shares for s in share]
+    load, count, mine = [0] * world, [0] * world, []
+    for s in sorted(pool, key=lambda s: -(len(s[0]) + len(s[1]))):  # stable: ties keep the gathered order
+        r = min(range(world), key=lambda k: (load[k], count[k], k))
+        load[r], count[r] = load[r] + len(s[0]) + len(s[1]), count[r] + 1
+        if r == dist.get_rank():
+            mine.append(s)
+    return mine, max(load) / max(sum(load) / world, 1)
+
+
 class MemoryMeter:
     """Transient peak memory of a region: peak during it minus memory at its start (the paper's Table 3).
 

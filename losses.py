@@ -62,6 +62,41 @@ def response_masks(resp_mask, positions, k, align):
     return keep
 
 
+def collate(seqs, pad_id, device):
+    """Right-padded (B, T) ids + masks. resp marks response tokens; out_mask the positions that predict them;
+    logp_next the sampler's log-probability of the token each position predicts (NaN where there is none).
+    seqs: (prompt ids, response ids, finish[, sampler log-probs or None])."""
+    T = max(len(s[0]) + len(s[1]) for s in seqs)
+    B = len(seqs)
+    idx = torch.full((B, T), pad_id, dtype=torch.long)
+    attn = torch.zeros(B, T, dtype=torch.bool)
+    resp = torch.zeros(B, T, dtype=torch.bool)
+    logp_next = torch.full((B, T), float('nan'))
+    for i, (p, r, *rest) in enumerate(seqs):
+        idx[i, :len(p) + len(r)] = torch.tensor(list(p) + list(r), dtype=torch.long)
+        attn[i, :len(p) + len(r)] = True
+        resp[i, len(p):len(p) + len(r)] = True
+        if len(rest) > 1 and rest[1] is not None:
+            logp_next[i, len(p) - 1:len(p) + len(r) - 1] = torch.tensor(rest[1], dtype=torch.float32)
+    out_mask = torch.cat([resp[:, 1:], torch.zeros(B, 1, dtype=torch.bool)], dim=1)
+    return {'idx': idx.to(device), 'attn': attn.to(device), 'resp': resp.to(device), 'out_mask': out_mask.to(device),
+            'logp_next': logp_next.to(device)}
+
+
+def supervise(b, plan, check_gen=None, n_check=0):
+    """Marks on micro-batch b what the step supervises: 'oprd' the positions OPRD aligns, 'keep' every position
+    whose teacher state a loss reads (the only teacher rows kept), 'check' up to n_check random positions
+    whose sampled token the student re-scores (the sampler check). Returns b."""
+    b['oprd'] = response_masks(b['resp'], plan.positions, plan.k_positions, plan.align) if plan.s_layers else \
+        torch.zeros_like(b['resp'])
+    b['keep'] = b['oprd'] | (b['out_mask'] if plan.out_kind else torch.zeros_like(b['resp']))
+    candidates = (b['out_mask'] & ~b['logp_next'].isnan()).flatten().nonzero()[:, 0]
+    picked = candidates[torch.randperm(len(candidates), generator=check_gen)[:n_check].to(candidates.device)] \
+        if check_gen is not None else candidates[:0]
+    b['check'] = torch.zeros_like(b['resp']).flatten().index_fill_(0, picked, True).view_as(b['resp'])
+    return b
+
+
 # ----------------------------------------------------------------------------- losses (sums; divided by a global count)
 
 def oprd_loss(h_s, h_t, distance='mse', proj=None, t_proj=None):
@@ -155,18 +190,21 @@ def make_plan(method, stu_cfg, tea_cfg, layers='all', positions='last_k', k_posi
     L_t = tea_cfg.num_hidden_layers if tea_cfg is not None else 0
     s_layers = parse_layers(layers, L_s) if 'oprd' in method or method == 'bridge_fit' else []
     t_layers = [depth_map(l, L_s, L_t) for l in s_layers]
-    s_taps = sorted(set(s_layers) | ({L_s} if out_kind or method == 'sft' else set()))
+    # the student's final norm is always tapped (logits for output losses, sft and the sampler check)
+    s_taps = sorted(set(s_layers) | ({L_s} if method != 'bridge_fit' else set()))
     t_taps = sorted(set(t_layers) | ({L_t} if out_kind else set()))
     vocab = min(stu_cfg.vocab_size, tea_cfg.vocab_size) if tea_cfg is not None else stu_cfg.vocab_size
     return Plan(method, out_kind, s_layers, t_layers, s_taps, t_taps, L_s, L_t, vocab, positions, k_positions,
                 align, distance, oprd_coef * (mu if out_kind else 1.0), topk, chunk)
 
 
-def micro_batch_loss(plan, hs_s, hs_t, b, n_out, n_rep, w_s=None, w_t=None, proj=None, bridge=None):
-    """The loss of one micro-batch from the two forwards' taps ({layer: (B, T, d)}), already divided by the
-    global supervised-token counts n_out (output-space positions) and n_rep (OPRD positions), so that summing
-    it over micro-batches and ranks gives the step's token mean. w_s, w_t: the LM heads' weights (output-space
-    losses and sft only); proj: the learned projector (or None); bridge: the frozen OPRD-Bridge (or None).
+def micro_batch_loss(plan, hs_s, rows_t, b, n_out, n_rep, w_s=None, w_t=None, proj=None, bridge=None):
+    """The loss of one micro-batch, already divided by the global supervised-token counts n_out (output-space
+    positions) and n_rep (OPRD positions), so that summing it over micro-batches and ranks gives the step's token
+    mean. hs_s: the student's taps {layer: (B, T, d)}; rows_t: the teacher's taps at the positions b['keep']
+    only {layer: (N, d)} (distill.py keeps no other teacher rows). b: a micro-batch (distill.collate, with
+    'oprd' and 'keep' masks). w_s, w_t: the LM heads' weights (output-space losses and sft only); proj: the
+    learned projector (or None); bridge: the frozen OPRD-Bridge (or None).
     Returns (loss, stats): stats holds sums over this micro-batch for the log."""
     loss = hs_s[plan.s_taps[-1]].new_zeros((), dtype=torch.float32)
     stats = {'kl': 0.0, 'layer_loss': [], 'layer_cos': []}
@@ -177,18 +215,30 @@ def micro_batch_loss(plan, hs_s, hs_t, b, n_out, n_rep, w_s=None, w_t=None, proj
         if plan.method == 'sft':
             out = sft_loss(F.linear(rows_s, w_s)[:, :plan.vocab], targets)
         else:
-            out, stats['kl'] = output_loss(plan.out_kind, rows_s, hs_t[plan.L_t][predicts], targets, w_s, w_t,
-                                           plan.vocab, plan.topk, plan.chunk)
+            out, stats['kl'] = output_loss(plan.out_kind, rows_s, rows_t[plan.L_t][predicts[b['keep']]], targets,
+                                           w_s, w_t, plan.vocab, plan.topk, plan.chunk)
         loss = loss + out / max(n_out, 1)
     if plan.s_layers:
-        supervised = response_masks(b['resp'], plan.positions, plan.k_positions, plan.align)
+        supervised, of_kept = b['oprd'], b['oprd'][b['keep']]
         rep = 0.0
         for ls, lt in zip(plan.s_layers, plan.t_layers):
             key = str(ls)  # through the frozen bridge (both sides mapped), the learned projector, or as they are
             maps = (bridge.student[key], bridge.teacher[key]) if bridge is not None else (proj and proj[key], None)
-            l_sum, cos = oprd_loss(hs_s[ls][supervised], hs_t[lt][supervised], plan.distance, *maps)
+            l_sum, cos = oprd_loss(hs_s[ls][supervised], rows_t[lt][of_kept], plan.distance, *maps)
             rep = rep + l_sum / len(plan.s_layers)
             stats['layer_loss'].append(l_sum.item())
             stats['layer_cos'].append(cos.item())
         loss = loss + plan.oprd_weight * rep / max(n_rep, 1)
     return loss, stats
+
+
+def sampler_gap(h_final, w, b):
+    """Sum and count of |log p_student - log p_sampler| of the sampled tokens at the positions b['check'] (a
+    few hundred per step): h_final the student's final-norm states (B, T, d), w its LM head, b['logp_next'] the
+    sampler's raw log-probability of the token each position predicts. A gap far above its first step's level
+    means the sampler no longer serves the trained weights."""
+    rows = b['check']
+    with torch.no_grad():
+        logp = F.log_softmax(F.linear(h_final[rows].float(), w.float()), dim=-1)
+        mine = logp.gather(1, b['idx'][:, 1:][rows[:, :-1]][:, None])[:, 0]
+        return (mine - b['logp_next'][rows]).abs().sum().item(), rows.sum().item()

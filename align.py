@@ -1,0 +1,236 @@
+"""
+Distillation across tokenizers (METHOD.md §4b). Each rollout reaches the teacher as the teacher's own encoding of
+the same conversation: the prompt through its chat template, the student's response text re-encoded by its
+tokenizer and closed by its end-of-turn token when the student stopped (a truncated response gets no end). The
+two models are compared only where both have read exactly the same bytes of the response: a chunk closes where
+both tokenizations reach the same byte offset (TRL GOLD's grouping rule) and the pair supervised is the last token
+of each chunk on both sides. With identical tokenizers every chunk is one token and nothing changes.
+
+    check_tokenizers(student_tok, teacher_tok)       # once, before any work: ValueError naming what cannot work
+    view = align_rollout(student_tok, teacher_tok, messages, response_ids, finished=(finish == 'stop'),
+                         name=f"rollout {i} of step {step}")
+    view.prompt_ids, view.response_ids                # what the teacher reads
+    view.pairs                                        # (C, 2) response positions (student, teacher) compared
+    loss_sum, n_chunks = chunk_opd_loss(lp_s, lp_t, view.s_spans, view.t_spans)   # chunk-level sampled-token OPD
+
+Bytes, not characters: a token may hold part of a multi-byte character (byte-level BPE, the byte tokenizer), so
+every offset here counts UTF-8 bytes, from a table of each token id's bytes built once per tokenizer. A stop token
+counts as one byte past the text, whatever its spelling: both models' ends of turn close the last chunk together.
+"""
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tokenizer import PROBE_TEXTS
+
+WHITESPACE = np.frombuffer(b" \t\n\r\x0b\x0c", np.uint8)
+
+
+# ----------------------------------------------------------------------------- what each token spells
+
+def _byte_level_alphabet():
+    """Byte-level BPE (GPT-2, Qwen, Llama 3, Phi-4) spells every byte as one printable character: the printable
+    Latin-1 bytes as themselves, the other 68 bytes as chr(256), chr(257), ... in byte order. Returns char -> byte."""
+    printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+def tokenizer_name(tok):
+    return getattr(getattr(tok, 'tok', None), 'name_or_path', None) or type(tok).__name__
+
+
+@functools.cache
+def token_bytes(tok):
+    """(bytes of each token id, their lengths as an int64 array). A special token spells its text, as decode does."""
+    if hasattr(tok, 'enc'):  # tiktoken (the byte tokenizer) knows each token's bytes
+        table = [tok.enc.decode_single_token_bytes(i) for i in range(tok.enc.n_vocab)]
+    elif hasattr(tok, 'tok'):  # Hugging Face: only byte-level BPE spells tokens in bytes we can read back
+        from tokenizers import decoders
+        hf = tok.tok
+        decoder = getattr(getattr(hf, 'backend_tokenizer', None), 'decoder', None)
+        if not isinstance(decoder, decoders.ByteLevel):
+            raise ValueError(f"tokenizer {tokenizer_name(tok)!r} is not byte-level BPE (its decoder is "
+                             f"{type(decoder).__name__}): cross-tokenizer alignment needs each token's bytes")
+        alphabet = _byte_level_alphabet()
+        added = {i: t.content.encode() for i, t in hf.added_tokens_decoder.items()}
+        pieces = hf.convert_ids_to_tokens(list(range(len(hf))))
+        table = [added[i] if i in added else bytes(alphabet[c] for c in p) if p else b''
+                 for i, p in enumerate(pieces)]
+    else:
+        raise ValueError(f"tokenizer {tokenizer_name(tok)!r}: no way to read each token's bytes")
+    return table, np.array([len(b) for b in table], dtype=np.int64)
+
+
+def byte_ends(tok, ids):
+    """The UTF-8 byte offset where each token of ids ends, counted from the first; a stop token is one byte."""
+    ids = np.asarray(ids, dtype=np.int64)
+    lengths = token_bytes(tok)[1][ids]
+    lengths[np.isin(ids, tok.eos_ids)] = 1
+    return np.cumsum(lengths)
+
+
+def spelled(tok, ids):
+    table = token_bytes(tok)[0]
+    return b''.join([table[i] for i in ids])
+
+
+@functools.cache
+def end_of_turn(tok):
+    """The stop token that closes an assistant turn in tok's chat template: the first stop token after the content,
+    found by rendering two conversations that differ only in the assistant's reply."""
+    if hasattr(tok, 'tok') and not tok.tok.chat_template:
+        raise ValueError(f"teacher tokenizer {tokenizer_name(tok)!r} has no chat template: the teacher must read "
+                         "the prompt through its own template")
+    a, b = (tok.chat([{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': reply}])
+            for reply in ('yes', 'no'))
+    start = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    eot = next((t for t in a[start:] if t in tok.eos_ids), None) if start is not None else None
+    if eot is None:
+        raise ValueError(f"teacher tokenizer {tokenizer_name(tok)!r}: its chat template closes an assistant turn "
+                         f"with none of its stop tokens {tok.eos_ids}")
+    return eot
+
+
+def check_tokenizers(student_tok, teacher_tok):
+    """Everything that can be known before the first rollout: both tokenizers' token bytes spell what they encode
+    (on tokenizer.PROBE_TEXTS), and the teacher has a chat template that ends a turn with a stop token."""
+    for tok in (student_tok, teacher_tok):
+        for text in PROBE_TEXTS:
+            if spelled(tok, tok.encode(text)) != text.encode():
+                raise ValueError(f"tokenizer {tokenizer_name(tok)!r}: its tokens' bytes do not spell the text they "
+                                 f"encode ({text!r}); cross-tokenizer alignment needs byte-level tokens")
+    end_of_turn(teacher_tok)
+
+
+# ----------------------------------------------------------------------------- the teacher's view of one rollout
+
+def response_text(student_tok, response_ids, finished, name='rollout'):
+    """The text (UTF-8 bytes) of a student response, without its stop token. A truncated response may end inside
+    a multi-byte character: that incomplete tail is left out (no teacher token can read half a character)."""
+    ids = list(response_ids)
+    if finished:
+        if not ids or ids[-1] not in student_tok.eos_ids:
+            raise ValueError(f"{name}: finished, but it does not end with a student stop token {student_tok.eos_ids}")
+        ids = ids[:-1]
+    early = [i for i, t in enumerate(ids) if t in student_tok.eos_ids]
+    if early:
+        raise ValueError(f"{name}: a stop token inside the response (position {early[0]})")
+    raw = spelled(student_tok, ids)
+    try:
+        raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        if finished or e.reason != 'unexpected end of data':
+            raise ValueError(f"{name}: the student's response is not valid UTF-8 (byte {e.start} of {len(raw)}): "
+                             "the teacher cannot read the same text") from None
+        raw = raw[:e.start]
+    return raw
+
+
+def teacher_response(teacher_tok, text, finished, name='rollout'):
+    """The response text re-encoded by the teacher, closed by its end of turn when the student stopped; refused
+    unless the teacher's tokens spell exactly that text (the round trip decode(encode(text)) == text, on bytes)."""
+    ids = teacher_tok.encode(text.decode('utf-8'))
+    back = spelled(teacher_tok, ids)
+    if back != text:
+        k = next((i for i, (x, y) in enumerate(zip(back, text)) if x != y), min(len(back), len(text)))
+        raise ValueError(f"{name}: the response text does not survive the teacher tokenizer "
+                         f"{tokenizer_name(teacher_tok)!r} (first difference at byte {k}: "
+                         f"{text[k:k + 12]!r} read back as {back[k:k + 12]!r})")
+    stops = [t for t in ids if t in teacher_tok.eos_ids]
+    if stops:
+        raise ValueError(f"{name}: the response text contains {teacher_tok.decode(stops[:1])!r}, a stop token of "
+                         "the teacher")
+    return ids + [end_of_turn(teacher_tok)] if finished else ids
+
+
+def teacher_view(student_tok, teacher_tok, messages, response_ids, finished, name='rollout', enable_thinking=False):
+    """The teacher's (prompt ids, response ids) for one rollout. messages: the conversation the student's prompt
+    was rendered from; finished: the response ended with the student's stop token (finish == 'stop')."""
+    text = response_text(student_tok, response_ids, finished, name)
+    return (teacher_tok.chat(messages, enable_thinking=enable_thinking),
+            teacher_response(teacher_tok, text, finished, name))
+
+
+# ----------------------------------------------------------------------------- chunks both models have read
+
+def align_chunks(s_ends, t_ends, whitespace_only=False, text=None):
+    """Chunks of the response that both tokenizations read exactly: one closes at each byte offset where a token
+    ends on both sides. Returns (pairs, s_spans, t_spans): pairs (C, 2) the response positions (student, teacher)
+    of each chunk's last token; spans (C, 2) each chunk's [start, end) token range on each side. Tokens after the
+    last common offset (an incomplete character of a truncated response) are in no chunk.
+
+    whitespace_only: a chunk closes only where the text next holds whitespace, or at its end (ALM,
+    arXiv 2503.20083: chunks ending mid-word are biased); the chunks in between merge into it. Needs text
+    (the response's UTF-8 bytes, or str)."""
+    s_ends, t_ends = np.asarray(s_ends, dtype=np.int64), np.asarray(t_ends, dtype=np.int64)
+    closes = np.intersect1d(s_ends, t_ends)  # sorted, unique
+    if whitespace_only:
+        if text is None:
+            raise ValueError("align_chunks(whitespace_only=True) needs the response text")
+        raw = np.frombuffer(text.encode() if isinstance(text, str) else text, np.uint8)
+        inside = closes < len(raw)
+        keep = ~inside
+        keep[inside] = np.isin(raw[closes[inside]], WHITESPACE)
+        closes = closes[keep]
+    # the last token reaching each offset (a zero-byte token joins the chunk it ends with)
+    s_last = np.searchsorted(s_ends, closes, side='right') - 1
+    t_last = np.searchsorted(t_ends, closes, side='right') - 1
+    spans = [np.stack([np.concatenate([[0], last[:-1] + 1]), last + 1], axis=1) for last in (s_last, t_last)]
+    return np.stack([s_last, t_last], axis=1), spans[0], spans[1]
+
+
+@dataclass
+class TeacherView:
+    """What one rollout means to the teacher: its ids and the chunks both models read."""
+    prompt_ids: list       # the conversation through the teacher's chat template
+    response_ids: list     # the response text in the teacher's tokens (+ its end of turn if the student stopped)
+    pairs: np.ndarray      # (C, 2) response positions (student, teacher) of each chunk's last token
+    s_spans: np.ndarray    # (C, 2) each chunk's [start, end) student tokens
+    t_spans: np.ndarray    # (C, 2) each chunk's [start, end) teacher tokens
+
+
+def align_rollout(student_tok, teacher_tok, messages, response_ids, finished, whitespace_only=False,
+                  name='rollout', enable_thinking=False):
+    """teacher_view and align_chunks for one rollout: the per-rollout work beside the sampler (bench.py times it)."""
+    text = response_text(student_tok, response_ids, finished, name)
+    t_response = teacher_response(teacher_tok, text, finished, name)
+    pairs, s_spans, t_spans = align_chunks(byte_ends(student_tok, response_ids), byte_ends(teacher_tok, t_response),
+                                           whitespace_only, text)
+    return TeacherView(teacher_tok.chat(messages, enable_thinking=enable_thinking), t_response, pairs, s_spans,
+                       t_spans)
+
+
+def state_positions(view, s_prompt_len, t_prompt_len, align='predict'):
+    """Sequence positions (student, teacher), each (C,), of the hidden states OPRD compares: states where both
+    models have read the same text. 'token': each chunk's last token; 'predict': the state just before each chunk
+    (the previous chunk's last token; the prompt's last for the first chunk). Identical tokenizers: the positions
+    losses.response_masks picks with positions='all'."""
+    at = (lambda spans: spans[:, 1] - 1) if align == 'token' else (lambda spans: spans[:, 0] - 1)
+    return s_prompt_len + at(view.s_spans), t_prompt_len + at(view.t_spans)
+
+
+# ----------------------------------------------------------------------------- chunk-level sampled-token OPD
+
+def chunk_sums(x, spans):
+    """Sum of x (1-D) over each [start, end) span: one index_add, differentiable, exact for one-token spans."""
+    spans = torch.as_tensor(np.asarray(spans, dtype=np.int64).reshape(-1, 2))
+    lengths = spans[:, 1] - spans[:, 0]
+    chunk = torch.repeat_interleave(torch.arange(len(spans)), lengths)
+    # position of each covered token: its span's start plus its rank within the span
+    pos = torch.arange(len(chunk)) - (lengths.cumsum(0) - lengths)[chunk] + spans[chunk, 0]
+    return x.new_zeros(len(spans)).index_add(0, chunk.to(x.device), x[pos.to(x.device)])
+
+
+def chunk_opd_loss(lp_s, lp_t, s_spans, t_spans):
+    """Sampled-token OPD over chunks: per chunk c, l_S(c) and l_T(c) sum each model's log-probs of its own tokens
+    in c (lp_s, lp_t: 1-D over each side's response tokens; spans from align_chunks, offset and concatenated when
+    several rollouts share the tensors). Returns (sum_c sg(l_S - l_T) * l_S, C); divide by the global chunk
+    count. One-token chunks make it token-level sampled-token OPD exactly."""
+    l_s = chunk_sums(lp_s.float(), s_spans)
+    l_t = chunk_sums(lp_t.detach().float(), t_spans)
+    if len(l_s) != len(l_t):
+        raise ValueError(f"{len(l_s)} student chunks but {len(l_t)} teacher chunks: spans must list the same chunks")
+    return ((l_s - l_t).detach() * l_s).sum(), len(l_s)
