@@ -98,23 +98,29 @@ def clip_grad_norm(params, max_norm):
     return norm
 
 
+def deal(lengths, world):
+    """Longest first, each to the least loaded rank (fewest sequences, then lowest rank, on ties): the rank of
+    each sequence. verl's balance_batch deals the same way."""
+    load, count, owner = [0] * world, [0] * world, [0] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: ties keep their order
+        r = min(range(world), key=lambda k: (load[k], count[k], k))
+        load[r], count[r], owner[i] = load[r] + lengths[i], count[r] + 1, r
+    return owner
+
+
 def balance(seqs, world):
-    """The step's rollouts of every rank, dealt again so that ranks carry about the same tokens: longest first,
-    each to the least loaded rank (verl's balance_batch does the same). Without it both samples of a prompt stay
-    on one rank and the update waits for the rank that drew the longest responses. Returns this rank's share and
-    the max/mean token load over ranks."""
+    """The step's rollouts (prompt ids, response ids, ...) of every rank, dealt again so that ranks carry about
+    the same tokens. Without it both samples of a prompt stay on one rank, and the update waits for the rank that
+    drew the longest responses. Returns this rank's share and the max/mean token load over ranks."""
     if world == 1:
         return seqs, 1.0
     shares = [None] * world
     dist.all_gather_object(shares, seqs)
     pool = [s for share in shares for s in share]
-    load, count, mine = [0] * world, [0] * world, []
-    for s in sorted(pool, key=lambda s: -(len(s[0]) + len(s[1]))):  # stable: ties keep the gathered order
-        r = min(range(world), key=lambda k: (load[k], count[k], k))
-        load[r], count[r] = load[r] + len(s[0]) + len(s[1]), count[r] + 1
-        if r == dist.get_rank():
-            mine.append(s)
-    return mine, max(load) / max(sum(load) / world, 1)
+    lengths = [len(s[0]) + len(s[1]) for s in pool]
+    owner = deal(lengths, world)
+    load = [sum(n for n, r in zip(lengths, owner) if r == k) for k in range(world)]
+    return [s for s, r in zip(pool, owner) if r == dist.get_rank()], max(load) / max(sum(load) / world, 1)
 
 
 class MemoryMeter:

@@ -1,0 +1,81 @@
+"""The GPU job's guards, shown on the CPU: rollouts dealt across ranks by length, the sampler checked against
+the student (a sampler that skipped its weight sync stops the run), and a resume from an older checkpoint that
+leaves no step twice in log.jsonl."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, make_checkpoint
+
+from fsdp import deal
+
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "mini_bench.jsonl")
+
+
+def test_deal_evens_out_a_skewed_batch():
+    # two prompts' samples, as rank 0 and rank 1 drew them: rank 0 holds both long responses
+    lengths = [900, 880, 30, 20, 40, 10, 25, 15]
+    owner = deal(lengths, 2)
+    load = [sum(n for n, r in zip(lengths, owner) if r == k) for k in (0, 1)]
+    # by hand, each to the lighter rank: 900 -> 0, 880 -> 1, 40 -> 1 (920), 30 -> 0 (930), 25 -> 1 (945),
+    # 20 -> 0 (950), 15 -> 1 (960), 10 -> 0 (960)
+    assert owner == [0, 1, 0, 0, 1, 0, 1, 1] and load == [960, 960]
+    assert max(load) / (sum(load) / 2) == 1.0 and max(900 + 880 + 30 + 20, 90) / (sum(lengths) / 2) > 1.8
+    assert deal([5, 5, 5], 2) == [0, 1, 0]  # ties: fewer sequences, then the lower rank
+    assert sorted(deal([7] * 8, 4)) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("guards")
+    return make_checkpoint(root / "teacher", "qwen3", seed=3), make_checkpoint(root / "student", "qwen3", seed=4)
+
+
+def distill(pair, out, patch="", **kw):
+    """distill.py in a fresh process; patch: python run before it (to break the sampler on purpose)."""
+    teacher, student = pair
+    args = dict(student=student, teacher=teacher, out_dir=str(out), prompts=FIXTURE, backend="torch", device="cpu",
+                prompts_per_step=2, n_samples=2, max_new_tokens=8, max_prompt_len=256, layers="all", max_steps=3,
+                lr=3e-2, warmup_frac=0.0, seed=0)
+    args.update(kw)
+    code = f"import sys; {patch}\nimport distill; sys.argv = ['distill.py'] + {[f'--{k}={v}' for k, v in args.items()]!r}; distill.main()"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
+def log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_sampler_gap_is_small_and_a_skipped_sync_stops_the_run(pair, tmp_path):
+    p = distill(pair, tmp_path / "ok")
+    assert p.returncode == 0, p.stderr[-3000:]
+    gaps = [r["sampler_logp_gap"] for r in log(tmp_path / "ok")]
+    assert len(gaps) == 3 and max(gaps) < 1e-3  # both fp32 on the CPU: only rounding apart
+    # a sampler that keeps its first weights: after one update at this rate the student has moved far from it
+    p = distill(pair, tmp_path / "stale", patch="import sampler; sampler.TorchSampler.update_weights = "
+                                                "lambda self, named: None")
+    assert p.returncode == 1
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and "step 1: stale sampler weights" in err[0], p.stderr[-3000:]
+    rows = log(tmp_path / "stale")
+    assert [r["step"] for r in rows] == [0, 1] and rows[1]["sampler_logp_gap"] > 10 * max(rows[0]["sampler_logp_gap"],
+                                                                                           0.01)
+
+
+def test_resume_from_an_older_checkpoint_logs_each_step_once(pair, tmp_path):
+    out = tmp_path / "o"
+    p = distill(pair, out, max_steps=4, save_every=2, keep_checkpoints=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    first = log(out)
+    import shutil
+    shutil.rmtree(out / "step_0000004")  # back to the checkpoint after step 2: steps 2 and 3 run again
+    p = distill(pair, out, max_steps=4, save_every=2, keep_checkpoints=2, init_from="resume")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = log(out)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert [r["loss"] for r in rows[:2]] == [r["loss"] for r in first[:2]]  # the kept records are the old ones
