@@ -1,5 +1,5 @@
 """
-OPRD-Bridge (../shared/METHOD.md §4): a teacher of another width and depth, seen through a frozen rank-r bridge.
+OPRD-Bridge (METHOD.md §4): a teacher of another width and depth, seen through a frozen rank-r bridge.
 
 Stage 1 (distill.py method=bridge_fit collects the rows; fit_bridge here fits them), both models frozen: at
 each aligned layer, the teacher's top-r principal directions P_T (with mean mu_T) of its hidden states on the

@@ -3,11 +3,13 @@ The prompt side shared by training (distill.py) and evaluation (eval.py): benchm
 prompt. Every problem is a dict {'id', 'problem', 'answer'} of strings (plus 'solution' and 'prompt' for the
 built-in tiny task).
 
-    problems = load_problems('aime24', data_dir='../shared/bench')   # a name, a hub id's local copy, or a .jsonl
-    ids = encode_prompt(problems[0], tok)                             # the user message through the chat template
+    problems = load_problems('aime24')                  # benchmarks/aime24.jsonl, shipped with the repository
+    problems = load_problems('dapo17k', data_dir='d/')  # d/dapo17k.jsonl; without data_dir, the hub
+    ids = encode_prompt(problems[0], tok)               # the user message through the chat template
 
-Sources, in order: the built-in tasks (BUILTIN), a .jsonl path, <data_dir>/<name>.jsonl, then the hub by dataset
-id (BENCHMARKS) when online. Bad files give one-line DataErrors naming the file and line.
+Sources, in order: the built-in tasks (BUILTIN), a .jsonl path, <data_dir>/<name>.jsonl, <$OPRD_DATA_DIR>/
+<name>.jsonl, the evaluation sets shipped in benchmarks/ (aime24, aime25, aimo; see benchmarks/README.md), then
+the hub by dataset id (BENCHMARKS) when online. Bad files give one-line DataErrors naming the file and line.
 """
 import hashlib
 import json
@@ -55,6 +57,7 @@ def tiny_problems(split, n, seed=0):
                     'solution': "\n".join(lines) + f"\n\\boxed{{{value}}}"})
     return out
 
+SHIPPED = Path(__file__).resolve().parent / 'benchmarks'  # the evaluation sets' copies: <name>.jsonl
 BENCHMARKS = {'aime24': 'HuggingFaceH4/aime_2024', 'aime25': 'MathArena/aime_2025',
               'aimo': 'AI-MO/aimo-validation-amc', 'dapo17k': 'BytedTsinghua-SIA/DAPO-Math-17k'}
 # name -> callable returning the list of problems (synthetic tasks); consulted first
@@ -111,7 +114,7 @@ def _strip_dapo_wrapper(text):
     return text.strip()
 
 def _load_hub(name):
-    """Map each hub dataset's columns to id/problem/answer, ids as in shared/bench (e.g. '2024-I-1')."""
+    """Map each hub dataset's columns to id/problem/answer, ids as in benchmarks/ (e.g. '2024-I-1')."""
     try:
         import datasets  # lazy: only needed online
     except ImportError:
@@ -136,14 +139,16 @@ def _load_hub(name):
             k = int(r['problem_idx'])
             pid = f"2025-I-{k}" if k <= 15 else f"2025-II-{k - 15}"
         else:  # aime24, aimo: the AoPS url names the contest, e.g. .../2022_AMC_12A_Problems/Problem_1
-            m = re.search(r'(\d{4})_(?:AIME|AMC)_(\w+?)_Problems/Problem_(\d+)', r.get('url') or '')
-            pid = f"{m[1]}-{m[2]}-{m[3]}" if m else str(r.get('id', i))
-        a = r['answer']
-        rows.append({'id': pid, 'problem': r['problem'], 'answer': a.strip() if isinstance(a, str) else _num_str(a)})
+            contest = re.search(r'(\d{4})_(?:AIME|AMC)_(\w+?)_Problems/Problem_(\d+)', r.get('url') or '')
+            pid = f"{contest[1]}-{contest[2]}-{contest[3]}" if contest else str(r.get('id', i))
+        answer = r['answer']
+        rows.append({'id': pid, 'problem': r['problem'],
+                     'answer': answer.strip() if isinstance(answer, str) else _num_str(answer)})
     return rows
 
 def load_problems(name_or_path, data_dir=None):
-    """Problems of a benchmark: BUILTIN, a .jsonl path, <data_dir>/<name>.jsonl, then the hub (if online)."""
+    """Problems of a benchmark: BUILTIN, a .jsonl path, <data_dir>/<name>.jsonl, $OPRD_DATA_DIR, the copies
+    shipped in benchmarks/, then the hub (if online)."""
     name = str(name_or_path)
     if name in BUILTIN:
         return BUILTIN[name]()
@@ -161,13 +166,15 @@ def load_problems(name_or_path, data_dir=None):
     data_dir = os.environ.get('OPRD_DATA_DIR')
     if data_dir and (Path(data_dir) / f"{name}.jsonl").is_file():
         return read_jsonl(Path(data_dir) / f"{name}.jsonl")
+    if (SHIPPED / f"{name}.jsonl").is_file():
+        return read_jsonl(SHIPPED / f"{name}.jsonl")
     if name not in BENCHMARKS:
         known = sorted(BENCHMARKS) + sorted(BUILTIN)
         raise ValueError(f"unknown benchmark {name!r}: not a .jsonl file, not in data_dir={data_dir!r}, "
                          f"and not one of {', '.join(known)}")
     if os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on'):
         raise FileNotFoundError(f"benchmark {name!r} ({BENCHMARKS[name]}) is not available offline: pass "
-                                f"--data_dir=<folder with {name}.jsonl> (e.g. shared/bench) or set OPRD_DATA_DIR")
+                                f"--data_dir=<folder with {name}.jsonl> or set OPRD_DATA_DIR")
     return _load_hub(name)
 
 

@@ -1,7 +1,7 @@
 """
 On-policy distillation: OPRD (hidden states), the output-space OPD baselines, and SFT, in one explicit loop.
 
-One node of 8 GPUs (the paper's main setting, ../shared/METHOD.md §5):
+One node of 8 GPUs (the paper's main setting, METHOD.md §5):
 $ torchrun --standalone --nproc_per_node=8 distill.py config/qwen.py
 A baseline on the same setting:
 $ torchrun --standalone --nproc_per_node=8 distill.py config/qwen_opd_topk.py

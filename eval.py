@@ -3,8 +3,8 @@ Standalone evaluator on AIME 2024, AIME 2025 and AIMO (the OPRD paper's protocol
 16 samples per problem at temperature 0.7 / top-p 0.95, the last \\boxed{...} graded against the gold answer,
 reported as Avg@16, Best@16, pass@k, maj@16, Dist-4g, mean response length and truncation rate.
 
-$ python eval.py --ckpt=out                                   # the three benchmarks, from the hub
-$ python eval.py --ckpt=out --data_dir=../shared/bench        # offline, from <data_dir>/<name>.jsonl
+$ python eval.py --ckpt=out/qwen_oprd                         # the three sets, from benchmarks/ (shipped)
+$ python eval.py --ckpt=out --data_dir=DIR                    # <DIR>/<name>.jsonl instead of benchmarks/
 $ python eval.py --ckpt=out --benchmarks=aime24 --limit=5 --n_samples=2   # a quick look
 
 The top half of this file (data, grading, metrics, output) imports without torch, so tests and bench.py
@@ -24,7 +24,7 @@ from data import DataError, build_prompt, encode_prompt, load_problems  # noqa: 
 # default config values, overridden by a config file or --key=value on the command line
 ckpt = 'out'                  # checkpoint folder (or a hub model id) to evaluate
 benchmarks = 'aime24,aime25,aimo'
-data_dir = ''                 # folder of <name>.jsonl; '' = $OPRD_DATA_DIR, then the hub
+data_dir = ''                 # folder of <name>.jsonl; '' = $OPRD_DATA_DIR, then benchmarks/, then the hub
 n_samples = 16
 temperature = 0.7
 top_p = 0.95
@@ -341,8 +341,8 @@ def evaluate(rank, world):
         if out:
             write_outputs(out, summaries, all_records)
             print(f"wrote {os.path.join(out, 'summary.json')} and samples.jsonl")
-    sampler.close()  # before the process group goes: vLLM's teardown would destroy the shared group
-    if world > 1:
+    sampler.close()  # before the process group goes; vLLM's teardown may destroy the shared group itself
+    if world > 1 and dist.is_initialized():
         dist.destroy_process_group()
     return summaries
 

@@ -5,8 +5,9 @@ $ python tiny.py                  # make the teacher and the student (or reuse t
                                   # with OPRD through vLLM rollouts, evaluate all three on the held-out problems
 $ python tiny.py --verbose=True   # the same with the scripts' whole output (every step, vLLM's start-up log)
 $ python tiny.py --tune=True      # the validation runs that chose the pair and config/tiny.py's learning rate
-$ python tiny.py --study=True     # README's small-scale study (study.py): a rate chosen per method, the
-                                  # paper's ablations, the cross-width student; finished runs are reused
+
+The small-scale study (python study.py) trains from the models made here, through the same runner (run_script)
+and the same evaluation (accuracy).
 
 The pair is a function of the code: the settings that made it (shapes, init seed, the SFT run's resolved
 settings and data, the checkpoints kept) are written beside it (work_dir/pair.json), and a pair made by other
@@ -26,14 +27,11 @@ from collections import deque
 
 # -----------------------------------------------------------------------------
 work_dir = 'tiny'             # models, runs and evaluations go here
-study = False                 # the small-scale study (study.py) instead of the quick start
-jobs = 2                      # the study's runs at a time (one thread each)
 tune = False                  # the validation runs behind the pair and config/tiny.py instead of the quick start
 verbose = False               # print the scripts' whole output, not only their own lines (the logs have it all)
 student_step = 500            # the student: this checkpoint of the SFT run that makes the pair (config/tiny_sft.py)
 teacher_step = 1000           # the teacher: this one (both chosen on the validation split: tiny.py --tune=True)
-seeds = 3                     # the study's seeds per setting
-distill_steps = 60            # equal step budget for every method
+distill_steps = 60            # equal step budget for every method (here and in study.py)
 tune_lrs = '1e-3,2e-3,3e-3'   # OPRD learning rates that --tune=True compares on the validation split
 eval_backend = 'torch'        # greedy evaluation of 256 short answers: the torch sampler, no engine to start
 # -----------------------------------------------------------------------------
@@ -56,18 +54,26 @@ CHATTER = re.compile(r"^\([\w-]+ pid=\d+\) |^(INFO|WARNING|DEBUG|ERROR) \d\d-\d\
                      r"^Triton |^Loading safetensors|it/s\]|s/it\]|^\s*$")
 
 
-def sh(args, log, every=1):
-    """Run one of the project's scripts, its whole output to the log file. On the terminal (unless verbose): its
-    own lines without the config echo and its dependencies' chatter, and of its step lines the first, every
-    `every`-th and the last; if it fails, the log's last lines."""
-    print('$ ' + ' '.join(['python'] + args) + f'    (log: {log})', flush=True)
+def run_script(args, log, every=1, echo=True, threads=None):
+    """Run one of the project's scripts (offline: the tiny task needs nothing from the hub), its whole output to
+    the log file; `threads` sets its OMP_NUM_THREADS. With echo (the quick start): the command, then its own
+    lines without the config echo and its dependencies' chatter, and of its step lines the first, every
+    `every`-th and the last (all of it with verbose). Without (study.py's parallel runs): nothing. If it fails,
+    the log's last lines and one error line naming the log."""
+    if echo:
+        print('$ ' + ' '.join(['python'] + args) + f'    (log: {log})', flush=True)
+    env = dict(os.environ, HF_HUB_OFFLINE='1')
+    if threads:
+        env['OMP_NUM_THREADS'] = str(threads)
     tail, pending, warned = deque(maxlen=30), None, False
     with open(log, 'w') as f:
         p = subprocess.Popen([sys.executable] + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+                             text=True, env=env)
         for line in p.stdout:
             f.write(line)
             tail.append(line)
+            if not echo:
+                continue
             step = re.match(r'step (\d+):', line)
             if step:
                 show = step[1] == '0' or (int(step[1]) + 1) % every == 0
@@ -81,8 +87,8 @@ def sh(args, log, every=1):
             elif step:
                 pending = '  ' + line
         if p.wait() != 0:
-            if not verbose:
-                print(''.join('  | ' + l for l in tail), end='')
+            if not (echo and verbose):
+                print(''.join('  | ' + line for line in tail), end='', flush=True)
             raise SystemExit(f"error: {args[0]} failed (exit {p.returncode}); its whole output is in {log}")
 
 
@@ -114,10 +120,9 @@ def recipe(shape, seed, steps):
     import data
     import distill
     import tokenizer
-    from configurator import apply_config
+    from configurator import apply_config, settings
     sha = lambda text: hashlib.sha256(text.encode()).hexdigest()[:16]
-    defaults = {k: v for k, v in vars(distill).items() if not k.startswith('_') and k.islower()
-                and isinstance(v, (int, float, bool, str, list, tuple, type(None)))}  # as distill.main()
+    defaults = settings(vars(distill))  # distill.py's settings, as its main() reads them
     cwd = os.getcwd()
     os.chdir(ROOT)  # a config file may exec another by its path from the repository root
     try:
@@ -125,12 +130,12 @@ def recipe(shape, seed, steps):
     finally:
         os.chdir(cwd)
     problems = data.load_problems(sft['prompts'])
-    r = {'init': dict(shape, seed=seed, code=sha(inspect.getsource(make_init))),
-         'sft': {k: v for k, v in sorted(sft.items()) if k not in NOT_RECIPE},
-         'sft_data': sha(json.dumps([(data.build_prompt(p), p.get('solution')) for p in problems])),
-         'tokenizer': sha(inspect.getsource(tokenizer.ByteTokenizer)),
-         'checkpoints': steps, 'torch': torch.__version__}
-    return json.loads(json.dumps(r))  # as it reads back from the file (tuples become lists)
+    made_by = {'init': dict(shape, seed=seed, code=sha(inspect.getsource(make_init))),
+               'sft': {k: v for k, v in sorted(sft.items()) if k not in NOT_RECIPE},
+               'sft_data': sha(json.dumps([(data.build_prompt(p), p.get('solution')) for p in problems])),
+               'tokenizer': sha(inspect.getsource(tokenizer.ByteTokenizer)),
+               'checkpoints': steps, 'torch': torch.__version__}
+    return json.loads(json.dumps(made_by))  # as it reads back from the file (tuples become lists)
 
 
 def changes(old, new, prefix=''):
@@ -149,10 +154,9 @@ def make_models(name, shape, seed, steps):
     """Models of one SFT run from a seeded random init: work_dir/<who> = its checkpoint at step steps[who].
     Reused only if work_dir/<name>.json records this very recipe; otherwise remade, saying why in one line, and
     every run and evaluation made from the old models removed."""
-    w = work_dir
-    record = os.path.join(w, f'{name}.json')
+    record = os.path.join(work_dir, f'{name}.json')
     want = recipe(shape, seed, steps)
-    have = all(os.path.isfile(os.path.join(w, who, 'config.json')) for who in steps)
+    have = all(os.path.isfile(os.path.join(work_dir, who, 'config.json')) for who in steps)
     old = None
     if os.path.isfile(record):
         with open(record) as f:
@@ -166,13 +170,14 @@ def make_models(name, shape, seed, steps):
            f"remade, no {record} records how they were made" if old is None else
            f"remade, the recipe changed since {record} ({'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''})")
     print(f"{', '.join(steps)}: {why}", flush=True)
-    init, sft = os.path.join(w, f'init_{name}'), os.path.join(w, f'sft_{name}')
-    for d in [init, sft, *steps, 'runs', 'eval', 'bridges', 'study']:
-        shutil.rmtree(os.path.join(w, d), ignore_errors=True)
+    init, sft = os.path.join(work_dir, f'init_{name}'), os.path.join(work_dir, f'sft_{name}')
+    for folder in [init, sft, *steps, 'runs', 'eval', 'bridges', 'study']:  # 'study': study.py's runs and scores
+        shutil.rmtree(os.path.join(work_dir, folder), ignore_errors=True)
     if os.path.exists(record):
         os.remove(record)
     make_init(init, seed=seed, **shape)
-    sh(['distill.py', SFT_CONFIG, f'--student={init}', f'--out_dir={sft}'], os.path.join(w, f'sft_{name}.log'), 100)
+    run_script(['distill.py', SFT_CONFIG, f'--student={init}', f'--out_dir={sft}'],
+               os.path.join(work_dir, f'sft_{name}.log'), every=100)
     from model import checkpoints_in
     for ckpt in checkpoints_in(sft):  # the finished run's checkpoints need no resume state
         os.remove(os.path.join(ckpt, 'resume.pt'))
@@ -181,7 +186,7 @@ def make_models(name, shape, seed, steps):
         if not os.path.isdir(ckpt):
             raise SystemExit(f"error: {SFT_CONFIG} kept no checkpoint at step {step} (see its save_every and "
                              "keep_checkpoints)")
-        shutil.copytree(ckpt, os.path.join(w, who))
+        shutil.copytree(ckpt, os.path.join(work_dir, who))
     with open(record, 'w') as f:
         json.dump(want, f, indent=1)
 
@@ -210,21 +215,30 @@ def write_val(path, n=512):
     return path
 
 
-def accuracy(ckpt, name, bench='tiny'):
-    """Greedy accuracy through eval.py: on the held-out tiny benchmark (256 problems), or a .jsonl split."""
-    out = os.path.join(work_dir, 'eval', name)
-    sh(['eval.py', f'--ckpt={ckpt}', f'--benchmarks={bench}', *EVAL_ARGS, f'--backend={eval_backend}',
-        f'--out={out}'], os.path.join(work_dir, f'eval_{name}.log'))
-    with open(os.path.join(out, 'summary.json')) as f:
+def accuracy(ckpt, out, log, bench='tiny', reuse=False, echo=True, threads=None):
+    """Greedy accuracy (avg@1) of a checkpoint through eval.py: on the held-out tiny benchmark (256 problems), or
+    a .jsonl split. eval.py writes summary.json and every answer to `out`, its whole output to `log`. With reuse,
+    an evaluation already finished in `out` is read back instead of run again (study.py's reruns)."""
+    summary = os.path.join(out, 'summary.json')
+    if not (reuse and os.path.isfile(summary)):
+        run_script(['eval.py', f'--ckpt={ckpt}', f'--benchmarks={bench}', *EVAL_ARGS, f'--backend={eval_backend}',
+                    f'--out={out}'], log, echo=echo, threads=threads)
+    with open(summary) as f:
         return json.load(f)[bench]['avg@1']
 
 
+def eval_paths(name):
+    """Where the quick start and --tune=True keep an evaluation (work_dir/eval/<name>) and its log."""
+    return os.path.join(work_dir, 'eval', name), os.path.join(work_dir, f'eval_{name}.log')
+
+
 def distill_run(method, seed, name, student='student', *extra, config='config/tiny.py'):
+    """A fresh distill.py run from work_dir/<student> toward the teacher, distill_steps long; its last checkpoint."""
     out = os.path.join(work_dir, 'runs', name)
     shutil.rmtree(out, ignore_errors=True)
-    sh(['distill.py', config, f'--method={method}', f'--seed={seed}', f'--out_dir={out}',
-        f'--student={work_dir}/{student}', f'--teacher={work_dir}/teacher', f'--max_steps={distill_steps}', *extra],
-       os.path.join(work_dir, f'{name}.log'), 10)
+    run_script(['distill.py', config, f'--method={method}', f'--seed={seed}', f'--out_dir={out}',
+                f'--student={work_dir}/{student}', f'--teacher={work_dir}/teacher', f'--max_steps={distill_steps}',
+                *extra], os.path.join(work_dir, f'{name}.log'), every=10)
     from model import checkpoints_in
     return checkpoints_in(out)[-1]
 
@@ -233,9 +247,9 @@ def quick_start():
     t0 = time.time()
     make_pair()
     t_pair = time.time() - t0
-    before = accuracy(f'{work_dir}/student', 'student')
-    teacher = accuracy(f'{work_dir}/teacher', 'teacher')
-    after = accuracy(distill_run('oprd', 0, 'oprd_seed0'), 'oprd_seed0')
+    before = accuracy(f'{work_dir}/student', *eval_paths('student'))
+    teacher = accuracy(f'{work_dir}/teacher', *eval_paths('teacher'))
+    after = accuracy(distill_run('oprd', 0, 'oprd_seed0'), *eval_paths('oprd_seed0'))
     gap = (after - before) / max(teacher - before, 1e-9)
     wall = time.time() - t0
     print("\ntiny task, greedy accuracy on 256 held-out problems:")
@@ -257,13 +271,13 @@ def tune_runs():
     acc = {}
     for ckpt in checkpoints_in(os.path.join(work_dir, 'sft_pair')):
         step = int(ckpt.rsplit('_', 1)[1])
-        acc[step] = accuracy(ckpt, f'val_sft_{step}', bench=val)
+        acc[step] = accuracy(ckpt, *eval_paths(f'val_sft_{step}'), bench=val)
         who = {student_step: ' (the student)', teacher_step: ' (the teacher)'}.get(step, '')
         lines.append(f"| SFT step {step}{who} | {100 * acc[step]:.1f} | |")
     before, teacher = acc[student_step], acc[teacher_step]
     for lr in tune_lrs.split(','):
-        after = accuracy(distill_run('oprd', 0, f'val_oprd_lr{lr}', 'student', f'--lr={lr}'), f'val_oprd_lr{lr}',
-                         bench=val)
+        run = f'val_oprd_lr{lr}'
+        after = accuracy(distill_run('oprd', 0, run, 'student', f'--lr={lr}'), *eval_paths(run), bench=val)
         lines.append(f"| student + OPRD, {distill_steps} steps at lr {lr} | {100 * after:.1f} | "
                      f"{100 * (after - before) / max(teacher - before, 1e-9):.0f}% |")
     text = '\n'.join(lines)
@@ -273,18 +287,7 @@ def tune_runs():
 
 
 if __name__ == '__main__':
-    from configurator import ConfigError, apply_config
-    keys = [k for k, v in list(globals().items()) if not k.startswith('_') and k.islower()
-            and isinstance(v, (int, float, bool, str))]
-    try:
-        globals().update(apply_config(sys.argv[1:], {k: globals()[k] for k in keys}, help_source=__file__))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from configurator import configure
+    configure(globals(), __file__)
     os.makedirs(work_dir, exist_ok=True)
-    if study:
-        sys.modules['tiny'] = sys.modules[__name__]  # study.py reads these settings (work_dir, seeds, ...) as tiny.*
-        import study as small_scale_study
-        small_scale_study.main(jobs)
-    else:
-        tune_runs() if tune else quick_start()
+    tune_runs() if tune else quick_start()

@@ -1,4 +1,5 @@
-"""eval.py end to end on a tiny checkpoint and a fixture benchmark: both backends, ranks, out_dir, errors."""
+"""eval.py end to end on a tiny checkpoint and a fixture benchmark: both backends, ranks, out_dir, errors; and the
+evaluation sets shipped in benchmarks/, read offline by default."""
 
 import json
 import os
@@ -10,13 +11,16 @@ import pytest
 from conftest import ROOT
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "mini_bench.jsonl")
+SHIPPED = os.path.join(ROOT, "benchmarks")
+SHARED_BENCH = os.path.join(os.path.dirname(ROOT), "shared", "bench")  # the copies the shipped ones came from
 
 
 def run_eval(args, torchrun=False, ok=True):
     launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
                                    if torchrun else [])
+    env = {k: v for k, v in os.environ.items() if k != "OPRD_DATA_DIR"}  # the lookup a user gets by default
     p = subprocess.run(launcher + ["eval.py"] + args, cwd=ROOT, capture_output=True, text=True, timeout=400,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+                       env=dict(env, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))
     if ok and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
@@ -93,3 +97,35 @@ def test_bad_input_is_one_error_line(tiny_qwen3, tmp_path, make_args, message):
     assert p.returncode != 0
     err = [line for line in p.stderr.strip().splitlines() if line.strip()]
     assert len(err) == 1 and message in err[0], p.stderr[-3000:]
+
+
+def read_rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.mark.parametrize("name, n_rows, first_id", [("aime24", 30, "2024-I-1"), ("aime25", 30, "2025-I-1"),
+                                                    ("aimo", 83, "2022-12A-1")])
+def test_shipped_benchmarks_load_offline_without_data_dir(name, n_rows, first_id, monkeypatch):
+    import data
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("OPRD_DATA_DIR", raising=False)
+    rows = read_rows(os.path.join(SHIPPED, f"{name}.jsonl"))
+    problems = data.load_problems(name)
+    assert len(problems) == n_rows == len({p["id"] for p in problems}) and problems[0]["id"] == first_id
+    assert [(p["id"], p["problem"], p["answer"]) for p in problems] == \
+        [(r["id"], r["problem"], r["answer"]) for r in rows]
+    assert all(str(int(p["answer"])) == p["answer"] for p in problems)  # integers, no zero padding
+    if os.path.isdir(SHARED_BENCH):  # optional: where the copies came from, when it sits beside the repository
+        assert rows == read_rows(os.path.join(SHARED_BENCH, f"{name}.jsonl"))
+
+
+def test_eval_reads_a_shipped_benchmark_by_name_offline(tiny_qwen3, tmp_path):
+    out = tmp_path / "res"
+    run_eval([f"--ckpt={tiny_qwen3}", "--benchmarks=aime24", "--limit=2", "--n_samples=1", "--max_new_tokens=4",
+              "--backend=torch", f"--out={out}"])
+    with open(out / "summary.json") as f:
+        assert json.load(f)["aime24"]["n_problems"] == 2
+    gold = read_rows(os.path.join(SHIPPED, "aime24.jsonl"))[:2]
+    assert [(r["problem_id"], r["gold"]) for r in read_rows(out / "samples.jsonl")] == \
+        [(g["id"], g["answer"]) for g in gold]

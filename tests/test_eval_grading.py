@@ -297,8 +297,8 @@ def test_missing_jsonl_path():
 
 
 def test_offline_without_data_dir():
-    with pytest.raises(FileNotFoundError, match=r"aime24.*--data_dir"):
-        data.load_problems('aime24')
+    with pytest.raises(FileNotFoundError, match=r"dapo17k.*--data_dir"):
+        data.load_problems('dapo17k')  # the training prompts: not shipped in benchmarks/
 
 
 def test_data_dir_lookup(tmp_path, monkeypatch):

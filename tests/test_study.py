@@ -1,10 +1,12 @@
 """study.py without training: the rate selection, the whole schedule against fake runs (rates widened at an edge,
-seeds at the chosen rate, finished runs reused, validation and test kept apart), the tables, the plot, and
-README's generated block. Seconds."""
+seeds at the chosen rate, finished runs reused, validation and test kept apart), the tables, the plot, the
+generated blocks of RESULTS.md and README.md, and the command line. Seconds."""
 
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 from conftest import ROOT
@@ -43,15 +45,18 @@ def fake_accuracy(ckpt, bench):
 def fake(tmp_path, monkeypatch):
     """study.py in a temporary work_dir; distill.py and eval.py replaced by writers of what they would leave."""
     monkeypatch.setattr(tiny, 'work_dir', str(tmp_path / 'tiny'))
+    monkeypatch.setattr(study, 'jobs', 2)
+    monkeypatch.setattr(study, 'seeds', 3)
     monkeypatch.setattr(tiny, 'make_pair', lambda: None)
     monkeypatch.setattr(tiny, 'make_small', lambda: None)
     calls = []
 
-    def call(args, log):
+    def run_script(args, log, every=1, echo=True, threads=None):
+        assert not echo and threads == 1  # runs side by side: quiet, one thread each
         calls.append(args)
         kw = dict(a[2:].split('=', 1) for a in args[1:] if a.startswith('--'))
         if args[0] == 'eval.py':
-            assert kw['benchmarks'] in ('tiny', study.here('val.jsonl'))
+            assert kw['benchmarks'] in ('tiny', study.study_path('val.jsonl'))
             os.makedirs(kw['out'])
             acc = fake_accuracy(kw['ckpt'], kw['benchmarks'])
             with open(os.path.join(kw['out'], 'summary.json'), 'w') as f:
@@ -70,12 +75,12 @@ def fake(tmp_path, monkeypatch):
             with open(os.path.join(kw['out_dir'], 'log.jsonl'), 'w') as f:
                 f.write(''.join(json.dumps(r) + '\n' for r in recs))
 
-    monkeypatch.setattr(study, 'call', call)
+    monkeypatch.setattr(tiny, 'run_script', run_script)
     return calls
 
 
 def test_the_schedule_chooses_rates_on_validation_and_reports_seeds_on_test(fake, capsys):
-    res = study.run_study(jobs=2)
+    res = study.run_study()
     runs = [a for a in fake if a[0] == 'distill.py' and '--method=bridge_fit' not in a]
     fits = [a for a in fake if '--method=bridge_fit' in a]
     assert len(fits) == 3
@@ -87,7 +92,7 @@ def test_the_schedule_chooses_rates_on_validation_and_reports_seeds_on_test(fake
     assert all(t['lr'] == '0.001' and len(t['val']) == 3 for t in res['main'] + res['small']
                if not t['label'].startswith('opd (sampled'))
     # validation at seed 0 only; on test every seed, with a point per EVAL_EVERY steps plus the student before
-    n_rows, n_seeds = len(study.MAIN) + len(study.SMALL), tiny.seeds
+    n_rows, n_seeds = len(study.MAIN) + len(study.SMALL), study.seeds
     assert len(runs) == n_rows * 3 + 2 * 2 + n_rows * (n_seeds - 1) + len(study.ABLATIONS) * n_seeds
     assert all(len(t['curves']) == n_seeds and len(t['curves'][0]) == 1 + tiny.distill_steps // study.EVAL_EVERY
                for t in res['main'] + res['small'])
@@ -101,7 +106,8 @@ def test_the_schedule_chooses_rates_on_validation_and_reports_seeds_on_test(fake
     assert res['bridges']['8']['heldout_cos'] == pytest.approx(0.6)
 
     fake.clear()  # everything finished is reused, and the minutes are what the figures cost, not the rerun's
-    again = study.run_study(jobs=1)
+    study.jobs = 1
+    again = study.run_study()
     assert again['main'] == res['main'] and fake == [] and again['minutes'] >= res['minutes'] > 0
 
 
@@ -111,31 +117,71 @@ def test_every_row_has_its_own_runs():
     assert len(keys) == len(set(keys))
 
 
-def test_tables_plot_and_readme_block_are_written_from_the_results(fake, tmp_path, capsys):
-    res = study.run_study(jobs=2)
-    readme = tmp_path / 'README.md'
-    readme.write_text(f"# title\n\nbefore\n\n{study.BEGIN}\nstale\n{study.END}\n\nafter\n")
-    study.write_outputs(res, readme=str(readme), figures=str(tmp_path / 'figures'))
-    doc = readme.read_text()
-    assert doc.startswith('# title\n\nbefore\n\n') and doc.endswith('\n\nafter\n') and 'stale' not in doc
+def test_tables_plot_and_both_blocks_are_written_from_the_results(fake, tmp_path, capsys):
+    res = study.run_study()
+    results, readme = tmp_path / 'RESULTS.md', tmp_path / 'README.md'
+    results.write_text(f"# results\n\nbefore\n\n{study.BEGIN}\nstale\n{study.END}\n\nafter\n")
+    readme.write_text(f"# title\n\n{study.HEADLINE_BEGIN}\nold\n{study.HEADLINE_END}\nrest\n")
+    study.write_outputs(res, results=str(results), readme=str(readme), figures=str(tmp_path / 'figures'))
+    doc = results.read_text()
+    assert doc.startswith('# results\n\nbefore\n\n') and doc.endswith('\n\nafter\n') and 'stale' not in doc
     block = doc[doc.index(study.BEGIN):doc.index(study.END) + len(study.END)]
     assert block == study.render(res)
     assert '| opd (sampled token) | 0.0003: ' in block and '**0.01: 90.0**' in block
     assert '| | µ = 10 | ' in block and '| 50.2 |' in block
+    head = readme.read_text()
+    assert head == f"# title\n\n{study.render_headline(res)}\nrest\n"
+    # seeds 0, 1, 2 at step 60: 0.9, 0.89, 0.88, less 0.05 on test; (0.84 - 0.4) / (0.95 - 0.4) of the gap
+    assert '| opd (sampled token) | 0.01 | 84.0 ± 1.0 | +80% |' in head
     assert (tmp_path / 'figures' / 'study.png').read_bytes()[:4] == b'\x89PNG'
     assert json.loads((tmp_path / 'figures' / 'study.json').read_text())['main'] == res['main']
-    with pytest.raises(SystemExit, match='no study block'):
-        readme.write_text('# no markers\n')
-        study.write_outputs(res, readme=str(readme), figures=str(tmp_path / 'figures'))
+    readme.write_text('# no markers\n')  # nothing is written when either document lacks its block
+    with pytest.raises(SystemExit, match='no generated block'):
+        study.write_outputs(res, results=str(results), readme=str(readme), figures=str(tmp_path / 'figures'))
+    assert results.read_text() == doc
 
 
-def test_readme_study_block_is_what_the_recorded_results_render():
-    """README's tables are generated: the block equals render() of figures/study.json, written by the same run."""
+def test_a_method_keeps_one_colour_in_both_panels(fake):
+    import matplotlib.pyplot as plt
+    fig = study.draw(study.run_study())
+    panels = [{line.get_label().rsplit(' (lr ', 1)[0]: line.get_color() for line in ax.get_lines()
+               if line.get_label() != 'teacher'} for ax in fig.axes]
+    plt.close(fig)
+    shared = set(panels[0]) & set(panels[1])
+    assert shared == {'opd (sampled token)', 'opd_topk (k = 16)', 'sft (reference solutions)'}
+    assert all(panels[0][label] == panels[1][label] for label in shared)
+    colours = {**panels[0], **panels[1]}
+    assert len(set(map(str, colours.values()))) == len(colours)  # and no two methods share one
+
+
+def generated_block(path, begin, end):
+    with open(path) as f:
+        doc = f.read()
+    assert begin in doc and end in doc, f"{path} has lost its generated block"
+    return doc[doc.index(begin):doc.index(end) + len(end)]
+
+
+def test_results_and_readme_blocks_are_what_the_recorded_results_render():
+    """RESULTS.md's tables and README's headline are generated: they equal render() and render_headline() of
+    figures/study.json, written by the same run of python study.py."""
     path = os.path.join(ROOT, study.FIGURES, 'study.json')
-    assert os.path.isfile(path), f"README's study block needs {path}, written with it by python tiny.py --study=True"
+    assert os.path.isfile(path), f"RESULTS.md's study block needs {path}, written with it by python study.py"
     with open(path) as f:
         res = json.load(f)
-    with open(os.path.join(ROOT, 'README.md')) as f:
-        doc = f.read()
-    assert doc[doc.index(study.BEGIN):doc.index(study.END) + len(study.END)] == study.render(res)
+    assert generated_block(os.path.join(ROOT, study.RESULTS), study.BEGIN, study.END) == study.render(res)
+    assert generated_block(os.path.join(ROOT, study.README), study.HEADLINE_BEGIN, study.HEADLINE_END) == \
+        study.render_headline(res)
     assert os.path.isfile(os.path.join(ROOT, study.FIGURES, 'study.png'))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_study_runs_on_its_own_and_tiny_does_not_import_it():
+    p = run_cli('study.py', '-h')
+    assert p.returncode == 0 and 'python study.py' in p.stdout and '--jobs=2' in p.stdout and '--seeds=3' in p.stdout
+    p = run_cli('study.py', '--jobs=0')
+    assert p.returncode == 2 and p.stderr.strip() == "error: jobs and seeds must be at least 1 (got jobs=0, seeds=3)"
+    p = run_cli('-c', 'import sys, tiny; assert "study" not in sys.modules')
+    assert p.returncode == 0, p.stderr

@@ -1,5 +1,6 @@
 """tiny.py without its training: the recipe recorded beside the pair, a remake when it changes (never a silent
-reuse), the validation split, and the quick start's filtered output. The SFT run is mocked; seconds."""
+reuse), the validation split, the runner's filtered output (the quick start) and its quiet mode (study.py), and
+the accuracy helper's reuse. The SFT run is mocked; seconds."""
 
 import json
 import os
@@ -15,7 +16,7 @@ def fake_sft(tmp_path, monkeypatch):
     """tiny.py in a temporary work_dir, its SFT run replaced by empty checkpoint folders at every 100th step."""
     calls = []
 
-    def sh(args, log, every=1):
+    def run_script(args, log, every=1, echo=True, threads=None):
         calls.append(args)
         out = next(a.split('=', 1)[1] for a in args if a.startswith('--out_dir='))
         for step in range(100, 1001, 100):
@@ -24,7 +25,7 @@ def fake_sft(tmp_path, monkeypatch):
                 with open(os.path.join(out, f'step_{step:07d}', name), 'w') as f:
                     f.write('{"step": %d}' % step)
 
-    monkeypatch.setattr(tiny, 'sh', sh)
+    monkeypatch.setattr(tiny, 'run_script', run_script)
     monkeypatch.setattr(tiny, 'make_init', lambda path, seed=0, **shape: os.makedirs(path))
     monkeypatch.setattr(tiny, 'work_dir', str(tmp_path / 'tiny'))
     return calls
@@ -98,7 +99,7 @@ def test_validation_split_is_disjoint_and_formatted_like_the_task(tmp_path):
     assert not used & {p['prompt'] for p in val}
 
 
-def test_sh_shows_progress_not_chatter_and_logs_everything(tmp_path, monkeypatch, capsys):
+def test_runner_shows_progress_not_chatter_and_logs_everything(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tiny, 'verbose', False)
     lines = (['config: lr = 0.003', '(EngineCore pid=12) WARNING 11-28 20:19:51 [cpu.py:224] Triton is not installed.',
               'INFO 11-28 20:19:51 [core.py:1] engine started', 'method sft | student x'] +
@@ -107,7 +108,7 @@ def test_sh_shows_progress_not_chatter_and_logs_everything(tmp_path, monkeypatch
     script.write_text(f"import sys, warnings\nfor l in {lines!r}: print(l)\n"
                       "warnings.warn('deprecated', FutureWarning)\n")
     log = tmp_path / 'noisy.log'
-    tiny.sh([str(script)], str(log), every=100)
+    tiny.run_script([str(script)], str(log), every=100)
     shown = [line.strip() for line in capsys.readouterr().out.splitlines()[1:]]
     assert shown == ['method sft | student x', 'step 0: loss 1.000', 'step 99: loss 0.010', 'step 199: loss 0.005',
                      'step 249: loss 0.004', 'done: out']
@@ -115,9 +116,39 @@ def test_sh_shows_progress_not_chatter_and_logs_everything(tmp_path, monkeypatch
     assert all(line in logged for line in lines) and 'FutureWarning' in logged
 
 
-def test_sh_failure_shows_the_log_tail_and_exits(tmp_path, capsys):
+def test_runner_failure_shows_the_log_tail_and_exits(tmp_path, capsys):
     script = tmp_path / 'fails.py'
     script.write_text("print('step 0: loss 1'); raise SystemExit('error: something broke')\n")
     with pytest.raises(SystemExit, match='failed'):
-        tiny.sh([str(script)], str(tmp_path / 'fails.log'))
+        tiny.run_script([str(script)], str(tmp_path / 'fails.log'))
     assert 'error: something broke' in capsys.readouterr().out
+
+
+def test_runner_quiet_prints_nothing_and_sets_the_threads(tmp_path, monkeypatch, capsys):
+    """study.py's parallel runs: nothing on the terminal, everything in the log, one thread each, offline."""
+    monkeypatch.setattr(tiny, 'verbose', False)
+    script = tmp_path / 'env.py'
+    script.write_text("import os\nprint('step 0: loss 1')\n"
+                      "print('threads', os.environ['OMP_NUM_THREADS'], 'offline', os.environ['HF_HUB_OFFLINE'])\n")
+    log = tmp_path / 'env.log'
+    tiny.run_script([str(script)], str(log), echo=False, threads=1)
+    assert capsys.readouterr().out == ''
+    assert log.read_text() == 'step 0: loss 1\nthreads 1 offline 1\n'
+
+
+def test_accuracy_runs_eval_unless_asked_to_reuse_its_summary(tmp_path, monkeypatch):
+    calls = []
+
+    def run_script(args, log, every=1, echo=True, threads=None):  # eval.py's part: a summary of its --out
+        calls.append(args)
+        out = next(a.split('=', 1)[1] for a in args if a.startswith('--out='))
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, 'summary.json'), 'w') as f:
+            json.dump({'tiny': {'avg@1': 0.25 * len(calls)}}, f)
+
+    monkeypatch.setattr(tiny, 'run_script', run_script)
+    out, log = str(tmp_path / 'eval' / 'x'), str(tmp_path / 'x.log')
+    assert tiny.accuracy('ckpt', out, log) == 0.25
+    assert calls[0][0] == 'eval.py' and '--ckpt=ckpt' in calls[0] and '--benchmarks=tiny' in calls[0]
+    assert tiny.accuracy('ckpt', out, log) == 0.5  # the quick start: evaluated again
+    assert tiny.accuracy('ckpt', out, log, reuse=True) == 0.5 and len(calls) == 2  # study.py: read back
