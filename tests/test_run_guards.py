@@ -79,3 +79,19 @@ def test_resume_from_an_older_checkpoint_logs_each_step_once(pair, tmp_path):
     rows = log(out)
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert [r["loss"] for r in rows[:2]] == [r["loss"] for r in first[:2]]  # the kept records are the old ones
+
+
+def test_eval_two_ranks_vllm_ends_cleanly(tmp_path, tiny_qwen3):
+    """vLLM's teardown destroys the process group it shares with eval.py: the ranks must still exit 0."""
+    out = tmp_path / "res"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "eval.py",
+           f"--ckpt={tiny_qwen3}", f"--benchmarks={FIXTURE}", "--n_samples=2", "--max_new_tokens=6",
+           "--backend=vllm", f"--out={out}", "--device=cpu"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Process group cannot be None" not in p.stderr
+    with open(out / "samples.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    with open(FIXTURE) as f:
+        assert len(rows) == 2 * sum(1 for line in f if line.strip())  # both ranks' problems gathered
