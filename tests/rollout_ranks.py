@@ -19,6 +19,12 @@ PROMPTS = [[5, 6, 7], list(range(3, 160)), [9] * 20, [40, 41, 42, 43, 44, 45], l
 MAX_NEW = 8
 
 
+def shard(items, rank, world):
+    """This rank's contiguous share of items (sizes differ by at most one)."""
+    n = len(items)
+    return items[rank * n // world:(rank + 1) * n // world]
+
+
 def sharded(path, mesh):
     from torch.distributed.fsdp import fully_shard
     from model import Transformer
@@ -38,8 +44,8 @@ def main(path_a, path_b, out_path):
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     student = sharded(path_a, mesh)
-    sampler = make_sampler("vllm", path_a, dtype="float32", enforce_eager=True)
-    share = sampler.shard(list(range(len(PROMPTS))))
+    sampler = make_sampler("vllm", path_a, device="cpu", dtype="float32", enforce_eager=True)
+    share = shard(list(range(len(PROMPTS))), sampler.dp_rank, sampler.dp_size)  # a tensor-parallel group: one share
     prompts = [PROMPTS[i] for i in share]
     before = sampler.generate(prompts, temperature=0, max_new_tokens=MAX_NEW)
     del student

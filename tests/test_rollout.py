@@ -1,14 +1,18 @@
-"""rollout.py without vLLM: the torch sampler against the full forward, seeding, top-k/top-p, stops, log-probs,
-weight updates, the tokenizers and the small helpers."""
+"""rollout.py and sampler.py without vLLM: the torch sampler against the full forward and a numpy reference,
+seeding, top-k/top-p, stops, log-probs, weight updates (rollouts follow them), the engine arguments, the
+tokenizers and the small helpers."""
 
+import copy
 import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from model import Transformer
-from rollout import Sample, TorchSampler, fsdp_named_tensors, make_sampler, process_logits, shard
+from rollout import engine_args, fsdp_named_tensors, make_sampler
+from sampler import Sample, TorchSampler
 from tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, mark_byte_tokenizer, same_tokenization
 
 PROMPTS = [[5, 6, 7], list(range(3, 40)), [9] * 12, [40, 41, 42, 43]]
@@ -22,6 +26,57 @@ def full_logits(model, prompt, tokens):
         out = model(torch.tensor([list(prompt) + list(r) for r in rows])).float()
     out = out[:, len(prompt) - 1:len(prompt) - 1 + len(rows[0])]
     return out if rows is tokens else out[0]
+
+
+def logprobs_of(model, prompt, tokens):
+    """(N, T): the model's log-probabilities of N responses of one length, from one uncached forward."""
+    t = torch.tensor(tokens)
+    return full_logits(model, prompt, tokens).log_softmax(-1).gather(-1, t[..., None])[..., 0]
+
+
+def reference_distribution(logits, temperature, top_k=-1, top_p=1.0):
+    """The sampling distribution by hand, in numpy float64: logits / temperature, keep the top_k largest, then
+    the smallest set of most likely tokens whose mass reaches top_p (vLLM's order), renormalised."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    keep = np.ones(z.shape, dtype=bool)
+    if top_k > 0:
+        keep &= z >= np.sort(z)[-top_k]
+    p = np.where(keep, np.exp(z - z.max()), 0.0)
+    p /= p.sum()
+    if top_p < 1:
+        order = np.argsort(-p, kind="stable")
+        nucleus = np.zeros_like(keep)
+        mass_before = 0.0
+        for v in order:  # a token joins while the mass of the tokens above it is still short of top_p
+            if mass_before >= top_p:
+                break
+            nucleus[v] = True
+            mass_before += p[v]
+        p = np.where(nucleus, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+def check_rollouts_follow_updates(sampler, student, prompts, tol):
+    """distill.py's cycle: rollouts, sleep, one optimizer step on the student, wake, update_weights, rollouts.
+    The new rollouts' log-probs must be the updated student's, and clearly not the initial weights'."""
+    initial = copy.deepcopy(student).eval()
+    kw = dict(n=2, temperature=1.0, max_new_tokens=8, stop_ids=[], logprobs=True)
+    first = sampler.generate(prompts, seed=1, **kw)
+    sampler.sleep()
+    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    for p, samples in zip(prompts, first):  # raise the likelihood of the first rollouts (an SFT-like step)
+        ids = torch.tensor([p + s.tokens for s in samples])
+        logits = student(ids)[:, len(p) - 1:-1]
+        (-logits.log_softmax(-1).gather(-1, ids[:, len(p):, None]).mean()).backward()
+    opt.step()
+    sampler.wake()
+    sampler.update_weights(fsdp_named_tensors(student))
+    for p, samples in zip(prompts, sampler.generate(prompts, seed=2, **kw)):
+        tokens = [s.tokens for s in samples]
+        got = torch.tensor([s.logprobs for s in samples])
+        torch.testing.assert_close(got, logprobs_of(student, p, tokens), atol=tol, rtol=0)
+        assert (got - logprobs_of(initial, p, tokens)).abs().max() > 100 * tol, "rollouts from the old weights"
 
 
 def assert_same_greedy(model, prompt, a, b, tol=1e-4):
@@ -81,8 +136,8 @@ def test_first_token_frequencies_match_the_distribution(model, sampler, kw):
     out = sampler.generate([p], n=N, max_new_tokens=1, stop_ids=[], seed=1, **kw)[0]
     V = model.config.vocab_size
     freq = torch.bincount(torch.tensor([s.tokens[0] for s in out]), minlength=V).float() / N
-    probs = process_logits(full_logits(model, p, [0])[-1:], kw["temperature"], kw.get("top_k", -1),
-                           kw.get("top_p", 1.0)).softmax(-1)[0]
+    probs = torch.from_numpy(reference_distribution(full_logits(model, p, [0])[-1], kw["temperature"],
+                                                    kw.get("top_k", -1), kw.get("top_p", 1.0))).float()
     assert freq[probs == 0].sum() == 0
     noise_floor = 0.5 * (probs * (1 - probs) / N).sqrt().sum() * (2 / torch.pi) ** 0.5  # E[TV] for exact sampling
     assert 0.5 * (freq - probs).abs().sum() < 1.5 * noise_floor
@@ -142,8 +197,7 @@ def test_logprobs_are_the_models_log_softmax_at_the_chosen_tokens(model, sampler
     for kw in (dict(temperature=0), dict(temperature=0.6, top_p=0.9, top_k=30)):
         out = sampler.generate(PROMPTS, n=2, max_new_tokens=10, stop_ids=[], seed=5, logprobs=True, **kw)
         for p, samples in zip(PROMPTS, out):
-            tokens = torch.tensor([s.tokens for s in samples])
-            ref = full_logits(model, p, tokens.tolist()).log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+            ref = logprobs_of(model, p, [s.tokens for s in samples])
             torch.testing.assert_close(torch.tensor([s.logprobs for s in samples]), ref, atol=1e-5, rtol=0)
 
 
@@ -158,7 +212,7 @@ def test_edge_cases(sampler):
 def test_update_weights_torch(tiny_qwen3, tiny_qwen3_b, model):
     """A sampler with its own copy of A, updated with B's tensors, decodes as B; sharing a model it is a no-op."""
     other = Transformer.from_pretrained(tiny_qwen3_b).eval()
-    own = make_sampler("torch", tiny_qwen3, gpu_memory_utilization=0.5, tensor_parallel_size=1)  # vLLM-only: ignored
+    own = make_sampler("torch", tiny_qwen3, tensor_parallel_size=1, enable_sleep_mode=True)  # vLLM-only: ignored
     before = own.generate(PROMPTS, temperature=0, max_new_tokens=8, stop_ids=[])
     own.update_weights(fsdp_named_tensors(other))
     after = own.generate(PROMPTS, temperature=0, max_new_tokens=8, stop_ids=[])
@@ -170,6 +224,13 @@ def test_update_weights_torch(tiny_qwen3, tiny_qwen3_b, model):
     assert torch.equal(w, model.lm_head.weight)
     with pytest.raises(KeyError, match="no parameter 'nope.weight'"):
         shared.update_weights([("nope.weight", w)])
+
+
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_rollouts_follow_weight_updates_torch(tiny_qwen3, decode):
+    """On-policy for real: a sampler with its own copy of the student samples from the student's new weights."""
+    sampler = make_sampler("torch", tiny_qwen3, decode=decode)
+    check_rollouts_follow_updates(sampler, Transformer.from_pretrained(tiny_qwen3), PROMPTS, tol=1e-5)
 
 
 def test_fsdp_named_tensors_plain_models(tmp_path, tiny_qwen3, model):
@@ -185,14 +246,41 @@ def test_fsdp_named_tensors_plain_models(tmp_path, tiny_qwen3, model):
     assert "lm_head.weight" not in dict(fsdp_named_tensors(tied))
 
 
-def test_make_sampler_and_shard(tiny_qwen3):
+def test_make_sampler_refuses(tiny_qwen3):
     with pytest.raises(ValueError, match="unknown sampler backend"):
         make_sampler("hf", tiny_qwen3)
     with pytest.raises(ValueError, match="needs model_path or model"):
         make_sampler("torch")
-    items = list(range(10))
-    shares = [shard(items, r, 3) for r in range(3)]
-    assert sum(shares, []) == items and [len(s) for s in shares] == [3, 3, 4]
+
+
+def test_engine_args_ask_for_bf16_on_cuda(tiny_qwen3):
+    """vLLM's arguments, built without starting anything: bf16 on CUDA whatever the checkpoint (saved fp32) and
+    never vLLM's 'auto'; the caller's dtype wins; on CPU the checkpoint's own dtype."""
+    with open(os.path.join(tiny_qwen3, "config.json")) as f:
+        hf = json.load(f)
+    assert (hf.get("dtype") or hf.get("torch_dtype")) == "float32"
+    cuda = engine_args(tiny_qwen3, hf, "cuda")
+    assert cuda["dtype"] == "bfloat16" and cuda["enable_sleep_mode"] and cuda["gpu_memory_utilization"] == 0.3
+    assert engine_args(tiny_qwen3, hf, "cuda", dtype="auto")["dtype"] == "bfloat16"
+    assert engine_args(tiny_qwen3, hf, "cuda", dtype="float16")["dtype"] == "float16"
+    assert engine_args(tiny_qwen3, hf, "cuda", world=2)["distributed_executor_backend"] == "external_launcher"
+    cpu = engine_args(tiny_qwen3, hf, "cpu", max_model_len=10**6, enforce_eager=True)
+    assert cpu["dtype"] == "float32" and not cpu["enable_sleep_mode"] and "distributed_executor_backend" not in cpu
+    assert cpu["max_model_len"] == hf["max_position_embeddings"] and cpu["enforce_eager"]
+
+
+def test_torch_sampler_takes_bf16_on_cuda(monkeypatch, tiny_qwen3, model):
+    """The dtype the torch sampler loads its own model in (the loader is replaced: no CUDA needed)."""
+    asked = []
+
+    def load(path, dtype=None, device=None):
+        asked.append((dtype, torch.device(device).type))
+        return model
+    monkeypatch.setattr(Transformer, "from_pretrained", load)
+    for kw in (dict(device="cuda"), dict(device="cuda", dtype="auto"), dict(device="cuda", dtype="float32"),
+               dict(device="cpu")):
+        TorchSampler(tiny_qwen3, **kw)
+    assert asked == [(torch.bfloat16, "cuda"), (torch.bfloat16, "cuda"), (torch.float32, "cuda"), (None, "cpu")]
 
 
 def test_generate_refuses_no_samples_and_no_tokens(model, sampler):
@@ -231,7 +319,7 @@ def broken_checkpoints(tmp_path, good):
     return {"truncated": (str(truncated), "corrupt safetensors file .*incomplete metadata"),
             "no weights": (str(no_weights), "no model.safetensors"),
             "no config": (str(no_config), "no config.json"),
-            "llama": (str(edit_config(copy("llama"), model_type="llama")), "unsupported architecture"),
+            "gpt2": (str(edit_config(copy("gpt2"), model_type="gpt2")), "unsupported architecture"),
             "shapes": (str(edit_config(copy("shapes"), intermediate_size=96)), "do not match.*mlp.*96"),
             "missing shard": (str(tmp_path / "sharded"), "shard model-00002-of-00007.safetensors .* missing"),
             "no folder": (str(tmp_path / "nope"), "no such directory")}

@@ -1,10 +1,11 @@
-"""The torch sampler's static-shape decode (rollout.StaticDecoder) against the eager one, on CPU where the same
+"""The torch sampler's static-shape decode (sampler.StaticDecoder) against the eager one, on CPU where the same
 code runs without CUDA graphs; on a CUDA device, graph replay against the same steps run eagerly."""
 
 import pytest
 import torch
 from model import KVCache, Transformer
-from rollout import StaticDecoder, TorchSampler
+from rollout import fsdp_named_tensors
+from sampler import StaticDecoder, TorchSampler
 
 PROMPTS = [[5, 6, 7], list(range(3, 40)), [9] * 12, [40, 41, 42, 43]]
 STOPS = list(range(0, 384, 24)) + [10**6]  # ~1 token in 24 stops a row; 10**6: beyond the vocabulary
@@ -92,7 +93,7 @@ def test_more_rows_than_fit_decode_in_turns(model, monkeypatch):
     assert_same(TorchSampler(model=model, decode="eager").generate(PROMPTS, **kw), b)
 
 
-def test_decoder_is_kept_between_calls_and_freed_by_sleep(model):
+def test_decoder_is_kept_between_calls_and_across_sleep_when_it_fits(model):
     static = TorchSampler(model=model, decode="static")
     static.generate(PROMPTS, n=2, temperature=0, max_new_tokens=8)
     dec = static.static
@@ -101,14 +102,25 @@ def test_decoder_is_kept_between_calls_and_freed_by_sleep(model):
     assert static.static is dec
     static.generate(PROMPTS, n=1, temperature=0, max_new_tokens=300)  # longer rows: a larger cache
     assert static.static is not dec and static.static.max_len == 512
-    static.sleep()
-    assert static.static is None
-    assert static.generate(PROMPTS, n=2, temperature=0, max_new_tokens=8)[0][0].tokens
+    dec = static.static
+    c = model.config  # its size by hand: k and v of every layer, valid flags, tokens (int64), log-probs (fp32)
+    kv = 2 * c.num_hidden_layers * dec.rows * c.num_key_value_heads * 512 * c.head_dim * 4
+    assert dec.nbytes() == kv + dec.rows * 512 * (1 + 8 + 4)
+    static.sleep()  # a few hundred kB, far below 0.3 of the machine's memory: kept, graphs and all
+    assert static.static is dec
+    static.generate(PROMPTS, n=1, temperature=0, max_new_tokens=8)  # rows and length it holds: reused
+    assert static.static is dec
+    # no share to keep anything in: freed for the trainer, rebuilt by the next call
+    small = TorchSampler(model=model, decode="static", gpu_memory_utilization=0.0)
+    greedy = dict(n=2, temperature=0, max_new_tokens=8)
+    before = small.generate(PROMPTS, **greedy)
+    small.sleep()
+    assert small.static is None
+    assert small.generate(PROMPTS, **greedy) == before
 
 
 def test_update_weights_reach_a_kept_decoder(model, tiny_qwen3, tiny_qwen3_b):
     """Weights are copied in place, so a kept decoder (and its graphs, on CUDA) decodes with the new ones."""
-    from rollout import fsdp_named_tensors
     own = TorchSampler(tiny_qwen3, decode="static", device="cpu")  # beside the CPU eager run below
     before = own.generate(PROMPTS, temperature=0, max_new_tokens=8, stop_ids=[])
     dec = own.static
@@ -202,8 +214,8 @@ def test_graph_replay_equals_static_eager(cuda_model, small_buckets, monkeypatch
 @cuda
 def test_graph_bf16_and_weight_updates(tiny_qwen3, tiny_qwen3_b):
     """bf16 (the GPU default dtype): graphs = the static path's eager steps, over 256-slot windows; after
-    update_weights the graphs recorded before decode with the new weights; sleep() frees them."""
-    from rollout import fsdp_named_tensors
+    update_weights the graphs recorded before decode with the new weights; sleep() keeps them when they fit
+    the sampler's share of the GPU (this small decoder does), and frees them when not."""
     graph, static = TorchSampler(tiny_qwen3, decode="graph"), TorchSampler(tiny_qwen3, decode="static")
     assert next(graph.model.parameters()).dtype == torch.bfloat16
     args = dict(n=4, temperature=1.0, top_p=0.95, max_new_tokens=300, stop_ids=STOPS, seed=1, logprobs=True)
@@ -218,6 +230,10 @@ def test_graph_bf16_and_weight_updates(tiny_qwen3, tiny_qwen3_b):
     after = graph.generate(PROMPTS, **greedy)
     assert len(graph.static.recorded) == n_graphs  # replayed, not recorded again
     assert after != before and after == static.generate(PROMPTS, **greedy)
+    graph.sleep()  # kept: the next call replays the graphs recorded before
+    assert graph.static is not None and graph.generate(PROMPTS, **greedy) == after
+    assert len(graph.static.recorded) == n_graphs
+    graph.keep_share = 0.0  # nothing may stay: freed, and rebuilt by the next call
     graph.sleep()
     assert graph.static is None and graph.generate(PROMPTS, **greedy) == after
 

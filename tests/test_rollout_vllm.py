@@ -1,27 +1,39 @@
-"""rollout.py's vLLM backend (the CPU build here, the same code as on GPU): parity with the torch backend, in-place
-weight updates, and one engine per rank under torchrun. One engine for the module (~20 s to start); the torchrun
-test starts two more, in-process (~30 s). vLLM is a requirement of the suite: these run, never skip."""
+"""rollout.py's vLLM backend (the CPU build here, the same code as on GPU): the checks at engine start, parity
+with the torch backend, in-place weight updates that the next rollouts follow, and one engine per rank under
+torchrun. Engine starts: one for the module (~20 s), closed at its teardown, and two more in the torchrun test's
+ranks. vLLM is a requirement of the suite: these run, never skip, but on a machine whose vLLM is built for
+another device (a GPU node), where they would start GPU engines."""
 
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 from model import Transformer
-from rollout import fsdp_named_tensors, make_sampler
-from test_rollout import assert_same_greedy, full_logits
+from rollout import (VLLMVersionError, WeightSyncExtension, checkpoint_tensors, fsdp_named_tensors, make_sampler,
+                     vllm_device_type)
+from sampler import TorchSampler
+from test_rollout import assert_same_greedy, check_rollouts_follow_updates, logprobs_of
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LP_TOL = 1e-4  # fp32 log-probs, vLLM's CPU kernels vs model.py (measured: ~5e-7)
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_qwen3):
-    sampler = make_sampler("vllm", tiny_qwen3, dtype="float32", enforce_eager=True)  # eager: starts faster
+def cpu_vllm():
+    runs_on = vllm_device_type()
+    if runs_on not in ("cpu", None):  # None: vLLM does not import, and the tests fail saying so
+        pytest.skip(f"these tests pin vLLM's CPU build; this vLLM runs on {runs_on}")
+
+
+@pytest.fixture(scope="module")
+def engine(cpu_vllm, tiny_qwen3):
+    sampler = make_sampler("vllm", tiny_qwen3, device="cpu", dtype="float32", enforce_eager=True)  # eager: quicker
     yield sampler
-    sampler.close()
+    sampler.close()  # now, not at exit, when vLLM's shutdown would log to closed streams after pytest's summary
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +50,54 @@ def prompts(engine):
 
 def greedy(sampler, prompts, **kw):
     return [r[0] for r in sampler.generate(prompts, temperature=0, max_new_tokens=12, **kw)]
+
+
+def test_engine_start_syncs_its_own_weights(engine, tiny_qwen3):
+    """At start the engine ran one whole weight sync, every checkpoint tensor through the in-place reload (the
+    parity tests below then show that the round trip left the weights as they were)."""
+    assert engine.synced_at_start == len(list(checkpoint_tensors(tiny_qwen3))) > 0
+    assert not engine.in_process and engine.dtype == torch.float32
+
+
+def test_missing_vllm_internal_fails_before_the_engine_starts(cpu_vllm, tiny_qwen3, monkeypatch):
+    import vllm
+    from vllm.model_executor.model_loader.reload import layerwise
+
+    class NoEngine(vllm.LLM):
+        def __init__(self, *a, **kw):
+            pytest.fail("an engine started although the weight sync cannot work")
+    monkeypatch.setattr(vllm, "LLM", NoEngine)
+    monkeypatch.delattr(layerwise, "initialize_layerwise_reload")
+    with pytest.raises(VLLMVersionError, match=r"no vllm\.model_executor\..*\.initialize_layerwise_reload; .* "
+                                               r"written against vLLM 0\.32\.0") as e:
+        make_sampler("vllm", tiny_qwen3, device="cpu")
+    assert "\n" not in str(e.value)
+
+
+def test_worker_internals_are_named():
+    """What a worker must have for the sync, checked through collective_rpc right after the engine starts."""
+    worker = SimpleNamespace(vllm_config=object(), model_runner=SimpleNamespace(get_model=lambda: None))
+    assert WeightSyncExtension.oprd_missing_internals(worker) == ["model_runner.model_config"]
+    assert WeightSyncExtension.oprd_missing_internals(SimpleNamespace()) == [
+        "vllm_config", "model_runner.get_model", "model_runner.model_config"]
+
+
+def test_device_is_honoured(cpu_vllm, tiny_qwen3, monkeypatch):
+    """A device the installed vLLM does not run on starts no engine: 'vllm' refuses in one line, 'auto' takes the
+    torch sampler. Here the CPU build is asked for CUDA, then (pretending a CUDA build) for the CPU."""
+    import rollout
+    import vllm
+
+    class NoEngine(vllm.LLM):
+        def __init__(self, *a, **kw):
+            pytest.fail("an engine started on a device its build does not run on")
+    monkeypatch.setattr(vllm, "LLM", NoEngine)
+    with pytest.raises(ValueError, match="asked for device cuda, but this vLLM build runs on cpu"):
+        make_sampler("vllm", tiny_qwen3, device="cuda")
+    monkeypatch.setattr(rollout, "vllm_device_type", lambda: "cuda")
+    with pytest.raises(ValueError, match="asked for device cpu, but this vLLM build runs on cuda"):
+        make_sampler("vllm", tiny_qwen3, device="cpu")
+    assert isinstance(make_sampler("auto", tiny_qwen3, device="cpu"), TorchSampler)
 
 
 def test_greedy_and_stops_equal_torch_backend(engine, models, prompts):
@@ -58,8 +118,7 @@ def test_logprobs_are_raw_and_match_torch(engine, models, prompts):
                           seed=3, logprobs=True)
     for p, samples in zip(prompts, out):
         assert all(len(s.logprobs) == len(s.tokens) == 10 for s in samples)
-        tokens = torch.tensor([s.tokens for s in samples])
-        ref = full_logits(models[0], p, tokens.tolist()).log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+        ref = logprobs_of(models[0], p, [s.tokens for s in samples])
         torch.testing.assert_close(torch.tensor([s.logprobs for s in samples]), ref, atol=LP_TOL, rtol=0)
 
 
@@ -93,7 +152,16 @@ def test_update_weights_uses_the_new_weights(engine, models, prompts):
         assert_same_greedy(a_model, p, s.tokens, r.tokens)
 
 
-def test_two_ranks_each_sample_their_share(tmp_path, tiny_qwen3, tiny_qwen3_b, models):
+def test_rollouts_follow_weight_updates_vllm(engine, tiny_qwen3, prompts):
+    """On-policy for real: after an optimizer step on the student and update_weights, the engine samples from
+    the student's new weights (the rollouts' log-probs are the updated model's, not the initial weights')."""
+    try:
+        check_rollouts_follow_updates(engine, Transformer.from_pretrained(tiny_qwen3), prompts, tol=LP_TOL)
+    finally:  # the module's engine goes back to its checkpoint
+        engine.update_weights(checkpoint_tensors(tiny_qwen3))
+
+
+def test_two_ranks_each_sample_their_share(cpu_vllm, tmp_path, tiny_qwen3, tiny_qwen3_b, models):
     """torchrun, 2 ranks: FSDP2 students, one in-process engine per rank, each rank its own share of the prompts,
     weights streamed from the sharded model (tests/rollout_ranks.py)."""
     out = tmp_path / "ranks.json"
@@ -113,20 +181,3 @@ def test_two_ranks_each_sample_their_share(tmp_path, tiny_qwen3, tiny_qwen3_b, m
         for r in ranks:
             for i, tokens in zip(r["share"], r[key]):
                 assert_same_greedy(model, prompts[i], tokens, ref[i][0].tokens)
-
-
-def test_update_weights_tied_model(tmp_path):
-    """Tied embeddings (the tiny task's models, Qwen2.5-small, Qwen3 <= 4B): the update reaches the LM head too."""
-    from conftest import make_checkpoint
-    a = make_checkpoint(tmp_path / "a", "qwen3", tied=True, seed=7)
-    b = Transformer.from_pretrained(make_checkpoint(tmp_path / "b", "qwen3", tied=True, seed=8)).eval()
-    engine = make_sampler("vllm", a, dtype="float32", enforce_eager=True)
-    try:
-        prompts = [[5, 6, 7], [11, 12, 13, 14, 15]]
-        engine.update_weights(fsdp_named_tensors(b))
-        ours = greedy(engine, prompts, stop_ids=[])
-        ref = greedy(make_sampler("torch", model=b), prompts, stop_ids=[])
-        for p, x, y in zip(prompts, ours, ref):
-            assert_same_greedy(b, p, x.tokens, y.tokens)
-    finally:
-        engine.close()
