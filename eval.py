@@ -323,9 +323,10 @@ def evaluate(rank, world):
         for i in bar:
             chunk = mine[i:i + batch_problems]
             prompts = [encode_prompt(p, tok, enable_thinking) for p in chunk]
+            # each problem's samples are seeded by its index in the set: the same whatever the ranks and batches
             samples = sampler.generate(prompts, n=n_samples, temperature=temperature, top_p=top_p, top_k=top_k,
-                                       max_new_tokens=max_new_tokens, stop_ids=tok.eos_ids,
-                                       seed=seed + 7919 * (rank + world * i))
+                                       max_new_tokens=max_new_tokens, stop_ids=tok.eos_ids, seed=seed,
+                                       places=[rank + world * (i + k) for k in range(len(chunk))])
             for p, ss in zip(chunk, samples):
                 for j, s in enumerate(ss):
                     records.append(make_record(name, p, j, tok.decode(s.tokens), len(s.tokens), s.finish))

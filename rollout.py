@@ -35,13 +35,13 @@ from typing import Iterable, Iterator
 import torch
 
 from model import check_checkpoint, resolve_checkpoint
-from sampler import Sample, TorchSampler, check_generate_args, checkpoint_stop_ids, dist_info, hash32, mix_seed
+from sampler import (Sample, TorchSampler, check_generate_args, checkpoint_stop_ids, dist_info, hash32, mix_seed,
+                     sample_places)
 from tokenizer import load_tokenizer, read_json
 
-# vLLM logs every prefix-cache reset and engine detail at INFO; a training log wants its warnings only
+# vLLM logs every prefix-cache reset at INFO: a training log wants its warnings only, and not two that do not apply
+# (RoPE has no checkpoint weights, reported at every reload; its chat-template warm-up, a template we never use)
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-# nor two that do not apply here: RoPE has no checkpoint weights (its cos/sin cache is computed), which vLLM
-# reports at every in-place reload; without a tokenizer its chat-template warm-up fails (we never use chat)
 for _logger, _message in (("vllm.model_executor.model_loader.reload.layerwise", "RotaryEmbedding: Failed to load"),
                           ("vllm.renderers.base", "Chat template warmup")):
     logging.getLogger(_logger).addFilter(lambda record, m=_message: m not in record.getMessage())
@@ -290,12 +290,12 @@ class VLLMSampler:
             raise VLLMVersionError(problem) from e
 
     def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=256, stop_ids=None,
-                 seed=0, logprobs=False):
+                 seed=0, logprobs=False, places=None):
         from vllm import SamplingParams
         check_generate_args(prompts, n, temperature, top_p, max_new_tokens)
         self.wake()
         stop = list(self.stop_ids if stop_ids is None else stop_ids)
-        key = mix_seed(seed, self.dp_rank)
+        key, place = mix_seed(seed, self.dp_rank if places is None else 0), sample_places(len(prompts), n, places)
         requests, params = [], []
         for i, p in enumerate(prompts):  # n requests of one sample each: vLLM's n>1 rejects greedy
             for j in range(n):
@@ -303,7 +303,7 @@ class VLLMSampler:
                 params.append(SamplingParams(
                     n=1, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
                     max_tokens=max_new_tokens, stop_token_ids=stop, ignore_eos=True,  # stop exactly at `stop`
-                    seed=hash32(key ^ hash32(i * n + j)), logprobs=0 if logprobs else None, detokenize=False))
+                    seed=hash32(key ^ hash32(place[i * n + j])), logprobs=0 if logprobs else None, detokenize=False))
         outs = self.llm.generate(requests, params, use_tqdm=False)
         samples = []
         for o in outs:

@@ -20,15 +20,13 @@ Sampling semantics (both backends; rollout.py's vLLM sampler follows them too):
 - seeds: one seed gives the same samples. Under torchrun the seed is combined with the data-parallel rank, so
   ranks draw independent samples; use a new seed per step. The torch backend draws its noise from a hash of
   (seed, row, step, token): a sample does not depend on the other rows of the batch, on when they finish or on
-  the batch size, only on its prompt, its place (prompt index * n + sample index) and the seed, up to float
-  rounding (other batch shapes change the last bits of the logits, which matters only at near-ties). vLLM
-  seeds each request from the same (seed, rank, place) through its per-request generators: reproducible too,
-  though its samples are not the torch backend's.
+  the batch size, only on its prompt, its place (sample_places) and the seed, up to float rounding (other batch
+  shapes change the last bits of the logits: only near-ties notice). vLLM seeds each request from the same
+  (seed, rank, place): reproducible too, though its samples are not the torch backend's.
 """
 
 import os
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -139,6 +137,12 @@ def sample_next(logits, temperature, top_k, top_p, row_keys, step_key, token_key
     return probs.div_(exponential_noise(row_keys, step_key, token_keys)).argmax(-1)
 
 
+def sample_places(n_prompts, n, places=None):
+    """Each sample's place, its noise key's input: prompt index * n + sample index (the key mixes in the rank); with
+    places (each prompt's index in a whole set: eval.py), places[i] * n + j and no rank, whatever the split."""
+    return [(i if places is None else places[i]) * n + j for i in range(n_prompts) for j in range(n)]
+
+
 def step_noise_key(key, t):
     """The noise key of decode step t (an int, or a tensor hashed elementwise to the same values)."""
     return hash32(key ^ hash32(t + 2**31))
@@ -190,8 +194,8 @@ class TorchSampler:
 
     @torch.inference_mode()
     def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=256, stop_ids=None,
-                 seed=0, logprobs=False):
-        """prompts: lists of token ids. Returns [prompt][sample] -> Sample."""
+                 seed=0, logprobs=False, places=None):
+        """prompts: lists of token ids. Returns [prompt][sample] -> Sample. places: see sample_places."""
         check_generate_args(prompts, n, temperature, top_p, max_new_tokens)
         if not prompts:
             return []
@@ -201,11 +205,11 @@ class TorchSampler:
         out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)  # row = prompt index * n + sample index
         out_lp = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=dev) if logprobs else None
         settings = (temperature, top_k, top_p, logprobs)
-        key = mix_seed(seed, self.dp_rank)
+        key, place = mix_seed(seed, self.dp_rank if places is None else 0), sample_places(len(prompts), n, places)
         if self.decode == "eager":
-            self._decode_eager(prompts, n, settings, max_new_tokens, stop, key, out, out_lp)
+            self._decode_eager(prompts, n, settings, max_new_tokens, stop, key, place, out, out_lp)
         else:
-            self._decode_static(prompts, n, settings, max_new_tokens, stop, key, out, out_lp)
+            self._decode_static(prompts, n, settings, max_new_tokens, stop, key, place, out, out_lp)
         # cut each row after its first stop token (later slots hold tokens of finished rows that ran on, or nothing)
         is_stop = torch.isin(out, stop)
         first = torch.where(is_stop.any(1), is_stop.float().argmax(1) + 1, max_new_tokens).tolist()
@@ -216,7 +220,7 @@ class TorchSampler:
                           out_lp[r][:first[r]] if logprobs else None) for r in range(B)]
         return [samples[i * n:(i + 1) * n] for i in range(P)]
 
-    def _decode_eager(self, prompts, n, settings, max_new_tokens, stop, key, out, out_lp):
+    def _decode_eager(self, prompts, n, settings, max_new_tokens, stop, key, place, out, out_lp):
         model, dev = self.model, self.device
         temperature, top_k, top_p, logprobs = settings
         P, B, T = len(prompts), len(prompts) * n, max(len(p) for p in prompts)
@@ -231,7 +235,7 @@ class TorchSampler:
             rows = torch.arange(P, device=dev).repeat_interleave(n)
             cache.select(rows)
             logits = logits[rows]
-        row_keys = hash32(key ^ hash32(torch.arange(B, device=dev)))  # row = prompt index * n + sample index
+        row_keys = hash32(key ^ hash32(torch.tensor(place, device=dev)))  # each row's place
         token_keys = hash32(torch.arange(logits.shape[-1], device=dev))
         alive = torch.arange(B, device=dev)  # the rows of `out` still in the batch
         done = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -252,7 +256,7 @@ class TorchSampler:
                     cache.select(keep)
             logits = model(tok[:, None], cache=cache)[:, -1]
 
-    def _decode_static(self, prompts, n, settings, max_new_tokens, stop, key, out, out_lp):
+    def _decode_static(self, prompts, n, settings, max_new_tokens, stop, key, place, out, out_lp):
         B, T = len(prompts) * n, max(len(p) for p in prompts)
         # the cache holds the longest row this call can make (its longest prompt + max_new_tokens), not the
         # model's whole context; a decoder from an earlier call is kept (graphs and all) when it is large enough
@@ -262,12 +266,12 @@ class TorchSampler:
             self.static = None  # free the old one first: what memory allows is measured without it
             self.static = StaticDecoder(self.model, want, max_len, graphs=self.decode == "graph")
         dec = self.static
-        dec.start(settings, stop, key)
+        dec.start(settings, stop, key, place)
         for lo in range(0, B, dec.rows):  # more rows than fit: in turns (a row's samples do not depend on it)
             dec.decode(prompts, n, lo, min(B, lo + dec.rows), max_new_tokens, self.sync_every, out, out_lp)
 
     @torch.no_grad()
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]):
+    def update_weights(self, named_tensors):
         """Copy (HF name, tensor) pairs into the model; a tensor that already is the parameter is skipped."""
         params = dict(self.model.named_parameters())
         tied = self.model.config.tie_word_embeddings
@@ -375,9 +379,9 @@ class StaticDecoder:
                                f"({per_row / 2**20:.0f} MiB; {free / 2**20:.0f} MiB free)")
         return min(rows, 1 << (fit.bit_length() - 1))
 
-    def start(self, settings, stop, key):
-        """Settings of a generate() call: (temperature, top_k, top_p, logprobs), stop ids, noise key."""
-        self.settings = settings
+    def start(self, settings, stop, key, place):
+        """A generate() call's (temperature, top_k, top_p, logprobs), stop ids, noise key and row places."""
+        self.settings, self.place = settings, place
         self.is_stop.zero_()
         self.is_stop[stop[stop < len(self.is_stop)]] = True  # ids beyond the vocabulary can never be sampled
         self.key.fill_(key)
@@ -392,7 +396,7 @@ class StaticDecoder:
             for buf in c.k + c.v:
                 buf[:R, :, :T] = buf[src, :, :T]
             c.valid[:R], c.next_pos[:R], logits = c.valid[src], c.next_pos[src], logits[src]
-        self.row_keys[:R] = hash32(self.key ^ hash32(torch.arange(lo, hi, device=dev)))
+        self.row_keys[:R] = hash32(self.key ^ hash32(torch.tensor(self.place[lo:hi], device=dev)))
         B = bucket(R)
         self.done.zero_()
         self.done[R:B] = True  # padding rows: attend only to their own new keys, never counted as live

@@ -95,3 +95,23 @@ def test_eval_two_ranks_vllm_ends_cleanly(tmp_path, tiny_qwen3):
         rows = [json.loads(line) for line in f]
     with open(FIXTURE) as f:
         assert len(rows) == 2 * sum(1 for line in f if line.strip())  # both ranks' problems gathered
+
+
+def test_eval_samples_do_not_depend_on_ranks_or_batches(tmp_path, tiny_qwen3):
+    """Every problem's samples are seeded by its index in the set: 1 rank with every problem in one batch and 2
+    ranks with one problem per batch draw the same texts (torch backend, temperature 1)."""
+    texts = {}
+    for name, launcher, batch in (("one", [], 32), ("two", ["-m", "torch.distributed.run", "--standalone",
+                                                             "--nproc_per_node=2"], 1)):
+        out = tmp_path / name
+        cmd = [sys.executable] + launcher + ["eval.py", f"--ckpt={tiny_qwen3}", f"--benchmarks={FIXTURE}",
+                                             "--n_samples=3", "--max_new_tokens=10", "--temperature=1.0",
+                                             "--backend=torch", "--device=cpu", f"--batch_problems={batch}",
+                                             f"--out={out}"]
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert p.returncode == 0, p.stderr[-3000:]
+        with open(out / "samples.jsonl") as f:
+            texts[name] = {r["id"]: r["text"] for r in map(json.loads, f)}
+    assert texts["one"] == texts["two"]
+    assert len(set(texts["one"].values())) > len(texts["one"]) // 2  # sampled, not the same text everywhere
