@@ -161,7 +161,7 @@ def test_static_step_has_no_host_sync():
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     with torch.inference_mode(), FakeTensorMode():
         dec = StaticDecoder(Transformer(cfg).eval(), 8, 512, graphs=False)
-        dec.start((0, -1, 1.0, False), torch.tensor([5]), key=1)
+        dec.start((0, -1, 1.0, False), torch.tensor([5]), key=1, place=list(range(8)))
         for settings in [(0, -1, 1.0, False), (1.0, -1, 1.0, True), (0.7, 10, 1.0, True)]:
             dec.settings = settings
             dec.forward_and_sample(4, 256)
