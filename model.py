@@ -1,9 +1,10 @@
 """
-A hand-written Qwen2 / Qwen2.5 / Qwen3 (dense) decoder with built-in layer taps.
-
-Numerically the same model as transformers' Qwen2ForCausalLM and Qwen3ForCausalLM, with Hugging Face
-parameter names, so a checkpoint loads by copying keys and saves as files that transformers and vLLM load
-unchanged. The architecture is chosen by `model_type` in config.json, never guessed.
+A hand-written decoder with built-in layer taps for the qwen2 (Qwen2, Qwen2.5, R1-Distill-Qwen), qwen3 (dense),
+llama (Llama 3.x, R1-Distill-Llama, SmolLM2) and phi3 (Phi-4-mini) checkpoints, chosen by `model_type` in
+config.json, never guessed. One decoder; the families differ where their checkpoints do (biases, Qwen3's q/k
+norms, Phi's fused projections, the RoPE variant: rope.py), and a config feature not implemented is refused.
+Numerically transformers' *ForCausalLM of each family, with Hugging Face parameter names, so a checkpoint
+loads by copying keys and saves as files that transformers and vLLM load unchanged.
 
     model = Transformer.from_pretrained("path/to/hf_dir")     # config.json + *.safetensors
     logits = model(idx)                                         # (B, T, V)
@@ -16,6 +17,7 @@ L = output of the final RMSNorm (the LM-head input). A forward with taps runs no
 
 import copy
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, fields
@@ -27,7 +29,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-SUPPORTED = ("qwen2", "qwen3")
+from rope import Rope, apply_rope, hf_rope_parameters, read_rope
+
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
+                 "phi3": "Phi3ForCausalLM"}  # model_type -> the transformers class it saves as
+SUPPORTED = tuple(ARCHITECTURES)
 # files of the source checkpoint that save_pretrained copies alongside the weights
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
               "added_tokens.json", "chat_template.jinja", "generation_config.json")
@@ -49,28 +55,36 @@ class ModelConfig:
     head_dim: int = 128
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1000000.0
+    rope_scaling: dict | None = None  # llama3 / longrope parameters, as rope.read_rope returns them; None: plain
+    partial_rotary_factor: float = 1.0  # phi3: RoPE turns this share of each head's dimensions
+    max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # Qwen3 only; Qwen2 always has q/k/v biases and none on o_proj
+    attention_bias: bool = False  # qwen3, llama: q/k/v/o biases (Qwen2 always has q/k/v biases, none on o_proj)
+    mlp_bias: bool = False  # llama only
 
     @classmethod
     def from_hf(cls, d):
         mt = d.get("model_type")
         if mt not in SUPPORTED:
             raise CheckpointError(f"unsupported architecture model_type={mt!r}: this model.py implements {SUPPORTED}")
-        if d.get("use_sliding_window"):
-            raise CheckpointError("use_sliding_window=true is not supported (no Qwen2/Qwen3 release uses it)")
-        # transformers 5 writes rope_parameters={'rope_type':..., 'rope_theta':...}; older files write rope_theta
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise CheckpointError(f"unsupported rope_type={rope_type!r}: only plain RoPE is implemented")
-        theta = d.get("rope_theta", rope.get("rope_theta"))
-        if theta is None:
-            raise CheckpointError("config.json has neither rope_theta nor rope_parameters.rope_theta")
+        max_len = d.get("max_position_embeddings", math.inf)
+        not_implemented = {  # what each family's transformers model would do and this file does not
+            "use_sliding_window=true": mt in ("qwen2", "qwen3") and d.get("use_sliding_window"),
+            f"sliding_window={d.get('sliding_window')} below max_position_embeddings={max_len}":
+                mt == "phi3" and (d.get("sliding_window") or math.inf) < max_len,  # Phi-4-mini's window is wider
+            "attention_bias=true (phi3 has no attention biases)": mt == "phi3" and d.get("attention_bias"),
+            "mlp_bias=true (only llama has MLP biases)": mt != "llama" and d.get("mlp_bias"),
+            f"hidden_act={d.get('hidden_act')!r} (all four families use silu)": d.get("hidden_act", "silu") != "silu"}
+        for what, present in not_implemented.items():
+            if present:
+                raise CheckpointError(f"{what} in config.json: model.py does not implement it for {mt}")
         kw = {f.name: d[f.name] for f in fields(cls) if f.name in d and d[f.name] is not None}
-        kw["rope_theta"] = float(theta)
         kw.setdefault("num_key_value_heads", d["num_attention_heads"])
-        kw.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])  # Qwen2 files omit it
+        kw.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])  # Qwen2 and Phi-3 files omit it
+        try:
+            kw["rope_theta"], kw["partial_rotary_factor"], kw["rope_scaling"] = read_rope(d, kw["head_dim"])
+        except ValueError as e:
+            raise CheckpointError(f"{e} ({mt})") from None
         return cls(**kw)
 
 
@@ -82,25 +96,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # as transformers computes it: normalise in fp32, cast back, then scale in the input dtype
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def rope_cos_sin(pos, head_dim, theta, dtype):
-    # pos (B, T) integer positions -> cos, sin (B, T, head_dim), computed in fp32 then cast
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.int64).float() / head_dim))
-    freqs = pos.float()[..., None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x, cos, sin):
-    # x (B, nh, T, hs); rotate-half convention, as in the HF checkpoints (no q/k permutation needed)
-    x1, x2 = x.chunk(2, dim=-1)
-    rot = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None] + rot * sin[:, None]
+        y = x.float()
+        return self.weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -108,11 +105,15 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.nh, self.nkv, self.hs = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.qkv_sizes = [self.nh * self.hs, self.nkv * self.hs, self.nkv * self.hs]
         qkv_bias = cfg.model_type == "qwen2" or cfg.attention_bias
-        o_bias = cfg.model_type == "qwen3" and cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hs, bias=qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hs, bias=qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hs, bias=qkv_bias)
+        if cfg.model_type == "phi3":  # one fused projection, q, k, v rows stacked, kept as the checkpoint stores it
+            self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.qkv_sizes), bias=False)
+        else:
+            self.q_proj = nn.Linear(cfg.hidden_size, self.qkv_sizes[0], bias=qkv_bias)
+            self.k_proj = nn.Linear(cfg.hidden_size, self.qkv_sizes[1], bias=qkv_bias)
+            self.v_proj = nn.Linear(cfg.hidden_size, self.qkv_sizes[2], bias=qkv_bias)
+        o_bias = cfg.attention_bias and cfg.model_type != "qwen2"
         self.o_proj = nn.Linear(self.nh * self.hs, cfg.hidden_size, bias=o_bias)
         self.qk_norm = cfg.model_type == "qwen3"
         if self.qk_norm:  # Qwen3: per-head RMSNorm of q and k before RoPE
@@ -121,9 +122,12 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hs)
-        k = self.k_proj(x).view(B, T, self.nkv, self.hs)
-        v = self.v_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)
+        if hasattr(self, "qkv_proj"):  # phi3
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k = q.view(B, T, self.nh, self.hs), k.view(B, T, self.nkv, self.hs)
+        v = v.view(B, T, self.nkv, self.hs).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs)
@@ -145,12 +149,19 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        if cfg.model_type == "phi3":  # gate and up fused: gate rows first, as the checkpoint stores them
+            self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        else:
+            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+            self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if hasattr(self, "gate_up_proj"):  # phi3
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -189,6 +200,7 @@ class KVCache:
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.len = 0  # slots written so far (same for every row)
+        self.rope_len = max_len  # picks LongRoPE's frequency set for all this cache holds (rope.Rope.cos_sin)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # static decoding: the slot written next
         self.window = None  # static decoding: slots a step attends to (None: eager)
 
@@ -224,7 +236,7 @@ class KVCache:
         return self.next_pos[:, None], mask.masked_fill_(~self.valid[:, None, None, :self.window], float("-inf"))
 
 
-class Qwen(nn.Module):
+class Decoder(nn.Module):
     # the `model.` prefix of the HF names: embed_tokens, layers, norm
     def __init__(self, cfg):
         super().__init__()
@@ -240,7 +252,8 @@ class Transformer(nn.Module):
         self.hf_config = hf_config or {}  # the config.json it came from, written back unchanged on save
         self.source_dir = None
         self.activation_checkpointing = False  # recompute each block in backward instead of keeping activations
-        self.model = Qwen(cfg)
+        self.model = Decoder(cfg)
+        self.rope = Rope(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -287,7 +300,8 @@ class Transformer(nn.Module):
                 mask = (mask | (kj == qi)[None])[:, None]
 
         x = self.model.embed_tokens(idx)
-        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
+        # LongRoPE's frequency set: by the cache's capacity when decoding, else by each row's length (Rope.cos_sin)
+        cos, sin = self.rope.cos_sin(pos, cache.rope_len if cache is not None else pos.amax(-1) + 1, x.dtype)
         out = {}
         if taps is not None and taps[0] == 0:
             out[0] = x
@@ -321,35 +335,14 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path, dtype=None, device=None):
         """Load an HF checkpoint folder (config.json + model.safetensors or a sharded index).
 
-        Built on the meta device and filled by assignment, so the weights are never in memory twice.
-        dtype=None keeps the stored dtype.
+        check_checkpoint vets the folder from its headers first; the model is then built on the meta device
+        and filled by assignment, so the weights are never in memory twice. dtype=None keeps the stored dtype.
         """
-        path = resolve_checkpoint(path)
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise CheckpointError(f"no config.json in {path!r}: not a Hugging Face checkpoint folder")
-        try:
-            with open(cfg_path) as f:
-                hf_config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"corrupt config.json in {path!r}: {e}") from None
-        cfg = ModelConfig.from_hf(hf_config)
+        path, cfg, hf_config = check_checkpoint(path)
         with torch.device("meta"):
             model = cls(cfg, hf_config)
         sd = read_safetensors(path)
-        expected = {k: v for k, v in model.state_dict(keep_vars=True).items()}
-        if cfg.tie_word_embeddings:
-            expected.pop("lm_head.weight")
-            sd.pop("lm_head.weight", None)  # some tied files store the copy anyway
-        missing = sorted(set(expected) - set(sd))
-        unexpected = sorted(set(sd) - set(expected))
-        if missing or unexpected:
-            raise CheckpointError(f"{path}: weights do not match {cfg.model_type} config: "
-                                  f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                                  f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
-        bad = [f"{k} {tuple(sd[k].shape)} != {tuple(p.shape)}" for k, p in expected.items() if sd[k].shape != p.shape]
-        if bad:
-            raise CheckpointError(f"{path}: mis-shaped tensors: {'; '.join(bad[:8])}")
+        sd.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None  # some tied files store the copy
         for k in sd:
             sd[k] = sd[k].to(device=device, dtype=dtype or sd[k].dtype)
         model.load_state_dict(sd, strict=False, assign=True)
@@ -368,25 +361,22 @@ class Transformer(nn.Module):
         sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
         if self.config.tie_word_embeddings:
             sd.pop("lm_head.weight", None)  # tied checkpoints store only the embedding
-        dtype = next(iter(sd.values())).dtype
         path = os.path.abspath(path)
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         hf = dict(self.hf_config) or to_hf_config(self.config)
-        hf["dtype"] = str(dtype).removeprefix("torch.")
+        hf["dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
         hf.pop("torch_dtype", None)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
-        shards, cur, size = [], {}, 0
+        shards, size = [{}], 0
         for k in sorted(sd):
             n = sd[k].numel() * sd[k].element_size()
-            if cur and size + n > max_shard_bytes:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[k] = sd[k]
-            size += n
-        shards.append(cur)
+            if shards[-1] and size + n > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k], size = sd[k], size + n
         if len(shards) == 1:
             save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         else:
@@ -403,24 +393,23 @@ class Transformer(nn.Module):
                 src = os.path.join(self.source_dir, name)
                 if os.path.isfile(src):
                     shutil.copy(src, tmp)
-        if os.path.exists(path):  # swap: old checkpoint moved aside only once the new one is whole
-            old = path + ".old"
-            shutil.rmtree(old, ignore_errors=True)
+        old = path + ".old"  # swap: an existing checkpoint is moved aside only once the new one is whole
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(path):
             os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def to_hf_config(cfg):
     """A config.json dict for a model built from a ModelConfig (not loaded from a checkpoint)."""
-    arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[cfg.model_type]
-    d = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
-    d.update(architectures=[arch], hidden_act="silu", max_position_embeddings=32768, bos_token_id=None,
-             eos_token_id=None, use_cache=True)
-    if cfg.model_type == "qwen2":
-        d.pop("attention_bias")
+    only_in = {"attention_bias": ("qwen3", "llama"), "mlp_bias": ("llama",), "partial_rotary_factor": ("phi3",)}
+    d = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("rope_theta", "rope_scaling")  # below
+         and cfg.model_type in only_in.get(f.name, SUPPORTED)}
+    d.update(architectures=[ARCHITECTURES[cfg.model_type]], hidden_act="silu", rope_parameters=hf_rope_parameters(cfg),
+             bos_token_id=None, eos_token_id=None, pad_token_id=None, use_cache=True)  # Phi3Config's defaults: 32000
+    if cfg.model_type == "phi3" and cfg.rope_scaling:  # Phi3Config reads this copy first (default 4096)
+        d["original_max_position_embeddings"] = cfg.rope_scaling["original_max_position_embeddings"]
     return d
 
 
@@ -438,10 +427,39 @@ def resolve_checkpoint(path):
         raise CheckpointError(f"could not download {path!r} from the hub: {type(e).__name__}: {e}") from None
 
 
+def check_checkpoint(path):
+    """Fail fast, with a one-line CheckpointError, before any weight is read or an engine starts (vLLM would fail
+    much later, in pages of tracebacks): config.json readable, of a supported model_type and features; every
+    safetensors file present with a complete header (safe_open checks that it covers the file); the tensors the
+    config implies, by name and shape. Reads headers only. Returns (folder, ModelConfig, config.json as a dict)."""
+    path = resolve_checkpoint(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path!r} is not a checkpoint folder (no such directory)")
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            hf_config = json.load(f)
+        cfg = ModelConfig.from_hf(hf_config)
+    except FileNotFoundError:
+        raise CheckpointError(f"no config.json in {path!r}: not a Hugging Face checkpoint folder") from None
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"unreadable config.json in {path!r}: {type(e).__name__}: {e}") from None
+    found = read_safetensors(path, shapes_only=True)
+    with torch.device("meta"):  # the names and shapes the config implies, from the model itself (no memory)
+        expected = {k: tuple(t.shape) for k, t in Transformer(cfg).state_dict().items()}
+    if cfg.tie_word_embeddings:  # tied checkpoints store the embedding only (some store the copy anyway)
+        expected.pop("lm_head.weight")
+        found.pop("lm_head.weight", None)
+    problems = {"missing": sorted(set(expected) - set(found)), "unexpected": sorted(set(found) - set(expected)),
+                "mis-shaped": [f"{k} {found[k]} != {s}" for k, s in expected.items() if k in found and found[k] != s]}
+    if any(problems.values()):
+        raise CheckpointError(f"{path}: the weights do not match the {cfg.model_type} config.json: " + "; ".join(
+            f"{what} {names[:4]}{'...' if len(names) > 4 else ''}" for what, names in problems.items() if names))
+    return path, cfg, hf_config
+
+
 def read_safetensors(path, shapes_only=False):
     """All tensors of a checkpoint folder, single-file or sharded, as {name: tensor} (CPU); with shapes_only,
-    {name: shape} from the headers alone (safe_open checks that a header covers its file, so a truncated file
-    fails either way)."""
+    {name: shape} from the headers alone (a truncated file fails either way: safe_open checks the header)."""
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(index):

@@ -217,22 +217,24 @@ def edit_config(path, **changes):
 
 
 def test_error_missing_folder_or_config(tmp_path):
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match="no such directory"):
         Transformer.from_pretrained(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        Transformer.from_pretrained(tmp_path)
 
 
 def test_error_corrupt_config(tmp_path, tiny_qwen3):
     path = copy_ckpt(tiny_qwen3, tmp_path / "c")
     with open(os.path.join(path, "config.json"), "w") as f:
         f.write("{not json")
-    with pytest.raises(CheckpointError, match="corrupt config.json"):
+    with pytest.raises(CheckpointError, match="unreadable config.json"):
         Transformer.from_pretrained(path)
 
 
 def test_error_unsupported_architecture(tmp_path, tiny_qwen3):
     path = copy_ckpt(tiny_qwen3, tmp_path / "c")
-    edit_config(path, model_type="llama")
-    with pytest.raises(CheckpointError, match="unsupported architecture model_type='llama'"):
+    edit_config(path, model_type="gpt2")
+    with pytest.raises(CheckpointError, match="unsupported architecture model_type='gpt2'"):
         Transformer.from_pretrained(path)
 
 
@@ -269,7 +271,7 @@ def test_error_missing_unexpected_misshaped_tensors(tmp_path, tiny_qwen3):
     del sd["model.layers.9.extra"]
     sd["model.layers.1.mlp.up_proj.weight"] = w[:, :5].contiguous()
     save_file(sd, fp)
-    with pytest.raises(CheckpointError, match="mis-shaped tensors: model.layers.1.mlp.up_proj.weight"):
+    with pytest.raises(CheckpointError, match=r"mis-shaped \['model.layers.1.mlp.up_proj.weight \(128, 5\) !="):
         Transformer.from_pretrained(path)
 
 
