@@ -326,6 +326,17 @@ def micro_batches(seqs, plan, pad_id, dev, step):
     return batches, n_out, n_rep, int(all_reduce_max(len(batches)))
 
 
+def add_micro_batch(totals, loss, stats, b, gap):
+    """One real micro-batch's figures added to the step's totals on this rank (log_record reduces them)."""
+    totals['loss'] += loss.item()
+    totals['kl'] += stats['kl']
+    totals['tokens'] += b['attn'].sum().item()
+    totals['gap'] = [totals['gap'][0] + gap[0], totals['gap'][1] + gap[1]]
+    for j in range(len(stats['layer_loss'])):
+        totals['layer_loss'][j] += stats['layer_loss'][j]
+        totals['layer_cos'][j] += stats['layer_cos'][j]
+
+
 def log_record(step, totals, lr_now, grad_norm, loss, seqs, n_out, n_rep, mem, plan, sampler, clock):
     """The step's figures, reduced over ranks: what is printed and appended to log.jsonl."""
     n_seqs = all_reduce_sum(len(seqs)).item()
@@ -456,7 +467,7 @@ def train(cfg):
     start_step = state['step'] if state is not None else 0
     if state is not None:
         load_training_state(stu, proj, opt, state)
-    filler = collate([(items[0]['prompt'], [tok.pad_id], 'stop')], tok.pad_id, dev)  # a zero-weight micro-batch
+    filler = supervise(collate([(items[0]['prompt'], [tok.pad_id], 'stop')], tok.pad_id, dev), plan)  # zero weight
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         if state is not None:  # steps logged after the checkpoint ran again: their records go
@@ -498,18 +509,11 @@ def train(cfg):
             hs_s = stu(b['idx'], attention_mask=b['attn'], taps=plan.s_taps)
             loss, stats = micro_batch_loss(plan, hs_s, rows_t, b, n_out, n_rep, stu.lm_head.weight,
                                            tea.lm_head.weight if tea is not None else None, proj, bridge)
-            if weight and b['check'].any():
-                gap = sampler_gap(hs_s[plan.L_s], stu.lm_head.weight, b)
-                totals['gap'] = [totals['gap'][0] + gap[0], totals['gap'][1] + gap[1]]
+            gap = sampler_gap(hs_s[plan.L_s], stu.lm_head.weight, b) if weight and b['check'].any() else (0.0, 0)
             (loss * (world * weight)).backward()
             clock.lap('student')
             if weight:
-                totals['loss'] += loss.item()
-                totals['kl'] += stats['kl']
-                totals['tokens'] += b['attn'].sum().item()
-                for j in range(len(plan.s_layers)):
-                    totals['layer_loss'][j] += stats['layer_loss'][j]
-                    totals['layer_cos'][j] += stats['layer_cos'][j]
+                add_micro_batch(totals, loss, stats, b, gap)
         gap_sum, gap_n = all_reduce_sum(totals['gap']).tolist()
         totals['gap'] = gap_sum / max(gap_n, 1)
 
