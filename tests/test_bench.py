@@ -1,16 +1,29 @@
-"""bench.py: the FLOP count, and the paper-shape update path (FSDP2 on a one-rank group) at a toy shape on CPU."""
+"""bench.py: the FLOP count, the paper-shape update path (FSDP2 on a one-rank group) at a toy shape on CPU, the peer
+section's tokenizer, and the peer section without TRL (one line; the other sections still run)."""
 
+import json
 import math
+import sys
 
 import pytest
 import torch
 
 import bench
-from distill import make_plan
+from losses import make_plan
 from model import ModelConfig
+from tokenizer import load_tokenizer
 
 TOY = dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
            num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=False)
+
+
+@pytest.fixture
+def one_thread():
+    """Toy matmuls on cores shared with other jobs: threads would wait on each other. Restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_body_to_head_ratio():
@@ -33,19 +46,15 @@ def test_update_flops_by_hand():
     assert oprd == 4 * fwd_blocks and oprd_hw == 5 * fwd_blocks  # no LM head anywhere
     topk, topk_hw = bench.update_flops(make_plan("opd_topk", c, c), c, c, 1, T, rows, checkpointing=True)
     assert topk == 4 * (fwd_blocks + head) and topk_hw == topk + fwd_blocks + 2 * head
-    # OPRD on layer 4 only: teacher and student stop after block 4
-    assert bench.update_flops(make_plan("oprd", c, c, layers="4"), c, c, 1, T, rows, False)[0] == 4 * 4 * per_block
+    # OPRD on layer 4 only: the teacher stops after block 4; the student runs to its final norm (distill.py re-scores
+    # a sample of the rollout's tokens with it, the sampler check), with no LM head counted
+    assert bench.update_flops(make_plan("oprd", c, c, layers="4"), c, c, 1, T, rows, False)[0] == (4 + 3 * 28) * per_block
 
 
-def test_update_table_toy_shape_cpu():
-    """The GPU section's code path (random models, one-rank process group, FSDP2, activation checkpointing,
-    every method chunked and in one chunk) at a toy shape on CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # toy matmuls on cores shared with other jobs: threads would wait on each other
-    try:
-        res = bench.update_table(TOY, 1, 16, 64, torch.device("cpu"), repeats=1, peak_tflops=1.0)
-    finally:
-        torch.set_num_threads(threads)
+def test_update_table_toy_shape_cpu(one_thread):
+    """The GPU section's code path (random models, one-rank process group, FSDP2, activation checkpointing, every
+    method chunked and in one chunk) at a toy shape on CPU."""
+    res = bench.update_table(TOY, 1, 16, 64, torch.device("cpu"), repeats=1, peak_tflops=1.0)
     bench.add_ratios(res)
     assert not torch.distributed.is_initialized()  # the one-rank group is gone again
     assert set(res["methods"]) == set(bench.UPDATE_METHODS)
@@ -58,8 +67,51 @@ def test_update_table_toy_shape_cpu():
             assert r["seconds"] > 0 and r["mfu"] > 0
         assert by["one_chunk"]["vocab_chunk_tokens"] == 64
     assert res["methods"]["oprd"]["chunked"]["model_tflop"] < res["methods"]["opd_topk"]["chunked"]["model_tflop"]
-    assert math.isfinite(res["oprd_speedup_vs_topk"])
-    # in this process (other tests ran first) top-16's resident-set peak can be 0: then there is no memory ratio
-    base_mb = res["methods"]["opd_topk"]["chunked"]["transient_mb"]
-    assert (res["oprd_mem_ratio_vs_topk"] is None) == (base_mb == 0)
-    assert base_mb == 0 or math.isfinite(res["oprd_mem_ratio_vs_topk"])
+    for suffix in ("", "_one_chunk"):
+        assert math.isfinite(res["oprd_speedup_vs_topk" + suffix])
+        # in this process (other tests ran first) top-16's resident-set peak can be 0: then there is no memory ratio
+        base_mb = res["methods"]["opd_topk"]["chunked" if not suffix else "one_chunk"]["transient_mb"]
+        assert (res["oprd_mem_ratio_vs_topk" + suffix] is None) == (base_mb == 0)
+
+
+def test_peer_tokenizer_is_bytes_plus_three_with_chatml(tmp_path):
+    """Both trainers read the pair's tokenizer files: byte b is token b + 3, <|im_start|> 259, <|im_end|> 1 (the stop
+    token); what distill.py's tokenizer renders is what TRL's apply_chat_template gives."""
+    from transformers import AutoTokenizer
+    bench.peer_tokenizer(tmp_path)
+    tok, hf = load_tokenizer(str(tmp_path)), AutoTokenizer.from_pretrained(tmp_path)
+    text = "37+48-29=?"
+    by_hand = [259] + [b + 3 for b in f"user\n{text}".encode()] + [1, 10 + 3, 259] + [b + 3 for b in b"assistant\n"]
+    assert tok.chat(text) == by_hand
+    messages = [{"role": "user", "content": text}]
+    assert list(hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]) == by_hand
+    assert tok.encode("é ✓") == [b + 3 for b in "é ✓".encode()] and tok.decode(tok.encode("é ✓")) == "é ✓"
+    assert tok.eos_ids == [1] and tok.pad_id == 0
+
+
+def test_peer_without_trl_is_one_line_and_the_other_sections_run(tmp_path, monkeypatch, capsys, one_thread):
+    monkeypatch.setitem(sys.modules, "trl", None)  # import trl fails, as where it is not installed
+    out = tmp_path / "bench.json"
+    bench.main(["--sections=peer,forward", "--device=cpu", "--repeats=1", f"--json={out}"])
+    printed = capsys.readouterr().out
+    skipped = [line for line in printed.splitlines() if line.startswith("peer:")]
+    assert skipped == [f"peer: skipped, TRL is not installed (no dependency of this project): pip install "
+                       f"trl=={bench.TRL_VERSION}"]
+    results = json.loads(out.read_text())
+    assert results["peer"] == {"skipped": skipped[0]}
+    assert results["forward"]["ours_over_hf"] > 0 and results["forward"]["taps_over_logits"] > 0
+
+
+def test_variance_runs_on_a_tiny_pair(tmp_path, monkeypatch, one_thread):
+    """The variance section on a pair shaped like tiny.py's (random weights, the byte tokenizer): every method's
+    relative variance is a finite positive number; without the pair it is one clear error."""
+    import tiny
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="python tiny.py"):
+        bench.bench_variance(dict(bench.CONFIG, variance_rollouts=2), torch.device("cpu"))
+    for seed, who in enumerate(("teacher", "student")):
+        tiny.make_init(str(tmp_path / "tiny" / who), seed=seed, **tiny.SHAPES["student"])
+    res = bench.bench_variance(dict(bench.CONFIG, variance_rollouts=3), torch.device("cpu"))
+    assert set(res["methods"]) == set(bench.VARIANCE_METHODS)
+    for r in res["methods"].values():
+        assert math.isfinite(r["relative_variance"]) and r["relative_variance"] > 0
