@@ -298,9 +298,9 @@ def step_prompts(items, step, rank, world):
 
 
 def rollouts(sampler, items, step, rank, world, tok):
-    """(prompt ids, response ids, finish, sampler log-probs) for this rank to train on. The ranks of one tensor-parallel group
-    share prompts and seed (vLLM's external launcher serves them together), then each keeps every tp-th
-    sequence, so each rollout is trained on once."""
+    """(prompt ids, response ids, finish, sampler log-probs) for this rank to train on. The ranks of one
+    tensor-parallel group share prompts and seed (vLLM's external launcher serves them together), then each keeps
+    every tp-th sequence, so each rollout is trained on once."""
     tp = tensor_parallel_size if method != 'sft' else 1  # sft has no sampler: every rank its own share
     mine = step_prompts(items, step, rank // tp, world // tp)
     if method == 'sft':
@@ -503,8 +503,8 @@ def train(cfg):
             b, weight = (batches[i], 1.0) if i < len(batches) else (filler, 0.0)
             stu.set_requires_gradient_sync(i == n_micro - 1)
             with torch.no_grad():  # of the teacher's states only the rows a loss reads are kept
-                rows_t = {l: h[b['keep']] for l, h in tea(b['idx'], attention_mask=b['attn'],
-                                                            taps=plan.t_taps).items()} if tea is not None else None
+                rows_t = tea(b['idx'], attention_mask=b['attn'], taps=plan.t_taps, rows=b['keep']) \
+                    if tea is not None else None
             clock.lap('teacher')
             hs_s = stu(b['idx'], attention_mask=b['attn'], taps=plan.s_taps)
             loss, stats = micro_batch_loss(plan, hs_s, rows_t, b, n_out, n_rep, stu.lm_head.weight,

@@ -258,11 +258,12 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, idx, attention_mask=None, taps=None, cache=None, last_only=False):
+    def forward(self, idx, attention_mask=None, taps=None, cache=None, last_only=False, rows=None):
         """idx (B, T) token ids. attention_mask (B, T): 1 for real tokens, 0 for padding (left or right).
 
-        Returns logits (B, T, V) (or (B, 1, V) with last_only), or with taps={layer: hidden (B, T, d)}.
-        With a cache, idx is the next chunk of every row and the cache is advanced past it.
+        Returns logits (B, T, V) (or (B, 1, V) with last_only), or with taps={layer: hidden (B, T, d)}; with rows
+        (B, T) bool too, {layer: hidden at those positions (N, d)}, so no full tap outlives its layer (a teacher
+        keeps only what a loss reads). With a cache, idx is the next chunk of every row and the cache is advanced.
         """
         B, T = idx.shape
         L = self.config.num_hidden_layers
@@ -302,9 +303,9 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(idx)
         # LongRoPE's frequency set: by the cache's capacity when decoding, else by each row's length (Rope.cos_sin)
         cos, sin = self.rope.cos_sin(pos, cache.rope_len if cache is not None else pos.amax(-1) + 1, x.dtype)
-        out = {}
+        out, pick = {}, (lambda h: h) if rows is None else (lambda h: h[rows])
         if taps is not None and taps[0] == 0:
-            out[0] = x
+            out[0] = pick(x)
         n_blocks = L if taps is None else min(taps[-1], L)  # early exit: nothing above the deepest tap
         for i in range(n_blocks):
             if self.activation_checkpointing and torch.is_grad_enabled():
@@ -312,7 +313,7 @@ class Transformer(nn.Module):
             else:
                 x = self.model.layers[i](x, cos, sin, mask, cache)
             if taps is not None and i + 1 in taps and i + 1 < L:
-                out[i + 1] = x
+                out[i + 1] = pick(x)
         if static:  # in place, so the next replay of a recorded step reads the advanced values
             cache.slot += 1
             cache.next_pos += 1
@@ -323,11 +324,9 @@ class Transformer(nn.Module):
             return out
         x = self.model.norm(x)
         if taps is not None:
-            out[L] = x
+            out[L] = pick(x)
             return out
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(x)
+        return self.lm_head(x[:, -1:] if last_only else x)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -89,6 +89,20 @@ def test_early_exit_taps_equal_full_forward(qwen3):
         assert set(qwen3(idx, taps=[0, 2])) == {0, 2}
 
 
+def test_taps_at_rows_are_the_full_taps_indexed(qwen3):
+    """rows= keeps only some positions of every tap (what a teacher's loss reads), in row-major order."""
+    idx = batch(qwen3.config.vocab_size)
+    L = qwen3.config.num_hidden_layers
+    rows = torch.zeros(idx.shape, dtype=torch.bool)
+    rows[0, 3:7], rows[1, -2:] = True, True
+    with torch.no_grad():
+        full = qwen3(idx, taps=[0, 1, L])
+        some = qwen3(idx, taps=[0, 1, L], rows=rows)
+    for layer in (0, 1, L):
+        assert some[layer].shape == (6, qwen3.config.hidden_size)
+        torch.testing.assert_close(some[layer], torch.cat([full[layer][0, 3:7], full[layer][1, -2:]]), atol=0, rtol=0)
+
+
 def test_taps_with_grad(qwen3):
     idx = batch(qwen3.config.vocab_size)
     hs = qwen3(idx, taps=[2])
