@@ -108,8 +108,10 @@ def check_tokenizers(student_tok, teacher_tok):
 # ----------------------------------------------------------------------------- the teacher's view of one rollout
 
 def response_text(student_tok, response_ids, finished, name='rollout'):
-    """The text (UTF-8 bytes) of a student response, without its stop token. A truncated response may end inside
-    a multi-byte character: that incomplete tail is left out (no teacher token can read half a character)."""
+    """The text (UTF-8 bytes) of a student response, without its stop token, and whether the teacher reads all of
+    it (then its end of turn closes it when the student stopped). Bytes that are not UTF-8 (a cut-off character
+    of a truncated response, a stray byte of a byte-level student) end the text before them: no teacher token can
+    read them, so the chunks both models read stop there and the rest of the response is not compared."""
     ids = list(response_ids)
     if finished:
         if not ids or ids[-1] not in student_tok.eos_ids:
@@ -122,11 +124,8 @@ def response_text(student_tok, response_ids, finished, name='rollout'):
     try:
         raw.decode('utf-8')
     except UnicodeDecodeError as e:
-        if finished or e.reason != 'unexpected end of data':
-            raise ValueError(f"{name}: the student's response is not valid UTF-8 (byte {e.start} of {len(raw)}): "
-                             "the teacher cannot read the same text") from None
-        raw = raw[:e.start]
-    return raw
+        return raw[:e.start], False
+    return raw, finished
 
 
 def teacher_response(teacher_tok, text, finished, name='rollout'):
@@ -149,9 +148,9 @@ def teacher_response(teacher_tok, text, finished, name='rollout'):
 def teacher_view(student_tok, teacher_tok, messages, response_ids, finished, name='rollout', enable_thinking=False):
     """The teacher's (prompt ids, response ids) for one rollout. messages: the conversation the student's prompt
     was rendered from; finished: the response ended with the student's stop token (finish == 'stop')."""
-    text = response_text(student_tok, response_ids, finished, name)
+    text, whole = response_text(student_tok, response_ids, finished, name)
     return (teacher_tok.chat(messages, enable_thinking=enable_thinking),
-            teacher_response(teacher_tok, text, finished, name))
+            teacher_response(teacher_tok, text, whole, name))
 
 
 # ----------------------------------------------------------------------------- chunks both models have read
@@ -178,7 +177,7 @@ def align_chunks(s_ends, t_ends, whitespace_only=False, text=None):
     # the last token reaching each offset (a zero-byte token joins the chunk it ends with)
     s_last = np.searchsorted(s_ends, closes, side='right') - 1
     t_last = np.searchsorted(t_ends, closes, side='right') - 1
-    spans = [np.stack([np.concatenate([[0], last[:-1] + 1]), last + 1], axis=1) for last in (s_last, t_last)]
+    spans = [np.stack([np.concatenate([[0], last[:-1] + 1])[:len(last)], last + 1], axis=1) for last in (s_last, t_last)]
     return np.stack([s_last, t_last], axis=1), spans[0], spans[1]
 
 
@@ -195,8 +194,8 @@ class TeacherView:
 def align_rollout(student_tok, teacher_tok, messages, response_ids, finished, whitespace_only=False,
                   name='rollout', enable_thinking=False):
     """teacher_view and align_chunks for one rollout: the per-rollout work beside the sampler (bench.py times it)."""
-    text = response_text(student_tok, response_ids, finished, name)
-    t_response = teacher_response(teacher_tok, text, finished, name)
+    text, whole = response_text(student_tok, response_ids, finished, name)
+    t_response = teacher_response(teacher_tok, text, whole, name)
     pairs, s_spans, t_spans = align_chunks(byte_ends(student_tok, response_ids), byte_ends(teacher_tok, t_response),
                                            whitespace_only, text)
     return TeacherView(teacher_tok.chat(messages, enable_thinking=enable_thinking), t_response, pairs, s_spans,
@@ -210,6 +209,27 @@ def state_positions(view, s_prompt_len, t_prompt_len, align='predict'):
     losses.response_masks picks with positions='all'."""
     at = (lambda spans: spans[:, 1] - 1) if align == 'token' else (lambda spans: spans[:, 0] - 1)
     return s_prompt_len + at(view.s_spans), t_prompt_len + at(view.t_spans)
+
+
+def teacher_batch(seqs, student_tok, teacher_tok, plan, device, whitespace_only=False, enable_thinking=False):
+    """One micro-batch as the teacher reads it. seqs: (prompt ids, response ids, finish, sampler log-probs,
+    messages). Returns the teacher's collated batch (losses.collate) with 'keep' = the states OPRD compares, and
+    the student's (B, T) mask of the same states: both in the same row-major order, so the i-th teacher row pairs
+    with the i-th student row. plan.positions picks chunks (all, the first or the last plan.k_positions)."""
+    from losses import collate
+    views = [align_rollout(student_tok, teacher_tok, s[4], s[1], s[2] == 'stop', whitespace_only,
+                           f"a rollout of prompt {s[4][:40]!r}", enable_thinking) for s in seqs]
+    t_b = collate([(v.prompt_ids, v.response_ids, s[2]) for v, s in zip(views, seqs)], teacher_tok.pad_id, device)
+    s_mask = torch.zeros(len(seqs), max(len(s[0]) + len(s[1]) for s in seqs), dtype=torch.bool)
+    t_mask = torch.zeros(t_b['idx'].shape, dtype=torch.bool)
+    for i, (v, s) in enumerate(zip(views, seqs)):
+        s_pos, t_pos = state_positions(v, len(s[0]), len(v.prompt_ids), plan.align)
+        chosen = slice(None) if plan.positions == 'all' else \
+            slice(None, plan.k_positions) if plan.positions == 'first_k' else slice(-plan.k_positions, None)
+        s_mask[i, torch.as_tensor(s_pos[chosen])] = True
+        t_mask[i, torch.as_tensor(t_pos[chosen])] = True
+    t_b['keep'] = t_mask.to(device)
+    return t_b, s_mask.to(device)
 
 
 # ----------------------------------------------------------------------------- chunk-level sampled-token OPD

@@ -79,6 +79,13 @@ def lstsq_map(x, yc):
 
 
 @torch.no_grad()
+def teacher_rows(tea, b, m, taps):
+    """The teacher's taps at the rows the student's mask m picks: its own reading of the rollouts when its
+    tokenizer differs (b['teacher'], from distill.micro_batch), else the student's ids at m."""
+    t_in = b.get('teacher', dict(b, keep=m))
+    return tea(t_in['idx'], attention_mask=t_in['attn'], taps=taps, rows=t_in['keep'])
+
+
 def init_projector(proj, stu, tea, batches, plan):
     """The learned projector's start under projector_init='lstsq' (distill.py): per aligned layer, the least-squares
     map from the student's states to the teacher's on one step of the student's rollouts (batches: (batch, mask)
@@ -91,10 +98,10 @@ def init_projector(proj, stu, tea, batches, plan):
         sums[ls] = [torch.zeros(d_s, d_s, dtype=torch.float64, device=dev),
                     torch.zeros(d_s, d_t, dtype=torch.float64, device=dev)]
     for b, m in batches:
-        hs_t = tea(b['idx'], attention_mask=b['attn'], taps=plan.t_taps)
+        hs_t = teacher_rows(tea, b, m, plan.t_taps)
         hs_s = stu(b['idx'], attention_mask=b['attn'], taps=plan.s_taps)
         for ls, lt in zip(plan.s_layers, plan.t_layers):
-            x, y = hs_s[ls][m].double(), hs_t[lt][m].double()
+            x, y = hs_s[ls][m].double(), hs_t[lt].double()
             sums[ls][0] += x.T @ x
             sums[ls][1] += x.T @ y
     for ls, (gram, cross) in sums.items():
@@ -279,11 +286,11 @@ def collect_rows(stu, tea, steps, plan, max_rows):
         n_local = 0
         for b, m in batches:
             with torch.no_grad():
-                hs_t = tea(b['idx'], attention_mask=b['attn'], taps=plan.t_taps)
+                hs_t = teacher_rows(tea, b, m, plan.t_taps)
                 hs_s = stu(b['idx'], attention_mask=b['attn'], taps=plan.s_taps)
             for ls, lt in zip(plan.s_layers, plan.t_layers):
                 rows[ls][0].append(hs_s[ls][m].float().cpu())
-                rows[ls][1].append(hs_t[lt][m].float().cpu())
+                rows[ls][1].append(hs_t[lt].float().cpu())
             n_local += m.sum().item()
         n_rows, n_steps = n_rows + all_reduce_sum(n_local).item(), n_steps + 1
         if n_rows >= max_rows:  # the same decision on every rank: n_rows is all-reduced

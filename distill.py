@@ -27,12 +27,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import align as align_tokens
 import data
 from bridge import arch, check_bridge, fit_stage1, init_projector, load_bridge
 from configurator import configure
-from fsdp import (MemoryMeter, StepClock, all_reduce_max, all_reduce_sum, balance, clip_grad_norm, is_dist,
-                  load_training_state, read_resume, save_checkpoint, setup_distributed, shard, shard_projector)
-from losses import DistillError, collate, make_plan, micro_batch_loss, response_masks, sampler_gap, supervise
+from fsdp import (MemoryMeter, StepClock, all_reduce_max, all_reduce_sum, balance, clip_grad_norm,
+                  drop_logged_steps_from, is_dist, load_training_state, read_resume, save_checkpoint,
+                  setup_distributed, shard, shard_projector)
+from losses import DistillError, collate, make_plan, micro_batch_loss, sampler_gap, stale_sampler, supervise
 from model import CheckpointError, Transformer, checkpoints_in, resolve_checkpoint
 from tokenizer import load_tokenizer, same_tokenization
 
@@ -65,13 +67,14 @@ positions = 'last_k'          # all | first_k | last_k
 k_positions = 2000
 distance = 'mse'              # mse (raw MSE / d) | normalized_mse (MSE of L2-normalised states)
 align = 'predict'             # 'predict': the state that predicts token t (position t-1); 'token': the state at t
+align_whitespace = False      # across tokenizers (align.py): compare only chunks that end at whitespace (ALM)
 oprd_coef = 1.0
 mu = 1.0                      # weight of OPRD in the combined objectives opd+oprd, opd_topk+oprd
 projector = False             # learn a linear map d_S -> d_T per layer when the widths differ
 projector_init = 'random'     # its start: nn.Linear's init (the paper) | lstsq (least squares on step 0's rollouts)
 # OPRD-Bridge (METHOD.md §4): a frozen rank-r bridge per layer, fit by method=bridge_fit, used by oprd_bridge
 bridge_path = ''              # folder: bridge.safetensors + bridge.json
-bridge_rank = 8               # r: the teacher's top-r principal directions (8 cross-architecture, 4 cross-tokenizer)
+bridge_rank = 0               # r: the teacher's top-r principal directions; 0: 8, or 4 when the tokenizers differ
 bridge_rows = 16384           # at most this many rows per layer (gathered over ranks) for the PCA and P_S
 bridge_lr = 1e-4              # P_S: AdamW, weight decay 0, 10% of the rows held out, best held-out cosine kept
 bridge_epochs = 20
@@ -139,12 +142,12 @@ def check_settings():
             raise DistillError(f"{key}={s[key]!r}: must be {', '.join(allowed[:-1])} or {allowed[-1]}")
     at_least_one = ('prompts_per_step', 'n_samples', 'max_new_tokens', 'max_prompt_len', 'k_positions', 'topk',
                     'vocab_chunk_tokens', 'max_steps', 'micro_batch_size', 'max_bad_steps', 'log_every',
-                    'save_every', 'keep_checkpoints', 'tensor_parallel_size', 'bridge_rank', 'bridge_rows',
+                    'save_every', 'keep_checkpoints', 'tensor_parallel_size', 'bridge_rows',
                     'bridge_epochs', 'bridge_batch_size', 'dist_timeout_min')
     for key in at_least_one:
         if s[key] < 1:
             raise DistillError(f"{key}={s[key]!r}: must be >= 1")
-    for key in ('weight_decay', 'grad_clip', 'mu', 'oprd_coef', 'temperature', 'stop_step'):
+    for key in ('weight_decay', 'grad_clip', 'mu', 'oprd_coef', 'temperature', 'stop_step', 'bridge_rank'):
         if s[key] < 0:
             raise DistillError(f"{key}={s[key]!r}: must be >= 0")
     for key in ('warmup_frac', 'beta1', 'beta2'):
@@ -198,7 +201,8 @@ def check_resume(saved, cfg, world, stu_cfg, tea_cfg):
 
 def load_models(student_path, dev):
     """The student (fp32 master weights) and the frozen teacher (compute dtype; None under sft), with their
-    local folders and the student's tokenizer. The tokenizers must agree: rollouts reach both models as ids."""
+    local folders, the student's tokenizer, and the teacher's when it tokenizes differently (else None): then
+    each rollout reaches the teacher as its own encoding of the same text (align.py)."""
     compute_dtype = torch.bfloat16 if dev.type == 'cuda' else torch.float32
     try:
         student_path = resolve_checkpoint(student_path)  # a hub id is downloaded once, then used as a folder
@@ -211,19 +215,27 @@ def load_models(student_path, dev):
     except CheckpointError as e:
         raise DistillError(str(e)) from None
     tok = load_tokenizer(student_path)
-    if tea is not None and not same_tokenization(tok, load_tokenizer(teacher_path)):
-        raise DistillError(f"teacher {teacher!r} and student {student_path!r} tokenize differently: "
-                           "OPRD and OPD need identical rollout token ids")
-    return stu, tea, tok, student_path, teacher_path
+    t_tok = load_tokenizer(teacher_path) if tea is not None else None
+    if t_tok is None or same_tokenization(tok, t_tok):
+        return stu, tea, tok, None, student_path, teacher_path
+    if method not in ('oprd', 'oprd_bridge', 'bridge_fit'):
+        raise DistillError(f"method={method} compares the two models' next-token distributions, but teacher "
+                           f"{teacher!r} tokenizes differently from the student: across tokenizers use oprd, "
+                           "bridge_fit or oprd_bridge")
+    try:
+        align_tokens.check_tokenizers(tok, t_tok)
+    except ValueError as e:
+        raise DistillError(str(e)) from None
+    return stu, tea, tok, t_tok, student_path, teacher_path
 
 
-def width_maps(plan, stu, tea, dev):
+def width_maps(plan, stu, tea, dev, rank=None):
     """What spans two widths: (the learned projector, the frozen bridge, its metadata), each None when unused."""
     if tea is None:
         return None, None, None
     d_s, d_t = stu.config.hidden_size, tea.config.hidden_size
-    if method == 'bridge_fit' and bridge_rank > min(d_s, d_t):
-        raise DistillError(f"bridge_rank={bridge_rank} is above the width: it must be 1..{min(d_s, d_t)} "
+    if method == 'bridge_fit' and rank > min(d_s, d_t):
+        raise DistillError(f"bridge_rank={rank} is above the width: it must be 1..{min(d_s, d_t)} "
                            f"(student width {d_s}, teacher width {d_t})")
     if method == 'oprd_bridge':
         bridge, meta = load_bridge(bridge_path)
@@ -248,7 +260,7 @@ def load_prompts(tok):
         ids = data.encode_prompt(p, tok, enable_thinking)
         if len(ids) > max_prompt_len:
             continue
-        item = {'id': p['id'], 'prompt': ids}
+        item = {'id': p['id'], 'prompt': ids, 'messages': data.build_prompt(p)}
         if method == 'sft':
             if not p.get('solution'):
                 raise DistillError(f"method=sft needs reference solutions; {prompts!r} has none for {p['id']!r}")
@@ -263,7 +275,7 @@ def start(cfg, dev, resume_path, state):
     """Everything both stages need, checked before the sampler starts or out_dir is made: the models, the
     tokenizer, the plan, the prompts; then the sampler of the student's rollouts (None under sft)."""
     import rollout
-    stu, tea, tok, student_path, teacher_path = load_models(resume_path or student, dev)
+    stu, tea, tok, t_tok, student_path, teacher_path = load_models(resume_path or student, dev)
     plan = make_plan(method, stu.config, tea.config if tea is not None else None, layers, positions, k_positions,
                      align, distance, oprd_coef, mu, topk, vocab_chunk_tokens)
     if state is not None:
@@ -274,7 +286,7 @@ def start(cfg, dev, resume_path, state):
         tensor_parallel_size=tensor_parallel_size, seed=seed, max_model_len=max_prompt_len + max_new_tokens,
         enable_sleep_mode=dev.type == 'cuda' and method != 'bridge_fit')
     _samplers.append(sampler)
-    return stu, tea, tok, plan, items, sampler, (student_path, teacher_path)
+    return stu, tea, (tok, t_tok), plan, items, sampler, (student_path, teacher_path)
 
 
 def make_optimizer(stu, proj):
@@ -298,28 +310,39 @@ def step_prompts(items, step, rank, world):
 
 
 def rollouts(sampler, items, step, rank, world, tok):
-    """(prompt ids, response ids, finish, sampler log-probs) for this rank to train on. The ranks of one
+    """(prompt ids, response ids, finish, sampler log-probs, messages) for this rank to train on. The ranks of one
     tensor-parallel group share prompts and seed (vLLM's external launcher serves them together), then each keeps
     every tp-th sequence, so each rollout is trained on once."""
     tp = tensor_parallel_size if method != 'sft' else 1  # sft has no sampler: every rank its own share
     mine = step_prompts(items, step, rank // tp, world // tp)
     if method == 'sft':
-        return [(it['prompt'], it['response'], 'stop', None) for it in mine]
+        return [(it['prompt'], it['response'], 'stop', None, it['messages']) for it in mine]
     samples = sampler.generate([it['prompt'] for it in mine], n=n_samples, temperature=temperature, top_p=top_p,
                                top_k=top_k, max_new_tokens=max_new_tokens, stop_ids=tok.eos_ids,
                                seed=seed * 1_000_003 + step * (world // tp) + rank // tp,
                                logprobs=check_tokens > 0) if mine else []
     sampler.sleep()
-    return [(it['prompt'], s.tokens, s.finish, s.logprobs) for it, ss in zip(mine, samples) for s in ss][rank % tp::tp]
+    return [(it['prompt'], s.tokens, s.finish, s.logprobs, it['messages'])
+            for it, ss in zip(mine, samples) for s in ss][rank % tp::tp]
 
 
-def micro_batches(seqs, plan, pad_id, dev, step):
+def micro_batch(seqs, plan, toks, dev, gen=None, n_check=0):
+    """One micro-batch with what it supervises (losses.supervise). When the tokenizers differ, b['teacher'] is the
+    teacher's own reading of it, and OPRD compares the states at the ends of the chunks of text both have read."""
+    b = supervise(collate(seqs, toks[0].pad_id, dev), plan, gen, n_check)
+    if toks[1] is not None:
+        b['teacher'], b['oprd'] = align_tokens.teacher_batch(seqs, *toks, plan, dev, align_whitespace, enable_thinking)
+        b['keep'] = b['oprd']
+    return b
+
+
+def micro_batches(seqs, plan, toks, dev, step):
     """This rank's micro-batches, the step's supervised-token counts summed over ranks (output-space positions,
     OPRD positions: every loss is divided by them, so sharding does not change it), and how many micro-batches
     the busiest rank has (every rank runs as many: FSDP2's collectives pair up only if the counts match)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
     n_check = -(-check_tokens // max(1, -(-len(seqs) // micro_batch_size)))  # spread over the micro-batches
-    batches = [supervise(collate(seqs[i:i + micro_batch_size], pad_id, dev), plan, gen, n_check)
+    batches = [micro_batch(seqs[i:i + micro_batch_size], plan, toks, dev, gen, n_check)
                for i in range(0, len(seqs), micro_batch_size)]
     n_out = all_reduce_sum(sum(b['out_mask'].sum().item() for b in batches)).item()
     n_rep = all_reduce_sum(sum(b['oprd'].sum().item() for b in batches)).item()
@@ -383,47 +406,27 @@ def write_record(rec, plan):
         wandb.log(rec, step=rec['step'])
 
 
-def check_stale_sampler(step, gap, first_gap):
-    """The rollouts of every step after the first come from weights pushed by a sync: if the sampler's log-probs
-    drift far from the student's own, the sync did not reach it (TRL #5312). Returns the reason to stop, or None."""
-    if first_gap is None or gap <= stale_factor * max(first_gap, 0.01):
-        return None
-    return (f"step {step}: stale sampler weights: the sampler's log-probs of its own tokens differ from the "
-            f"student's by {gap:.4f} nats on average ({first_gap:.4f} at the first step); the weight sync did not "
-            "reach the engine")
-
-
-def drop_logged_steps_from(step):
-    """A resume from an older checkpoint runs steps >= step again: their old records leave log.jsonl first."""
-    path = os.path.join(out_dir, 'log.jsonl')
-    if os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)['step'] < step]
-        with open(path + '.tmp', 'w') as f:
-            f.writelines(kept)
-        os.replace(path + '.tmp', path)
-
-
 # ----------------------------------------------------------------------------- OPRD-Bridge stage 1
 
-def bridge_batches(sampler, items, rank, world, tok, dev):
+def bridge_batches(sampler, items, rank, world, toks, dev, plan):
     """Stage 1's input, one rollout step at a time: the student's rollouts of the training prompts (the training
     steps' order and seeds, one pass at most) as micro-batches, each with the positions stage 2 supervises."""
     for step in range(max(1, len(items) // prompts_per_step)):
-        seqs = rollouts(sampler, items, step, rank, world, tok)
-        batches = [collate(seqs[i:i + micro_batch_size], tok.pad_id, dev)
+        seqs = rollouts(sampler, items, step, rank, world, toks[0])
+        batches = [micro_batch(seqs[i:i + micro_batch_size], plan, toks, dev)
                    for i in range(0, len(seqs), micro_batch_size)]
-        yield [(b, response_masks(b['resp'], positions, k_positions, align)) for b in batches]
+        yield [(b, b['oprd']) for b in batches]
 
 
 def fit_bridge(cfg):
     """OPRD-Bridge stage 1 (method=bridge_fit): both models frozen and replicated, no optimizer; the bridge is
     fit on the student's rollouts and written to bridge_path (bridge.fit_stage1)."""
     rank, world, dev = setup_distributed(device, dist_timeout_min)
-    stu, tea, tok, plan, items, sampler, paths = start(cfg, dev, None, None)
-    width_maps(plan, stu, tea, dev)  # the rank check
+    stu, tea, toks, plan, items, sampler, paths = start(cfg, dev, None, None)
+    cfg['bridge_rank'] = bridge_rank or (8 if toks[1] is None else 4)  # the authors' settings
+    width_maps(plan, stu, tea, dev, cfg['bridge_rank'])  # the rank check
     stu = stu.to(next(tea.parameters()).dtype).eval().requires_grad_(False)  # the compute dtype
-    fit_stage1(stu, tea, bridge_batches(sampler, items, rank, world, tok, dev), plan, cfg, paths, dev)
+    fit_stage1(stu, tea, bridge_batches(sampler, items, rank, world, toks, dev, plan), plan, cfg, paths, dev)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -450,11 +453,12 @@ def train(cfg):
     rank, world, dev = setup_distributed(device, dist_timeout_min)
     resume_path = checkpoints_in(out_dir)[-1] if init_from == 'resume' else None
     state = read_resume(resume_path, DistillError) if resume_path else None
-    stu, tea, tok, plan, items, sampler, (student_path, _) = start(cfg, dev, resume_path, state)
+    stu, tea, toks, plan, items, sampler, (student_path, _) = start(cfg, dev, resume_path, state)
+    tok = toks[0]
     proj, bridge, bridge_meta = width_maps(plan, stu, tea, dev)
     archs = {'student_arch': arch(stu.config), 'teacher_arch': arch(tea.config) if tea is not None else None}
     if proj is not None and state is None and projector_init == 'lstsq':  # on step 0's rollouts, replicated
-        init_projector(proj, stu, tea, next(bridge_batches(sampler, items, rank, world, tok, dev)), plan)
+        init_projector(proj, stu, tea, next(bridge_batches(sampler, items, rank, world, toks, dev, plan)), plan)
         sampler.wake()
 
     # the student (and projector) under FSDP2, the optimizer, resumed state
@@ -467,12 +471,13 @@ def train(cfg):
     start_step = state['step'] if state is not None else 0
     if state is not None:
         load_training_state(stu, proj, opt, state)
-    filler = supervise(collate([(items[0]['prompt'], [tok.pad_id], 'stop')], tok.pad_id, dev), plan)  # zero weight
+    filler = micro_batch([(items[0]['prompt'], tok.encode(' 1'), 'length', None, items[0]['messages'])], plan, toks,
+                         dev)  # a zero-weight micro-batch, for ranks with fewer
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         if state is not None:  # steps logged after the checkpoint ran again: their records go
             print(f"resuming from {resume_path} at step {start_step}")
-            drop_logged_steps_from(start_step)
+            drop_logged_steps_from(out_dir, start_step)
         announce(plan, stu, student_path, bridge_meta, world, len(items))
         if wandb_log:
             import wandb
@@ -480,8 +485,7 @@ def train(cfg):
 
     mem, clock, bad_steps, first_gap, reserved = MemoryMeter(dev), StepClock(dev), 0, None, 0
     for step in range(start_step, max_steps):
-        # 1. rollouts of this rank's prompts with the current weights (reference solutions under sft), then
-        # dealt across ranks by length
+        # 1. rollouts of this rank's prompts with the current weights (reference solutions under sft), dealt by length
         seqs = rollouts(sampler, items, step, rank, world, tok)
         clock.lap('rollout')
         seqs, load = balance(seqs, world)
@@ -489,7 +493,7 @@ def train(cfg):
         lr_now = lr_at(step)
         for group in opt.param_groups:
             group['lr'] = lr_now
-        batches, n_out, n_rep, n_micro = micro_batches(seqs, plan, tok.pad_id, dev, step)
+        batches, n_out, n_rep, n_micro = micro_batches(seqs, plan, toks, dev, step)
         totals = {'loss': 0.0, 'kl': 0.0, 'tokens': 0, 'layer_loss': [0.0] * len(plan.s_layers),
                   'layer_cos': [0.0] * len(plan.s_layers), 'gap': [0.0, 0], 'load': load, 'reserved_at_wake': reserved}
         stu.train()
@@ -502,8 +506,9 @@ def train(cfg):
         for i in range(n_micro):
             b, weight = (batches[i], 1.0) if i < len(batches) else (filler, 0.0)
             stu.set_requires_gradient_sync(i == n_micro - 1)
-            with torch.no_grad():  # of the teacher's states only the rows a loss reads are kept
-                rows_t = tea(b['idx'], attention_mask=b['attn'], taps=plan.t_taps, rows=b['keep']) \
+            with torch.no_grad():  # the teacher reads its own tokens; only the rows a loss reads are kept
+                t_in = b.get('teacher', b)
+                rows_t = tea(t_in['idx'], attention_mask=t_in['attn'], taps=plan.t_taps, rows=t_in['keep']) \
                     if tea is not None else None
             clock.lap('teacher')
             hs_s = stu(b['idx'], attention_mask=b['attn'], taps=plan.s_taps)
@@ -544,7 +549,7 @@ def train(cfg):
         logged = step % log_every == 0 or step == max_steps - 1
         rec = log_record(step, totals, lr_now, grad_norm, loss, seqs, n_out, n_rep, peak, plan, sampler, clock) \
             if logged else None
-        stale = check_stale_sampler(step, totals['gap'], first_gap) if sampler is not None and check_tokens else None
+        stale = stale_sampler(step, totals['gap'], first_gap, stale_factor) if sampler and check_tokens else None
         first_gap = totals['gap'] if first_gap is None else first_gap
         if bad_steps >= max_bad_steps or stale:  # after the step's log line, so the log shows why the run stopped
             if rank == 0 and logged:

@@ -5,6 +5,7 @@ the student in HF format plus resume.pt (optimizer, projector, RNG, the run's co
 target and renamed into place.
 """
 import datetime
+import json
 import math
 import os
 import shutil
@@ -246,3 +247,14 @@ def save_checkpoint(out_dir, keep, raw_model, model, opt, proj, step, extra):
             shutil.rmtree(old, ignore_errors=True)
         print(f"saved {final}", flush=True)
     dist.barrier()
+
+
+def drop_logged_steps_from(out_dir, step):
+    """A resume from an older checkpoint runs steps >= step again: their records leave out_dir/log.jsonl."""
+    path = os.path.join(out_dir, 'log.jsonl')
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)['step'] < step]
+        with open(path + '.tmp', 'w') as f:
+            f.writelines(kept)
+        os.replace(path + '.tmp', path)

@@ -242,3 +242,13 @@ def sampler_gap(h_final, w, b):
         logp = F.log_softmax(F.linear(h_final[rows].float(), w.float()), dim=-1)
         mine = logp.gather(1, b['idx'][:, 1:][rows[:, :-1]][:, None])[:, 0]
         return (mine - b['logp_next'][rows]).abs().sum().item(), rows.sum().item()
+
+
+def stale_sampler(step, gap, first_gap, factor):
+    """After the first step rollouts come from synced weights: a sampler whose log-probs drift far from the
+    student's missed the sync (TRL #5312). Returns the reason to stop, or None."""
+    if first_gap is None or gap <= factor * max(first_gap, 0.01):
+        return None
+    return (f"step {step}: stale sampler weights: the sampler's log-probs of its own tokens differ from the "
+            f"student's by {gap:.4f} nats on average ({first_gap:.4f} at the first step); the weight sync did not "
+            "reach the engine")

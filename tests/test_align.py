@@ -270,8 +270,9 @@ def test_refusals_name_the_problem(toks, tmp_path):
     check_tokenizers(byte, infinity)  # the probe texts pass; the rollout below does not
     with pytest.raises(ValueError, match=r"rollout 3 of step 7: the response text does not survive .* byte 5"):
         align_rollout(byte, infinity, MESSAGES, byte.encode("x -> ∞") + [258], True, name="rollout 3 of step 7")
-    with pytest.raises(ValueError, match="rollout 1: the student's response is not valid UTF-8 \\(byte 1"):
-        teacher_view(byte, phi, MESSAGES, [65, 0xff, 66, 258], True, name="rollout 1")
+    # a stray byte that is not UTF-8: the text both read ends before it, and no end of turn closes it
+    stray = align_rollout(byte, phi, MESSAGES, [65, 0xff, 66, 258], True, name="rollout 1")
+    assert stray.response_ids == phi.encode("A") and stray.pairs.tolist() == [[0, 0]]
     with pytest.raises(ValueError, match="contains '<\\|end\\|>', a stop token of the teacher"):
         teacher_view(byte, phi, MESSAGES, list(b"42<|end|>") + [258], True)
     with pytest.raises(ValueError, match="finished, but it does not end with a student stop token"):
