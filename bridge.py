@@ -78,7 +78,6 @@ def lstsq_map(x, yc):
     return solve_map(x.T @ x, x.T @ yc)
 
 
-@torch.no_grad()
 def teacher_rows(tea, b, m, taps):
     """The teacher's taps at the rows the student's mask m picks: its own reading of the rollouts when its
     tokenizer differs (b['teacher'], from distill.micro_batch), else the student's ids at m."""
@@ -86,6 +85,7 @@ def teacher_rows(tea, b, m, taps):
     return tea(t_in['idx'], attention_mask=t_in['attn'], taps=taps, rows=t_in['keep'])
 
 
+@torch.no_grad()
 def init_projector(proj, stu, tea, batches, plan):
     """The learned projector's start under projector_init='lstsq' (distill.py): per aligned layer, the least-squares
     map from the student's states to the teacher's on one step of the student's rollouts (batches: (batch, mask)
