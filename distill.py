@@ -10,12 +10,15 @@ $ python distill.py config/tiny.py --method=opd --max_steps=20
 OPRD-Bridge (METHOD.md §4, a teacher of another width): stage 1 fits the frozen bridge, stage 2 distills through it:
 $ torchrun --standalone --nproc_per_node=8 distill.py config/qwen_bridge.py --method=bridge_fit
 $ torchrun --standalone --nproc_per_node=8 distill.py config/qwen_bridge.py
+A teacher of another tokenizer (METHOD.md §4b) reads its own encoding of each rollout (align.py): the same two
+commands with config/phi4_qwen3.py.
 
-Per step (run() at the bottom reads as the paper's algorithm box): this rank's share of the step's prompts ->
-rollouts of the current student (rollout.py) -> teacher forward (no grad) -> student forward + backward ->
-optimizer step -> new weights pushed to the sampler -> log -> checkpoint. Under `oprd` alone neither model
-computes logits and the teacher runs only up to its deepest tapped layer. Every process, one or many, trains in
-a process group with the student under FSDP2, so one GPU trains exactly as a one-rank torchrun does.
+Per step (train() at the bottom reads as the paper's algorithm box): this rank's share of the step's prompts ->
+rollouts of the current student (rollout.py), dealt across ranks by length -> per micro-batch, teacher forward (no
+grad), student forward + backward -> optimizer step -> new weights pushed to the sampler -> log -> checkpoint.
+Under `oprd` alone the teacher computes no logits and runs only up to its deepest tapped layer, and the student's
+head sees only the few hundred positions where it re-scores the sampler's tokens (check_tokens). Every process,
+one or many, trains in a process group with the student under FSDP2, so one GPU trains as a one-rank torchrun.
 """
 import json
 import math
