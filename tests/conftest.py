@@ -7,6 +7,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# one thread per process: on a loaded machine several OpenMP threads per tiny op spin against each other (20x slower)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -80,3 +82,45 @@ def tiny_qwen3(tmp_path_factory):
 def tiny_qwen3_b(tmp_path_factory):
     """Same shape as tiny_qwen3, other weights (for weight-update tests)."""
     return make_checkpoint(tmp_path_factory.mktemp("qwen3b"), "qwen3", seed=1)
+
+
+@pytest.fixture(scope="session")
+def pair(tmp_path_factory):
+    """distill.py's tiny teacher and student: the same architecture and tokenizer, other weights."""
+    root = tmp_path_factory.mktemp("pair")
+    return make_checkpoint(root / "teacher", "qwen3", seed=3), make_checkpoint(root / "student", "qwen3", seed=4)
+
+
+@pytest.fixture(scope="session")
+def wide_pair(tmp_path_factory):
+    """A pair of different widths and depths: teacher 4 layers d=128, student 3 layers d=64 (projector, bridge)."""
+    root = tmp_path_factory.mktemp("wide_pair")
+    teacher = make_checkpoint(root / "teacher", "qwen3", hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                              num_key_value_heads=2, intermediate_size=256, seed=3)
+    return teacher, make_checkpoint(root / "student", "qwen3", seed=4)
+
+
+@pytest.fixture
+def settings_restored(monkeypatch):
+    """For a test that runs distill.main() or eval.main() in this process: configure() rewrites the script's
+    module globals, so every main() here starts from the defaults, as a new process would, and the globals are
+    put back as they were when the test ends. Yields the distill module."""
+    import distill
+    import eval as ev
+    from configurator import settings
+    saved = {m: settings(vars(m)) for m in (distill, ev)}
+
+    def reset(module):
+        for k in set(settings(vars(module))) - set(saved[module]):
+            delattr(module, k)
+        vars(module).update(saved[module])
+
+    for module in (distill, ev):
+        def fresh_main(module=module, real=module.main):
+            reset(module)
+            return real()
+        monkeypatch.setattr(module, "main", fresh_main)
+    yield distill
+    for module in (distill, ev):
+        reset(module)
+    distill._samplers.clear()

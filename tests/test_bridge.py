@@ -9,24 +9,26 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_checkpoint
 from bridge import Bridge, fit_bridge_layer, fit_projector, load_bridge, pca, save_bridge
 from losses import oprd_loss
 from test_distill import FIXTURE, TORCHRUN, load_hf, log, run
 
+# wide_pair (conftest): teacher 4 layers d=128, student 3 layers d=64
+
 
 @pytest.fixture(scope="module")
-def wide_pair(tmp_path_factory):
-    """The tiny pair of different widths and depths: teacher 4 layers d=128, student 3 layers d=64."""
-    root = tmp_path_factory.mktemp("bridge_pair")
-    teacher = make_checkpoint(root / "teacher", "qwen3", hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                              num_key_value_heads=2, intermediate_size=256, seed=3)
-    return teacher, make_checkpoint(root / "student", "qwen3", seed=4)
+def prompts(tmp_path_factory):
+    """64 problems of the tiny task as a .jsonl file (tiny_train has 50,000: encoding them costs seconds a run)."""
+    import data
+    path = tmp_path_factory.mktemp("bridge_prompts") / "tiny64.jsonl"
+    path.write_text("".join(json.dumps({k: p[k] for k in ("id", "problem", "prompt", "answer")}) + "\n"
+                            for p in data.tiny_problems("train", 64)))
+    return str(path)
 
 
-def args(pair, out, bridge, **kw):
+def args(pair, out, bridge, prompts, **kw):
     teacher, student = pair
-    a = dict(student=student, teacher=teacher, out_dir=str(out), bridge_path=str(bridge), prompts="tiny_train",
+    a = dict(student=student, teacher=teacher, out_dir=str(out), bridge_path=str(bridge), prompts=prompts,
              backend="torch", device="cpu", prompts_per_step=8, n_samples=2, max_new_tokens=16, max_prompt_len=256,
              layers="all", positions="all", micro_batch_size=8, bridge_rows=600, bridge_rank=8, bridge_lr=1e-2,
              distance="normalized_mse", max_steps=2, lr=1e-3, warmup_frac=0.0, save_every=100, seed=0)
@@ -35,10 +37,10 @@ def args(pair, out, bridge, **kw):
 
 
 @pytest.fixture(scope="module")
-def fitted(wide_pair, tmp_path_factory):
+def fitted(wide_pair, prompts, tmp_path_factory):
     """Stage 1 under torchrun on 2 ranks: (bridge folder, its stdout)."""
     root = tmp_path_factory.mktemp("bridge")
-    p = run(TORCHRUN + ["distill.py"] + args(wide_pair, root / "out", root / "bridge", method="bridge_fit"))
+    p = run(TORCHRUN + ["distill.py"] + args(wide_pair, root / "out", root / "bridge", prompts, method="bridge_fit"))
     return str(root / "bridge"), p.stdout
 
 
@@ -65,9 +67,9 @@ def test_projector_recovers_a_planted_linear_map():
     a = 0.5 * torch.randn(4, 16, generator=g)
     x = torch.randn(2000, 16, generator=g)
     y = x @ a.T + 0.01 * torch.randn(2000, 4, generator=g)
-    w, cos = fit_projector(x[:1800], y[:1800], x[1800:], y[1800:], lr=1e-2, epochs=30, batch_size=64)
+    w, cos = fit_projector(x[:900], y[:900], x[1800:], y[1800:], lr=2e-2, epochs=20, batch_size=64)
     assert w.shape == (4, 16) and cos > 0.999
-    torch.testing.assert_close(w, a, atol=0.02, rtol=0.02)
+    torch.testing.assert_close(w, a, atol=0.005, rtol=0)  # the noise (0.01) leaves ~1e-3 of error
 
 
 def test_fit_bridge_layer_on_a_planted_pair():
@@ -128,15 +130,18 @@ def test_stage1_two_ranks_one_bridge(fitted, wide_pair):
     assert bridge.student["2"].weight.shape == (8, 64) and bridge.teacher["2"].components.shape == (8, 128)
 
 
-def test_stage2_two_ranks_through_the_frozen_bridge(fitted, wide_pair, tmp_path):
+def test_stage2_through_the_frozen_bridge(fitted, wide_pair, tmp_path, settings_restored, monkeypatch, capsys):
+    """Stage 2 in one process (stage 1's two ranks made the bridge): the student learns through the frozen bridge;
+    the bridge file is untouched and no projector is saved."""
     path, _ = fitted
     before = open(os.path.join(path, "bridge.safetensors"), "rb").read()
     out = tmp_path / "out"
     # greedy rollouts of the same 6 prompts each step, so the loss follows the update
-    p = run(TORCHRUN + ["distill.py"] + args(wide_pair, out, path, method="oprd_bridge", prompts=FIXTURE,
-                                             prompts_per_step=6, temperature=0.0, max_steps=4, positions="last_k",
-                                             k_positions=6))
-    assert "through the frozen bridge" in p.stdout
+    monkeypatch.setattr(sys, "argv", ["distill.py"] + args(wide_pair, out, path, FIXTURE, method="oprd_bridge",
+                                                           prompts_per_step=6, temperature=0.0, max_steps=4,
+                                                           positions="last_k", k_positions=6))
+    settings_restored.main()
+    assert "through the frozen bridge" in capsys.readouterr().out
     rows = log(out)
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert rows[-1]["loss"] < rows[0]["loss"]
@@ -147,36 +152,31 @@ def test_stage2_two_ranks_through_the_frozen_bridge(fitted, wide_pair, tmp_path)
     assert open(os.path.join(path, "bridge.safetensors"), "rb").read() == before
 
 
-def test_projector_least_squares_start_two_ranks(wide_pair, tmp_path):
-    """projector_init=lstsq: OPRD with a learned projector starts at the least-squares map of step 0's rollouts
-    (normal equations summed over both ranks): its first cosine is far above a random projector's, and the map
-    equals the closed form on the same states."""
-    import distill
-    from bridge import init_projector, lstsq_map
+def test_projector_least_squares_start_equals_lstsq(wide_pair):
+    """init_projector (projector_init=lstsq): per layer, the map W minimising ||W h_S - h_T||^2 over the
+    supervised rows, against torch.linalg.lstsq on the same rows taken from transformers' hidden states.
+    (Across ranks, test_scale.py checks that two ranks' start equals one process's.)"""
+    from transformers import AutoModelForCausalLM
+    from bridge import init_projector
+    from losses import collate, make_plan
     from model import Transformer
-    cos = {}
-    for init in ("random", "lstsq"):
-        out = tmp_path / init
-        run(TORCHRUN + ["distill.py"] + args(wide_pair, out, "", method="oprd", projector=True, projector_init=init,
-                                             distance="mse", max_steps=1))
-        rows = log(out)[0]
-        cos[init] = sum(rows[f"cos/{l}"] for l in (1, 2, 3)) / 3
-    assert abs(cos["random"]) < 0.2 and cos["lstsq"] > 0.5, cos
-
     teacher, student = (Transformer.from_pretrained(p) for p in wide_pair)
-    plan = distill.make_plan("oprd", student.config, teacher.config, positions="all")
+    plan = make_plan("oprd", student.config, teacher.config, positions="all")
     g = torch.Generator().manual_seed(0)
     seqs = [(torch.randint(0, 300, (5,), generator=g).tolist(), torch.randint(0, 300, (n,), generator=g).tolist(),
-             "stop") for n in (7, 12, 3)]
-    b = distill.collate(seqs, 0, "cpu")
+             "stop") for n in (70, 90, 50)]
+    b = collate(seqs, 0, "cpu")
     proj = torch.nn.ModuleDict({str(l): torch.nn.Linear(64, 128, bias=False) for l in plan.s_layers})
     init_projector(proj, student, teacher, [(b, b["resp"])], plan)
+    hf_s, hf_t = (AutoModelForCausalLM.from_pretrained(p, dtype=torch.float64) for p in (wide_pair[1], wide_pair[0]))
     with torch.no_grad():
-        hs_s, hs_t = student(b["idx"], attention_mask=b["attn"], taps=plan.s_taps), \
-            teacher(b["idx"], attention_mask=b["attn"], taps=plan.t_taps)
-    for ls, lt in zip(plan.s_layers, plan.t_layers):
-        w = lstsq_map(hs_s[ls][b["resp"]], hs_t[lt][b["resp"]])  # (64, 128), uncentred: the projector has no bias
-        torch.testing.assert_close(proj[str(ls)].weight.double(), w.T, rtol=1e-4, atol=1e-5)
+        hs = [(hf_s(torch.tensor([p + r]), output_hidden_states=True).hidden_states,
+               hf_t(torch.tensor([p + r]), output_hidden_states=True).hidden_states, len(p)) for p, r, _ in seqs]
+    for ls, lt in ((1, 1), (2, 3), (3, 4)):  # phi for 3 -> 4 layers, written out
+        x = torch.cat([s[ls][0, n:] for s, _, n in hs])  # (210, 64): every response position
+        y = torch.cat([t[lt][0, n:] for _, t, n in hs])  # (210, 128)
+        w = torch.linalg.lstsq(x, y).solution.T  # (128, 64)
+        torch.testing.assert_close(proj[str(ls)].weight.double(), w, rtol=1e-3, atol=1e-4 * w.abs().max().item())
 
 
 # ----------------------------------------------------------------------------- errors, before any work
@@ -188,7 +188,8 @@ def test_projector_least_squares_start_two_ranks(wide_pair, tmp_path):
     (dict(method="oprd_bridge", teacher="student"), "fitted", "was fit for the teacher"),
     (dict(method="oprd"), "fitted", "or fit a bridge (method=bridge_fit) and use method=oprd_bridge"),
 ])
-def test_clear_errors_before_any_work(fitted, wide_pair, tmp_path, change, bridge, message):
+def test_clear_errors_before_any_work(fitted, wide_pair, prompts, tmp_path, settings_restored, monkeypatch, capsys,
+                                     change, bridge, message):
     path = {"fitted": fitted[0], "new": str(tmp_path / "new"), "missing": str(tmp_path / "missing"),
             "other_layers": str(tmp_path / "other_layers")}[bridge]
     if bridge == "other_layers":  # a bridge fit for student layers 1 and 3 only
@@ -199,7 +200,10 @@ def test_clear_errors_before_any_work(fitted, wide_pair, tmp_path, change, bridg
     if change.get("teacher") == "student":  # the bridge's student in the teacher's place
         change = dict(change, teacher=wide_pair[1])
     out = tmp_path / "out"
-    p = run([sys.executable, "distill.py"] + args(wide_pair, out, path, **change), ok=False)
-    err = p.stderr.strip().splitlines()
-    assert p.returncode != 0 and len(err) == 1 and message in err[0], p.stderr[-2000:]
+    monkeypatch.setattr(sys, "argv", ["distill.py"] + args(wide_pair, out, path, prompts, **change))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        settings_restored.main()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 1 and len(err) == 1 and message in err[0], err
     assert not os.path.exists(os.path.join(out, "log.jsonl")) and not os.path.exists(tmp_path / "new")

@@ -5,7 +5,7 @@ CPU only, no torch, a second or two.  $ python -m pytest -q tests/test_eval_grad
 import json
 import math
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -138,12 +138,23 @@ def test_malicious_answers_never_run(tmp_path):
 
 
 def test_symbolic_timeout_returns_false(monkeypatch):
+    """A hang inside sympy: the comparison gives up (False) while the work is still running, instead of
+    waiting for it; the work would have answered True had it been waited for."""
     import sympy
     assert ev._symbolic_equal('x+x', '2x') is True
-    monkeypatch.setattr(sympy, 'simplify', lambda e: time.sleep(1.5) or 0)  # a hang inside sympy
-    t0 = time.time()
-    assert ev._symbolic_equal('x+x', '2x', timeout=0.2) is False
-    assert time.time() - t0 < 1.0
+    entered, release = threading.Event(), threading.Event()
+
+    def hang(e):
+        entered.set()
+        release.wait(60)  # until the test lets it go (a safety limit, never reached when the timeout works)
+        return 0  # "equal"
+
+    monkeypatch.setattr(sympy, 'simplify', hang)
+    try:
+        assert ev._symbolic_equal('x+x', '2x', timeout=0.2) is False
+        assert entered.wait(30) and not release.is_set()  # the work reached the hang and is still in it
+    finally:
+        release.set()
     big = '(' * 30 + 'x+1' + ')' * 30
     assert ev._to_sympy_text(big * 3) is None  # over the length cap
 

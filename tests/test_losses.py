@@ -138,6 +138,24 @@ def test_layer_sets_and_depth_map():
     assert depth_map(0, 3, 6) == 0
 
 
+def test_depth_map_rounds_ties_up():
+    """phi(l) = round((l-1)(L_T-1)/(L_S-1)) + 1 with halves rounded up (Python's round() sends 2.5 to 2): exact
+    arithmetic over every pair of depths up to 40, ties at .5 included."""
+    from fractions import Fraction
+    assert depth_map(2, 3, 6) == 4      # 2.5 -> 3, not 2
+    assert depth_map(3, 5, 2) == 2      # 0.5 -> 1, not 0
+    assert depth_map(2, 3, 4) == 3      # 1.5 -> 2
+    ties = 0
+    for L_s in range(2, 41):
+        for L_t in range(1, 41):
+            for l in range(1, L_s + 1):
+                q = Fraction((l - 1) * (L_t - 1), L_s - 1)
+                ties += q.denominator == 2
+                assert depth_map(l, L_s, L_t) == math.floor(q + Fraction(1, 2)) + 1, (l, L_s, L_t)
+    assert ties > 100
+    assert [depth_map(l, 1, 5) for l in (0, 1)] == [0, 5]  # a one-layer student aligns with the last layer
+
+
 def test_position_sets_and_alignment():
     # two rows: prompt of 2 then 4 response tokens; prompt of 3 then 2 response tokens then a pad
     resp = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 0]], dtype=torch.bool)
