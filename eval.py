@@ -314,7 +314,8 @@ def evaluate(rank, world):
     tok = load_tokenizer(path)
     dev = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if on_gpu else torch.device('cpu')
     sampler = rollout.make_sampler(backend, path, seed=seed, max_model_len=max_prompt_tokens + max_new_tokens,
-                                   device=dev, gpu_memory_utilization=gpu_memory_utilization if on_gpu else None)
+                                   device=dev, gpu_memory_utilization=gpu_memory_utilization if on_gpu else None,
+                                   enforce_eager=not on_gpu)  # vLLM's CPU build would compile at every start
     summaries, all_records = {}, []
     for name, problems in sets.items():
         mine = problems[rank::world]  # problems split across ranks, results gathered on rank 0
