@@ -115,3 +115,14 @@ def test_eval_samples_do_not_depend_on_ranks_or_batches(tmp_path, tiny_qwen3):
             texts[name] = {r["id"]: r["text"] for r in map(json.loads, f)}
     assert texts["one"] == texts["two"]
     assert len(set(texts["one"].values())) > len(texts["one"]) // 2  # sampled, not the same text everywhere
+
+
+def test_a_vllm_engine_that_skips_its_sync_stops_the_run(pair, tmp_path):
+    """The same guard with vLLM's CPU build: an engine that keeps its first weights is caught at step 1."""
+    p = distill(pair, tmp_path / "stale", backend="vllm", max_steps=2,
+                patch="import rollout; rollout.VLLMSampler.update_weights = lambda self, named: 0")
+    assert p.returncode == 1
+    err = p.stderr.strip().splitlines()
+    assert "step 1: stale sampler weights" in err[-1], p.stderr[-3000:]
+    rows = log(tmp_path / "stale")
+    assert [r["step"] for r in rows] == [0, 1] and rows[0]["sampler_logp_gap"] < 1e-3
