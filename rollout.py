@@ -62,10 +62,9 @@ def make_sampler(backend="auto", model_path=None, model=None, **engine_kw):
     torch: model= an in-memory Transformer to sample from (shared, not copied: update_weights is then a copy
     onto itself, i.e. nothing), else one is loaded from model_path; dtype, device, gpu_memory_utilization,
     sync_every, decode; the vLLM-only options are ignored, so one config serves both backends.
-    A model_path is checked (check_checkpoint) before any engine starts.
+    A model_path is checked (check_checkpoint) before any engine starts; backend is checked where it is read
+    (distill.py's and eval.py's settings, the CLI below).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown sampler backend {backend!r}: expected 'auto', 'vllm' or 'torch'")
     if model_path is not None and (backend != "torch" or model is None):
         model_path = check_checkpoint(model_path)[0]
     if backend == "auto":
