@@ -63,9 +63,13 @@ def make_checkpoint(out_dir, model_type="qwen3", tied=False, seed=0, tokenizer=T
         args.pop("head_dim")
         args["hidden_size"] = args["num_attention_heads"] * (kw.get("head_dim") or 32)
     torch.manual_seed(seed)
-    model = cfg_cls(**args)
-    m = model_cls(model).to(dtype)
-    with torch.no_grad():  # random init has tiny norms/biases at 1/0; perturb so every parameter matters
+    return save_perturbed(model_cls(cfg_cls(**args)).to(dtype), out_dir)
+
+
+def save_perturbed(m, out_dir):
+    """Save a freshly initialised transformers model whose norms (at 1) and biases (at 0) are perturbed first,
+    so that every parameter matters to a parity test; return the folder."""
+    with torch.no_grad():
         for name, p in m.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, build_tokenizer
+from conftest import ROOT, build_tokenizer, save_perturbed
 from model import SUPPORTED, CheckpointError, KVCache, ModelConfig, Transformer, check_checkpoint
 
 SWITCH = 16  # original_max_position_embeddings of the tiny configs
@@ -49,13 +49,7 @@ def make_family(out_dir, family, seed=0, tokenizer=True, **kw):
     args.update(FAMILIES[family], **kw)
     cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "phi3": (Phi3Config, Phi3ForCausalLM)}[family]
     torch.manual_seed(seed)
-    m = model_cls(cfg_cls(**args)).float()
-    with torch.no_grad():  # random init has norms at 1 and biases at 0; perturb so every parameter matters
-        for name, p in m.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    m.save_pretrained(out_dir)
-    return str(out_dir)
+    return save_perturbed(model_cls(cfg_cls(**args)).float(), out_dir)
 
 
 @pytest.fixture(scope="module")
