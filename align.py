@@ -11,7 +11,7 @@ of each chunk on both sides. With identical tokenizers every chunk is one token 
                          name=f"rollout {i} of step {step}")
     view.prompt_ids, view.response_ids                # what the teacher reads
     view.pairs                                        # (C, 2) response positions (student, teacher) compared
-    loss_sum, n_chunks = chunk_opd_loss(lp_s, lp_t, view.s_spans, view.t_spans)   # chunk-level sampled-token OPD
+    # chunk-level sampled-token OPD on those chunks: losses.chunk_opd_loss(lp_s, lp_t, view.s_spans, view.t_spans)
 
 Bytes, not characters: a token may hold part of a multi-byte character (byte-level BPE, the byte tokenizer), so
 every offset here counts UTF-8 bytes, from a table of each token id's bytes built once per tokenizer. A stop token
@@ -213,44 +213,30 @@ def state_positions(view, s_prompt_len, t_prompt_len, align='predict'):
 
 def teacher_batch(seqs, student_tok, teacher_tok, plan, device, whitespace_only=False, enable_thinking=False):
     """One micro-batch as the teacher reads it. seqs: (prompt ids, response ids, finish, sampler log-probs,
-    messages). Returns the teacher's collated batch (losses.collate) with 'keep' = the states OPRD compares, and
-    the student's (B, T) mask of the same states: both in the same row-major order, so the i-th teacher row pairs
-    with the i-th student row. plan.positions picks chunks (all, the first or the last plan.k_positions)."""
+    messages). Returns the teacher's collated batch (losses.collate) with 'oprd' = the states OPRD compares and
+    'keep' = every row a loss reads (those, plus the positions predicting its response tokens under opd_chunk);
+    the student's (B, T) mask of the states OPRD compares, in the same row-major order, so the i-th teacher OPRD
+    row pairs with the i-th student row; and the chunks (s_spans, t_spans) (C, 2), offset into each side's
+    response tokens in row-major order (the rows of the 'out_mask' positions). plan.positions picks chunks for
+    OPRD (all, the first or the last plan.k_positions); chunk-level OPD reads them all."""
     from losses import collate
     views = [align_rollout(student_tok, teacher_tok, s[4], s[1], s[2] == 'stop', whitespace_only,
                            f"a rollout of prompt {s[4][:40]!r}", enable_thinking) for s in seqs]
     t_b = collate([(v.prompt_ids, v.response_ids, s[2]) for v, s in zip(views, seqs)], teacher_tok.pad_id, device)
     s_mask = torch.zeros(len(seqs), max(len(s[0]) + len(s[1]) for s in seqs), dtype=torch.bool)
     t_mask = torch.zeros(t_b['idx'].shape, dtype=torch.bool)
+    s_spans, t_spans, s_at, t_at = [], [], 0, 0
     for i, (v, s) in enumerate(zip(views, seqs)):
         s_pos, t_pos = state_positions(v, len(s[0]), len(v.prompt_ids), plan.align)
         chosen = slice(None) if plan.positions == 'all' else \
             slice(None, plan.k_positions) if plan.positions == 'first_k' else slice(-plan.k_positions, None)
         s_mask[i, torch.as_tensor(s_pos[chosen])] = True
         t_mask[i, torch.as_tensor(t_pos[chosen])] = True
-    t_b['keep'] = t_mask.to(device)
-    return t_b, s_mask.to(device)
-
-
-# ----------------------------------------------------------------------------- chunk-level sampled-token OPD
-
-def chunk_sums(x, spans):
-    """Sum of x (1-D) over each [start, end) span: one index_add, differentiable, exact for one-token spans."""
-    spans = torch.as_tensor(np.asarray(spans, dtype=np.int64).reshape(-1, 2))
-    lengths = spans[:, 1] - spans[:, 0]
-    chunk = torch.repeat_interleave(torch.arange(len(spans)), lengths)
-    # position of each covered token: its span's start plus its rank within the span
-    pos = torch.arange(len(chunk)) - (lengths.cumsum(0) - lengths)[chunk] + spans[chunk, 0]
-    return x.new_zeros(len(spans)).index_add(0, chunk.to(x.device), x[pos.to(x.device)])
-
-
-def chunk_opd_loss(lp_s, lp_t, s_spans, t_spans):
-    """Sampled-token OPD over chunks: per chunk c, l_S(c) and l_T(c) sum each model's log-probs of its own tokens
-    in c (lp_s, lp_t: 1-D over each side's response tokens; spans from align_chunks, offset and concatenated when
-    several rollouts share the tensors). Returns (sum_c sg(l_S - l_T) * l_S, C); divide by the global chunk
-    count. One-token chunks make it token-level sampled-token OPD exactly."""
-    l_s = chunk_sums(lp_s.float(), s_spans)
-    l_t = chunk_sums(lp_t.detach().float(), t_spans)
-    if len(l_s) != len(l_t):
-        raise ValueError(f"{len(l_s)} student chunks but {len(l_t)} teacher chunks: spans must list the same chunks")
-    return ((l_s - l_t).detach() * l_s).sum(), len(l_s)
+        s_spans.append(v.s_spans + s_at)
+        t_spans.append(v.t_spans + t_at)
+        s_at, t_at = s_at + len(s[1]), t_at + len(v.response_ids)
+    t_b['oprd'] = t_mask.to(device) if plan.s_layers else torch.zeros_like(t_b['resp'])
+    t_b['keep'] = t_b['oprd'] | (t_b['out_mask'] if plan.out_kind == 'opd_chunk' else False)
+    spans = (np.concatenate(s_spans), np.concatenate(t_spans))
+    return t_b, s_mask.to(device) if plan.s_layers else torch.zeros(s_mask.shape, dtype=torch.bool, device=device), \
+        spans

@@ -49,6 +49,7 @@ student = ''                  # HF checkpoint folder of the student
 teacher = ''                  # HF checkpoint folder of the frozen teacher
 method = 'oprd'               # oprd | opd | opd_topk | opd_full | opd+oprd | opd_topk+oprd | sft
                               # | bridge_fit (OPRD-Bridge stage 1) | oprd_bridge (stage 2)
+                              # | opd_chunk | opd_chunk+oprd | opd_chunk+oprd_bridge (chunk-level OPD, any tokenizers)
 # data
 prompts = 'dapo17k'           # benchmark name, builtin task name, or a .jsonl file (data.load_problems)
 data_dir = ''                 # folder of <name>.jsonl when offline
@@ -114,7 +115,10 @@ wandb_log = False
 wandb_project = 'oprd'
 # -----------------------------------------------------------------------------
 
-METHODS = ('oprd', 'opd', 'opd_topk', 'opd_full', 'opd+oprd', 'opd_topk+oprd', 'sft', 'bridge_fit', 'oprd_bridge')
+METHODS = ('oprd', 'opd', 'opd_topk', 'opd_full', 'opd+oprd', 'opd_topk+oprd', 'sft', 'bridge_fit', 'oprd_bridge',
+           'opd_chunk', 'opd_chunk+oprd', 'opd_chunk+oprd_bridge')
+THROUGH_BRIDGE = ('oprd_bridge', 'opd_chunk+oprd_bridge')  # stage 2 of OPRD-Bridge, alone or with chunk-level OPD
+ONE_VOCABULARY = ('opd', 'opd_topk', 'opd_full', 'opd+oprd', 'opd_topk+oprd')  # token-level output losses
 _samplers = []  # started samplers, closed by main() before the process group goes (vLLM's teardown needs it)
 
 # ----------------------------------------------------------------------------- one update
@@ -175,7 +179,7 @@ def check_settings():
         raise DistillError("no student checkpoint: set student=<HF folder or hub id>")
     if method != 'sft' and not teacher:
         raise DistillError(f"method={method} needs a teacher: set teacher=<HF folder or hub id>")
-    if method in ('bridge_fit', 'oprd_bridge') and (projector or not bridge_path):
+    if method in ('bridge_fit', *THROUGH_BRIDGE) and (projector or not bridge_path):
         raise DistillError(f"method={method} with projector=True: the bridge replaces the projector" if projector
                            else f"method={method} needs bridge_path=<folder of the bridge>")
     used = (['step_*'] if checkpoints_in(out_dir) else []) + \
@@ -221,10 +225,10 @@ def load_models(student_path, dev):
     t_tok = load_tokenizer(teacher_path) if tea is not None else None
     if t_tok is None or same_tokenization(tok, t_tok):
         return stu, tea, tok, None, student_path, teacher_path
-    if method not in ('oprd', 'oprd_bridge', 'bridge_fit'):
-        raise DistillError(f"method={method} compares the two models' next-token distributions, but teacher "
-                           f"{teacher!r} tokenizes differently from the student: across tokenizers use oprd, "
-                           "bridge_fit or oprd_bridge")
+    if method in ONE_VOCABULARY:
+        raise DistillError(f"method={method} compares the two models' next-token distributions over one "
+                           f"vocabulary, but teacher {teacher!r} tokenizes differently from the student: across "
+                           "tokenizers use opd_chunk (chunk-level OPD), oprd, oprd_bridge or their sums")
     try:
         align_tokens.check_tokenizers(tok, t_tok)
     except ValueError as e:
@@ -240,7 +244,7 @@ def width_maps(plan, stu, tea, dev, rank=None):
     if method == 'bridge_fit' and rank > min(d_s, d_t):
         raise DistillError(f"bridge_rank={rank} is above the width: it must be 1..{min(d_s, d_t)} "
                            f"(student width {d_s}, teacher width {d_t})")
-    if method == 'oprd_bridge':
+    if method in THROUGH_BRIDGE:
         bridge, meta = load_bridge(bridge_path)
         check_bridge(meta, bridge_path, plan, stu.config, tea.config)
         return None, bridge.to(dev), meta
@@ -331,24 +335,25 @@ def rollouts(sampler, items, step, rank, world, tok):
 
 
 def micro_batch(seqs, plan, toks, dev, gen=None, n_check=0):
-    """One micro-batch with what it supervises (losses.supervise). When the tokenizers differ, b['teacher'] is the
-    teacher's own reading of it, and OPRD compares the states at the ends of the chunks of text both have read."""
+    """One micro-batch with what it supervises (losses.supervise); across tokenizers also the teacher's own reading
+    of it (b['teacher']), OPRD's states and opd_chunk's spans at the chunks of text both have read (align.py)."""
     b = supervise(collate(seqs, toks[0].pad_id, dev), plan, gen, n_check)
     if toks[1] is not None:
-        b['teacher'], b['oprd'] = align_tokens.teacher_batch(seqs, *toks, plan, dev, align_whitespace, enable_thinking)
-        b['keep'] = b['oprd']
+        b['teacher'], b['oprd'], b['spans'] = align_tokens.teacher_batch(seqs, *toks, plan, dev, align_whitespace,
+                                                                         enable_thinking)
     return b
 
 
 def micro_batches(seqs, plan, toks, dev, step):
-    """This rank's micro-batches, the step's supervised-token counts summed over ranks (output-space positions,
-    OPRD positions: every loss is divided by them, so sharding does not change it), and how many micro-batches
+    """This rank's micro-batches, the step's supervised counts summed over ranks (output-space positions or
+    chunks, OPRD positions: every loss is divided by them, so sharding does not change it), and how many micro-batches
     the busiest rank has (every rank runs as many: FSDP2's collectives pair up only if the counts match)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
     n_check = -(-check_tokens // max(1, -(-len(seqs) // micro_batch_size)))  # spread over the micro-batches
     batches = [micro_batch(seqs[i:i + micro_batch_size], plan, toks, dev, gen, n_check)
                for i in range(0, len(seqs), micro_batch_size)]
-    n_out = all_reduce_sum(sum(b['out_mask'].sum().item() for b in batches)).item()
+    n_out = all_reduce_sum(sum(len(b['spans'][0]) if plan.out_kind == 'opd_chunk' else b['out_mask'].sum().item()
+                               for b in batches)).item()
     n_rep = all_reduce_sum(sum(b['oprd'].sum().item() for b in batches)).item()
     return batches, n_out, n_rep, int(all_reduce_max(len(batches)))
 
@@ -359,9 +364,8 @@ def add_micro_batch(totals, loss, stats, b, gap):
     totals['kl'] += stats['kl']
     totals['tokens'] += b['attn'].sum().item()
     totals['gap'] = [totals['gap'][0] + gap[0], totals['gap'][1] + gap[1]]
-    for j in range(len(stats['layer_loss'])):
-        totals['layer_loss'][j] += stats['layer_loss'][j]
-        totals['layer_cos'][j] += stats['layer_cos'][j]
+    for key in ('layer_loss', 'layer_cos'):
+        totals[key] = [x + y for x, y in zip(totals[key], stats[key])]
 
 
 def log_record(step, totals, lr_now, grad_norm, loss, seqs, n_out, n_rep, mem, plan, sampler, clock):

@@ -86,7 +86,9 @@ def collate(seqs, pad_id, device):
 def supervise(b, plan, check_gen=None, n_check=0):
     """Marks on micro-batch b what the step supervises: 'oprd' the positions OPRD aligns, 'keep' every position
     whose teacher state a loss reads (the only teacher rows kept), 'check' up to n_check random positions
-    whose sampled token the student re-scores (the sampler check). Returns b."""
+    whose sampled token the student re-scores (the sampler check), and under opd_chunk 'spans', its chunks on
+    each side: with one tokenizer, each response token is one (align.teacher_batch replaces them across
+    tokenizers). Returns b."""
     b['oprd'] = response_masks(b['resp'], plan.positions, plan.k_positions, plan.align) if plan.s_layers else \
         torch.zeros_like(b['resp'])
     b['keep'] = b['oprd'] | (b['out_mask'] if plan.out_kind else torch.zeros_like(b['resp']))
@@ -94,6 +96,9 @@ def supervise(b, plan, check_gen=None, n_check=0):
     picked = candidates[torch.randperm(len(candidates), generator=check_gen)[:n_check].to(candidates.device)] \
         if check_gen is not None else candidates[:0]
     b['check'] = torch.zeros_like(b['resp']).flatten().index_fill_(0, picked, True).view_as(b['resp'])
+    if plan.out_kind == 'opd_chunk':
+        n = int(b['out_mask'].sum())
+        b['spans'] = (torch.stack([torch.arange(n), torch.arange(1, n + 1)], 1),) * 2
     return b
 
 
@@ -154,6 +159,42 @@ def output_loss(kind, h_s, h_t, targets, w_s, w_t, vocab, k, chunk):
     return loss, kl
 
 
+def _token_logprobs_chunk(h, w, targets, vocab):
+    return F.log_softmax(F.linear(h, w)[:, :vocab].float(), dim=-1).gather(1, targets[:, None])[:, 0]
+
+
+def token_logprobs(h, w, targets, vocab, chunk):
+    """log p(target) of each row (n, d) under the head w, over the first vocab entries, chunk rows at a time (as
+    output_loss: recomputed in backward, no (rows, V) tensor of the whole batch)."""
+    out = []
+    for i in range(0, h.shape[0], chunk):
+        args = (h[i:i + chunk], w, targets[i:i + chunk], vocab)
+        out.append(torch.utils.checkpoint.checkpoint(_token_logprobs_chunk, *args, use_reentrant=False)
+                   if torch.is_grad_enabled() else _token_logprobs_chunk(*args))
+    return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
+
+
+def chunk_opd_loss(lp_s, lp_t, s_spans, t_spans):
+    """Chunk-level sampled-token OPD (METHOD.md §4b): per chunk c, l_S(c) and l_T(c) sum each model's log-probs
+    of its own tokens in c (lp_s, lp_t: 1-D over each side's response tokens; spans (C, 2) [start, end) into
+    them, align.align_chunks' output offset and concatenated over the micro-batch's rollouts). Returns
+    (sum_c sg(l_S - l_T) * l_S, sum_c (l_S - l_T)); the step divides both by its global chunk count. One-token
+    chunks make it sampled-token OPD exactly."""
+    l_s, l_t = chunk_sums(lp_s, s_spans), chunk_sums(lp_t.detach(), t_spans)
+    u = (l_s - l_t).detach()
+    return (u * l_s).sum(), u.sum().item()
+
+
+def chunk_sums(x, spans):
+    """Sum of x (1-D) over each [start, end) span: one index_add, differentiable, exact for one-token spans."""
+    spans = torch.as_tensor(spans, dtype=torch.long).reshape(-1, 2)
+    lengths = spans[:, 1] - spans[:, 0]
+    chunk = torch.repeat_interleave(torch.arange(len(spans)), lengths)
+    # position of each covered token: its span's start plus its rank within the span
+    pos = torch.arange(len(chunk)) - (lengths.cumsum(0) - lengths)[chunk] + spans[chunk, 0]
+    return x.new_zeros(len(spans)).index_add(0, chunk.to(x.device), x[pos.to(x.device)])
+
+
 def sft_loss(logits, targets):
     """Summed cross-entropy of the reference tokens; logits (n, V) at the predicting positions."""
     return F.cross_entropy(logits.float(), targets, reduction='sum')
@@ -165,7 +206,7 @@ def sft_loss(logits, targets):
 class Plan:
     """What an update computes, fixed once from the config and the two models."""
     method: str
-    out_kind: str | None          # output-space loss: opd | opd_topk | opd_full | None
+    out_kind: str | None          # output-space loss: opd | opd_topk | opd_full | opd_chunk | None
     s_layers: list                # student layers aligned by OPRD (empty without OPRD)
     t_layers: list                # phi(l) for each
     s_taps: list                  # what each forward computes: OPRD layers, plus the final norm for logits
@@ -185,7 +226,7 @@ class Plan:
 def make_plan(method, stu_cfg, tea_cfg, layers='all', positions='last_k', k_positions=2000, align='predict',
               distance='mse', oprd_coef=1.0, mu=1.0, topk=16, chunk=1024):
     out_kind = {'opd': 'opd', 'opd_topk': 'opd_topk', 'opd_full': 'opd_full', 'opd+oprd': 'opd',
-                'opd_topk+oprd': 'opd_topk'}.get(method)
+                'opd_topk+oprd': 'opd_topk'}.get(method, 'opd_chunk' if method.startswith('opd_chunk') else None)
     L_s = stu_cfg.num_hidden_layers
     L_t = tea_cfg.num_hidden_layers if tea_cfg is not None else 0
     s_layers = parse_layers(layers, L_s) if 'oprd' in method or method == 'bridge_fit' else []
@@ -199,16 +240,26 @@ def make_plan(method, stu_cfg, tea_cfg, layers='all', positions='last_k', k_posi
 
 
 def micro_batch_loss(plan, hs_s, rows_t, b, n_out, n_rep, w_s=None, w_t=None, proj=None, bridge=None):
-    """The loss of one micro-batch, already divided by the global supervised-token counts n_out (output-space
-    positions) and n_rep (OPRD positions), so that summing it over micro-batches and ranks gives the step's token
-    mean. hs_s: the student's taps {layer: (B, T, d)}; rows_t: the teacher's taps at the positions b['keep']
-    only {layer: (N, d)} (distill.py keeps no other teacher rows). b: a micro-batch (distill.collate, with
-    'oprd' and 'keep' masks). w_s, w_t: the LM heads' weights (output-space losses and sft only); proj: the
-    learned projector (or None); bridge: the frozen OPRD-Bridge (or None).
+    """The loss of one micro-batch, already divided by the global supervised counts n_out (output-space
+    positions, or chunks under opd_chunk) and n_rep (OPRD positions), so that summing it over micro-batches and
+    ranks gives the step's mean. hs_s: the student's taps {layer: (B, T, d)}; rows_t: the teacher's taps at the
+    positions its batch marks 'keep' only {layer: (N, d)} (distill.py keeps no other teacher rows). b: a
+    micro-batch (collate, with 'oprd' and 'keep' masks; under opd_chunk 'spans', the chunks); across tokenizers
+    b['teacher'] is the teacher's batch (align.teacher_batch). w_s, w_t: the LM heads' weights (output-space
+    losses and sft only); proj: the learned projector (or None); bridge: the frozen OPRD-Bridge (or None).
     Returns (loss, stats): stats holds sums over this micro-batch for the log."""
     loss = hs_s[plan.s_taps[-1]].new_zeros((), dtype=torch.float32)
     stats = {'kl': 0.0, 'layer_loss': [], 'layer_cos': []}
-    if plan.out_kind or plan.method == 'sft':
+    t_b = b.get('teacher', b)  # the teacher's own reading of the micro-batch when the tokenizers differ
+    if plan.out_kind == 'opd_chunk':  # each model scores its own tokens; summed over the chunks both have read
+        vocab = plan.vocab if t_b is b else None  # another tokenizer: each model its whole head
+        own = lambda batch: batch['idx'][:, 1:][batch['out_mask'][:, :-1]]  # the tokens each side's rows predict
+        lp_s = token_logprobs(hs_s[plan.L_s][b['out_mask']], w_s, own(b), vocab, plan.chunk)
+        with torch.no_grad():
+            lp_t = token_logprobs(rows_t[plan.L_t][t_b['out_mask'][t_b['keep']]], w_t, own(t_b), vocab, plan.chunk)
+        out, stats['kl'] = chunk_opd_loss(lp_s, lp_t, *b['spans'])
+        loss = loss + out / max(n_out, 1)
+    elif plan.out_kind or plan.method == 'sft':
         predicts = b['out_mask']  # positions whose next token is a response token
         rows_s = hs_s[plan.L_s][predicts]
         targets = b['idx'][:, 1:][predicts[:, :-1]]  # the token each of those positions predicts
@@ -219,7 +270,7 @@ def micro_batch_loss(plan, hs_s, rows_t, b, n_out, n_rep, w_s=None, w_t=None, pr
                                            w_s, w_t, plan.vocab, plan.topk, plan.chunk)
         loss = loss + out / max(n_out, 1)
     if plan.s_layers:
-        supervised, of_kept = b['oprd'], b['oprd'][b['keep']]
+        supervised, of_kept = b['oprd'], t_b['oprd'][t_b['keep']]
         rep = 0.0
         for ls, lt in zip(plan.s_layers, plan.t_layers):
             key = str(ls)  # through the frozen bridge (both sides mapped), the learned projector, or as they are

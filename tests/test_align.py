@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from align import (align_chunks, align_rollout, byte_ends, check_tokenizers, chunk_opd_loss, end_of_turn,
+from align import (align_chunks, align_rollout, byte_ends, check_tokenizers, end_of_turn,
                    state_positions, teacher_view, token_bytes)
 from conftest import build_tokenizer
-from losses import output_loss_chunk, response_masks
+from losses import chunk_opd_loss, output_loss_chunk, response_masks
 from tokenizer import ByteTokenizer, load_tokenizer
 
 PHI_SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -228,9 +228,9 @@ def test_chunk_opd_is_token_opd_for_one_token_chunks():
     ref, _ = output_loss_chunk('opd', h_s, h_t, y, w_s, w_t, V, 0)
     (g_ref,) = torch.autograd.grad(ref, h_s)
     spans = [[i, i + 1] for i in range(n)]
-    loss, count = chunk_opd_loss(token_logprobs(h_s, w_s, y), token_logprobs(h_t, w_t, y), spans, spans)
+    loss, gap = chunk_opd_loss(token_logprobs(h_s, w_s, y), token_logprobs(h_t, w_t, y), spans, spans)
     (g_mine,) = torch.autograd.grad(loss, h_s)
-    assert count == n
+    assert gap == pytest.approx(_.item(), rel=1e-6)
     torch.testing.assert_close(loss, ref, rtol=0, atol=0)
     torch.testing.assert_close(g_mine, g_ref, rtol=0, atol=0)
 
@@ -241,14 +241,15 @@ def test_chunk_opd_matches_a_hand_loop_with_gradient():
     lp_t = torch.randn(9, generator=g).sub(2)
     s_spans = [[0, 3], [3, 4], [4, 8], [10, 12]]  # tokens 8, 9 in no chunk (a truncated tail)
     t_spans = [[0, 1], [1, 4], [4, 6], [6, 9]]
-    loss, count = chunk_opd_loss(lp_s, lp_t, s_spans, t_spans)
+    loss, gap = chunk_opd_loss(lp_s, lp_t, s_spans, t_spans)
     (grad,) = torch.autograd.grad(loss, lp_s)
-    ref = 0.0
+    ref, gap_ref = 0.0, 0.0
     for (a, b), (c, e) in zip(s_spans, t_spans):
         l_s, l_t = lp_s[a:b].sum(), lp_t[c:e].sum()
         ref = ref + (l_s - l_t).detach() * l_s
+        gap_ref += (l_s - l_t).item()
     (grad_ref,) = torch.autograd.grad(ref, lp_s)
-    assert count == 4
+    assert gap == pytest.approx(gap_ref, rel=1e-6)
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad, grad_ref, rtol=1e-6, atol=1e-6)
     assert grad[8:10].abs().sum() == 0

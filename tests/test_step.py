@@ -36,6 +36,9 @@ def ckpts(tmp_path_factory):
 CASES = {  # name: settings; t_layers is the teacher layer of each student layer, written out
     "oprd": dict(method="oprd", teacher="deep", layers=[1, 2, 3], t_layers=[1, 3, 5], positions="last_k", k=4),
     "opd": dict(method="opd", teacher="deep"),
+    "opd_chunk": dict(method="opd_chunk", teacher="deep"),  # one tokenizer: every chunk is one token, so opd's terms
+    "opd_chunk+oprd": dict(method="opd_chunk+oprd", teacher="deep", mu=10.0, layers=[2, 3], t_layers=[3, 5],
+                           positions="last_k", k=3),
     "opd_topk": dict(method="opd_topk", teacher="deep", topk=5),
     "opd_full": dict(method="opd_full", teacher="deep", chunk=3),
     "opd+oprd": dict(method="opd+oprd", teacher="deep", mu=10.0, layers=[1, 3], t_layers=[1, 5], positions="all",
@@ -76,7 +79,7 @@ def output_term(method, lp_s, lp_t, y, topk):
     """One position's output-space loss and its KL estimate; lp_* are log-probs over the common vocabulary."""
     if method == "sft":
         return -lp_s[y], 0.0
-    if method in ("opd", "opd+oprd"):
+    if method in ("opd", "opd+oprd", "opd_chunk", "opd_chunk+oprd"):
         u = (lp_s[y] - lp_t[y]).detach()
         return u * lp_s[y], u.item()
     if method in ("opd_topk", "opd_topk+oprd"):
@@ -210,6 +213,24 @@ def test_micro_batch_loss_by_hand(ckpts, name):
         if proj is not None:
             for l in c["layers"]:
                 torch.testing.assert_close(proj[str(l)].weight.grad, ref_proj[l].grad, rtol=1e-3, atol=1e-7)
+
+
+def test_opd_chunk_is_opd_bit_for_bit_with_one_tokenizer(ckpts):
+    """With one tokenizer every chunk is one token: chunk-level OPD's loss, KL estimate and gradients are
+    sampled-token OPD's, to the bit (METHOD.md §4b)."""
+    out = {}
+    for method in ("opd", "opd_chunk"):
+        stu = Transformer.from_pretrained(ckpts["student"])
+        tea = Transformer.from_pretrained(ckpts["deep"]).requires_grad_(False)
+        plan = make_plan(method, stu.config, tea.config)
+        batches = [supervise(collate([(p, r, "stop") for p, r in part], 0, "cpu"), plan)
+                   for part in ([ROLLOUTS[:2], ROLLOUTS[2:]])]
+        n_out = sum(b["out_mask"].sum().item() for b in batches)
+        loss, stats = code_path(plan, batches, stu, tea, n_out, 0, None, None)
+        out[method] = loss, stats["kl"], {n: p.grad for n, p in stu.named_parameters()}
+    assert out["opd_chunk"][:2] == out["opd"][:2] and out["opd"][0] != 0
+    for n, g in out["opd"][2].items():
+        assert torch.equal(out["opd_chunk"][2][n], g), n
 
 
 # ----------------------------------------------------------------------------- the optimizer side
