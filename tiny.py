@@ -5,6 +5,8 @@ $ python tiny.py                  # make the teacher and the student (or reuse t
                                   # with OPRD through vLLM rollouts, evaluate all three on the held-out problems
 $ python tiny.py --verbose=True   # the same with the scripts' whole output (every step, vLLM's start-up log)
 $ python tiny.py --tune=True      # the validation runs that chose the pair and config/tiny.py's learning rate
+$ python tiny.py --xtok=True      # the teacher of another family and tokenizer (a Llama with a BPE tokenizer
+                                  # trained on the task's text), made and evaluated beside the pair
 
 The small-scale study (python study.py) trains from the models made here, through the same runner (run_script)
 and the same evaluation (accuracy).
@@ -28,6 +30,7 @@ from collections import deque
 # -----------------------------------------------------------------------------
 work_dir = 'tiny'             # models, runs and evaluations go here
 tune = False                  # the validation runs behind the pair and config/tiny.py instead of the quick start
+xtok = False                  # make and evaluate the cross-tokenizer teacher instead of the quick start
 verbose = False               # print the scripts' whole output, not only their own lines (the logs have it all)
 student_step = 500            # the student: this checkpoint of the SFT run that makes the pair (config/tiny_sft.py)
 teacher_step = 1000           # the teacher: this one (both chosen on the validation split: tiny.py --tune=True)
@@ -43,7 +46,14 @@ SHAPES = {'student': dict(hidden_size=128, num_hidden_layers=4, num_attention_he
                           intermediate_size=384),
           # the smaller student of another width and depth, for the projector and Bridge paths
           'small': dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
-                        intermediate_size=192)}
+                        intermediate_size=192),
+          # the teacher across tokenizers: another family, width and tokenizer (head_dim 64, BPE_VOCAB tokens)
+          'xteacher': dict(model_type='llama', tokenizer='bpe', hidden_size=192, num_hidden_layers=4,
+                           num_attention_heads=3, num_key_value_heads=1, intermediate_size=512)}
+BPE_VOCAB = 512
+BPE_SPECIALS = ('<|pad|>', '<|user|>', '<|assistant|>', '<|end|>')
+BPE_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 # eval.py's settings for the tiny task: one greedy answer per problem
 EVAL_ARGS = ('--n_samples=1', '--temperature=0.0', '--top_p=1.0', '--max_new_tokens=64', '--max_prompt_tokens=64')
 # distill.py settings that cannot change the weights an SFT run makes: left out of the recorded recipe
@@ -92,14 +102,38 @@ def run_script(args, log, every=1, echo=True, threads=None):
             raise SystemExit(f"error: {args[0]} failed (exit {p.returncode}); its whole output is in {log}")
 
 
-def make_init(path, seed=0, **shape):
-    """A randomly initialised tiny Qwen3 checkpoint that uses the built-in byte-level tokenizer."""
+def make_bpe_tokenizer(path):
+    """A byte-level BPE of BPE_VOCAB tokens trained on the tiny task's training text with no pre-split, so its
+    merges cross digit, operator and space boundaries ('+48=' can be one token, and a chunk both models read
+    spans several of the byte student's tokens); its own chat template, whose turns end with <|end|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    import data
+    texts = [f"{data.build_prompt(p)}\n{p['solution']}" for p in data.load_problems('tiny_train')[:20000]]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB, special_tokens=list(BPE_SPECIALS), show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token='<|pad|>', eos_token='<|end|>')
+    tok.chat_template = BPE_TEMPLATE
+    tok.save_pretrained(path)
+    return tok
+
+
+def make_init(path, seed=0, model_type='qwen3', tokenizer='byte', **shape):
+    """A randomly initialised tiny checkpoint: a Qwen3 that uses the built-in byte-level tokenizer, or (the
+    teacher across tokenizers) a Llama with the BPE tokenizer of make_bpe_tokenizer."""
     import torch
     from model import ModelConfig, Transformer, to_hf_config
-    from tokenizer import ByteTokenizer, mark_byte_tokenizer
+    from tokenizer import ByteTokenizer, load_tokenizer, mark_byte_tokenizer
     torch.manual_seed(seed)
-    tok = ByteTokenizer()
-    cfg = ModelConfig(model_type='qwen3', vocab_size=tok.vocab_size, head_dim=32, rope_theta=10000.0,
+    if tokenizer != 'byte':
+        make_bpe_tokenizer(path)
+    tok = ByteTokenizer() if tokenizer == 'byte' else load_tokenizer(path)
+    head_dim = shape['hidden_size'] // shape['num_attention_heads']
+    cfg = ModelConfig(model_type=model_type, vocab_size=tok.vocab_size, head_dim=head_dim, rope_theta=10000.0,
                       tie_word_embeddings=True, **shape)
     model = Transformer(cfg)
     for name, p in model.named_parameters():
@@ -109,7 +143,8 @@ def make_init(path, seed=0, **shape):
             torch.nn.init.ones_(p)
     model.hf_config = dict(to_hf_config(cfg), eos_token_id=tok.eos_ids, pad_token_id=tok.pad_id)
     model.save_pretrained(path)
-    mark_byte_tokenizer(path)
+    if tokenizer == 'byte':
+        mark_byte_tokenizer(path)
 
 
 def recipe(shape, seed, steps):
@@ -133,7 +168,8 @@ def recipe(shape, seed, steps):
     made_by = {'init': dict(shape, seed=seed, code=sha(inspect.getsource(make_init))),
                'sft': {k: v for k, v in sorted(sft.items()) if k not in NOT_RECIPE},
                'sft_data': sha(json.dumps([(data.build_prompt(p), p.get('solution')) for p in problems])),
-               'tokenizer': sha(inspect.getsource(tokenizer.ByteTokenizer)),
+               'tokenizer': sha(inspect.getsource(tokenizer.ByteTokenizer) if shape.get('tokenizer', 'byte') == 'byte'
+                                else inspect.getsource(make_bpe_tokenizer) + repr((BPE_VOCAB, BPE_TEMPLATE))),
                'checkpoints': steps, 'torch': torch.__version__}
     return json.loads(json.dumps(made_by))  # as it reads back from the file (tuples become lists)
 
@@ -150,10 +186,10 @@ def changes(old, new, prefix=''):
     return out
 
 
-def make_models(name, shape, seed, steps):
+def make_models(name, shape, seed, steps, made_from=('runs', 'eval', 'bridges', 'study')):
     """Models of one SFT run from a seeded random init: work_dir/<who> = its checkpoint at step steps[who].
     Reused only if work_dir/<name>.json records this very recipe; otherwise remade, saying why in one line, and
-    every run and evaluation made from the old models removed."""
+    every run and evaluation made from the old models (the folders made_from) removed."""
     record = os.path.join(work_dir, f'{name}.json')
     want = recipe(shape, seed, steps)
     have = all(os.path.isfile(os.path.join(work_dir, who, 'config.json')) for who in steps)
@@ -171,7 +207,7 @@ def make_models(name, shape, seed, steps):
            f"remade, the recipe changed since {record} ({'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''})")
     print(f"{', '.join(steps)}: {why}", flush=True)
     init, sft = os.path.join(work_dir, f'init_{name}'), os.path.join(work_dir, f'sft_{name}')
-    for folder in [init, sft, *steps, 'runs', 'eval', 'bridges', 'study']:  # 'study': study.py's runs and scores
+    for folder in [init, sft, *steps, *made_from]:  # 'study': study.py's runs and scores
         shutil.rmtree(os.path.join(work_dir, folder), ignore_errors=True)
     if os.path.exists(record):
         os.remove(record)
@@ -198,6 +234,11 @@ def make_pair():
 def make_small():
     """The smaller student (another width and depth): its own SFT run, 1000 steps."""
     make_models('small', SHAPES['small'], 1, {'small': 1000})
+
+
+def make_xteacher():
+    """The teacher across tokenizers: a Llama of another width with its BPE tokenizer, its own SFT run."""
+    make_models('xtok', SHAPES['xteacher'], 2, {'xteacher': teacher_step}, made_from=('xruns', 'xeval', 'xstudy'))
 
 
 def write_val(path, n=512):
@@ -286,8 +327,20 @@ def tune_runs():
         f.write(text + '\n')
 
 
+def xtok_teacher():
+    """Make the teacher across tokenizers and print its greedy accuracy on the held-out problems."""
+    from tokenizer import load_tokenizer
+    t0 = time.time()
+    make_xteacher()
+    tok, text = load_tokenizer(f'{work_dir}/xteacher'), '37+48=85'
+    acc = accuracy(f'{work_dir}/xteacher', *eval_paths('xteacher'))
+    print(f"\nteacher across tokenizers (llama, d = {SHAPES['xteacher']['hidden_size']}, BPE of {BPE_VOCAB} tokens: "
+          f"{text!r} -> {[tok.decode([i]) for i in tok.encode(text)]}): greedy accuracy {100 * acc:.1f}% on 256 "
+          f"held-out problems\n{(time.time() - t0) / 60:.1f} minutes")
+
+
 if __name__ == '__main__':
     from configurator import configure
     configure(globals(), __file__)
     os.makedirs(work_dir, exist_ok=True)
-    tune_runs() if tune else quick_start()
+    tune_runs() if tune else xtok_teacher() if xtok else quick_start()
