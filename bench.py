@@ -20,6 +20,8 @@ $ python bench.py --sections=peer --threads=1         # against TRL (pip install
 - forward: model.py's forward against transformers' on the same weights, and with taps only (no LM head). GPU: the
   1.5B shape in bf16, 4 x 4096 tokens; CPU: the tiny Qwen3 in fp32, 8 x 256.
 - variance (CPU): each method's gradient over repeated rollouts of tiny.py's student: relative variance, SNR.
+- align: re-tokenization and alignment across tokenizers (align.teacher_batch) of one `response_len`-token rollout,
+  as a fraction of one OPRD update of tiny.py's cross-tokenizer pair (byte student, BPE Llama teacher) on it.
 - peer (CPU): distill.py's opd_full and oprd against TRL's DistillationTrainer (on-policy, full-vocabulary reverse KL)
   on a tiny random Qwen3 pair (teacher 4 layers, student 2, d = 128), 8 prompts x 64 new tokens, fp32, one process
   each: seconds per whole step (median of `peer_steps` after the first) and distill/TRL ratios, at vocabularies 512
@@ -32,8 +34,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -360,97 +360,52 @@ def bench_variance(cfg, device):
           + ", ".join(f"{m} {r['snr']:.3g}" for m, r in res["methods"].items()))
     return res
 
-# ----------------------------------------------------------------------------- against TRL's DistillationTrainer
-TRL_VERSION = "1.16.0"  # the release this section was written against
-PEER_VOCABS, PEER_PROMPTS, PEER_NEW_TOKENS, PEER_METHODS = (512, 151936), 8, 64, ("opd_full", "oprd")
-# one width, random weights; peer_tokenizer's <|im_end|> (1) ends a response, <pad> (0) pads
-PEER_SHAPE = dict(model_type="qwen3", hidden_size=128, intermediate_size=384, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32, max_position_embeddings=512)
-
-def peer_tokenizer(path):
-    """The pair's tokenizer files, read by both trainers: transformers' byte-level ByT5 tokenizer (byte b is token
-    b + 3; 0 <pad>, 1 <|im_end|>, 2 <unk>, 259 <|im_start|>) with ChatML chat."""
-    from transformers import AddedToken, ByT5Tokenizer
-    tok = ByT5Tokenizer(extra_ids=0, eos_token=AddedToken("<|im_end|>", special=True),  # keeps the whitespace around it
-                        additional_special_tokens=["<|im_start|>"])
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    tok.save_pretrained(path)
-
-def distill_steps(method, student, teacher, out_dir, steps):
-    """distill.py as a user runs it (its own process, the torch sampler, fp32 on the CPU, this process's threads): the
-    seconds of steps 2.. (log.jsonl's time/step: rollouts to optimizer step, weight sync, log), their mean length."""
-    args = [f"--student={student}", f"--teacher={teacher}", f"--method={method}", f"--out_dir={out_dir}",
-            "--backend=torch", "--device=cpu", "--prompts=tiny_train", "--max_prompt_len=64", "--n_samples=1",
-            f"--prompts_per_step={PEER_PROMPTS}", f"--micro_batch_size={PEER_PROMPTS}", "--lr=1e-5",
-            f"--max_new_tokens={PEER_NEW_TOKENS}", "--max_steps=1000", f"--stop_step={steps}"]  # no checkpoint
-    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    p = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "distill.py")] + args, env=env,
-                       capture_output=True, text=True)
-    if p.returncode:
-        raise RuntimeError(f"distill.py --method={method} failed:\n{p.stderr[-3000:]}")
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        log = [json.loads(line) for line in f][1:]  # the first step is the warm-up
-    return [r["time/step"] for r in log], statistics.mean(r["mean_response_len"] for r in log)
-
-def trl_steps(student, teacher, out_dir, steps):
-    """TRL's DistillationTrainer on the same task's prompts through the same chat template, one sample each, beta = 1
-    (reverse KL), fp32 on the CPU, no gradient checkpointing (as distill.py's default): the seconds of steps 2.. (from
-    one step's end, after its optimizer step and log, to the next's) and their mean response length."""
-    from datasets import Dataset
-    from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
-    from trl import DistillationConfig, DistillationTrainer
-    ends = []
-    class StepEnds(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            ends.append(time.perf_counter())
-    problems = data.load_problems("tiny_train")[:PEER_PROMPTS * steps]
-    prompts = Dataset.from_list([{"prompt": [{"role": "user", "content": data.build_prompt(p)}]} for p in problems])
-    args = DistillationConfig(output_dir=out_dir, max_steps=steps, per_device_train_batch_size=PEER_PROMPTS, beta=1.0,
-                              max_completion_length=PEER_NEW_TOKENS, temperature=1.0, learning_rate=1e-5, bf16=False,
-                              gradient_checkpointing=False, use_cpu=True, logging_steps=1, report_to="none",
-                              save_strategy="no", disable_tqdm=True)
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=prompts,
-                                  processing_class=AutoTokenizer.from_pretrained(student, padding_side="left"),
-                                  callbacks=[StepEnds()])
-    trainer.remove_callback(PrinterCallback)  # a dict of figures per step
-    trainer.train()
-    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
-    return [b - a for a, b in zip(ends, ends[1:])], statistics.mean(lengths[1:])
-
+# ----------------------------------------------------------------------------- against TRL (peer.py)
 def bench_peer(cfg, device):
+    import peer  # its own file: TRL's trainer and its helpers
+    return peer.bench_peer(cfg, device)
+
+# ----------------------------------------------------------------------------- alignment across tokenizers
+def bench_align(cfg, device):
+    """align.teacher_batch on one rollout of response_len tokens of the tiny task's text (the byte student; the BPE
+    teacher of tiny.py --xtok=True), against one OPRD update (both forwards, backward) of tiny.py's shapes on it."""
+    import align
+    import tiny
+    from tokenizer import ByteTokenizer, load_tokenizer
+    root = tempfile.mkdtemp(prefix="bench_align_")
     try:
-        from trl import DistillationTrainer, __version__ as trl_version  # noqa: F401  (older releases have no trainer)
-    except ImportError:
-        line = f"peer: skipped, TRL is not installed (no dependency of this project): pip install trl=={TRL_VERSION}"
-        print(line, flush=True)
-        return dict(skipped=line)
-    steps, root = cfg["peer_steps"], tempfile.mkdtemp(prefix="bench_peer_")
-    res = dict(trl=trl_version, torch_threads=torch.get_num_threads(), steps=steps)
-    try:
-        for vocab in PEER_VOCABS:
-            student, teacher = (os.path.join(root, f"{who}_{vocab}") for who in ("student", "teacher"))
-            for seed, (layers, path) in enumerate(((2, student), (4, teacher))):
-                model = random_model(dict(PEER_SHAPE, vocab_size=vocab, num_hidden_layers=layers), CPU, seed=seed)
-                model.hf_config = dict(to_hf_config(model.config), eos_token_id=1, pad_token_id=0)
-                model.save_pretrained(path)
-                peer_tokenizer(path)
-            runs = {m: distill_steps(m, student, teacher, f"{root}/{m}_{vocab}", steps) for m in PEER_METHODS}
-            runs["trl"] = trl_steps(student, teacher, f"{root}/trl_{vocab}", steps)
-            r = res[f"vocab_{vocab}"] = {who: dict(seconds_per_step=statistics.median(s), step_seconds=s,
-                                                   response_len=n) for who, (s, n) in runs.items()}
-            for m in PEER_METHODS:
-                r[m]["over_trl"] = r[m]["seconds_per_step"] / r["trl"]["seconds_per_step"]
-            print(f"peer, V={vocab:,}: seconds per step (median of steps 2..{steps}): TRL DistillationTrainer "
-                  f"{r['trl']['seconds_per_step']:.2f}, distill.py " + ", ".join(
-                      f"{m} {r[m]['seconds_per_step']:.2f} ({r[m]['over_trl']:.2f}x TRL's)" for m in PEER_METHODS)
-                  + " | mean response length " + ", ".join(f"{w} {r[w]['response_len']:.1f}" for w in r), flush=True)
+        tiny.make_bpe_tokenizer(root)
+        s_tok, t_tok = ByteTokenizer(), load_tokenizer(root)
+        problems = data.load_problems("tiny_train")
+        text = "\n".join(p["solution"] for p in problems[:cfg["response_len"] // 20])
+        seq = (s_tok.chat(problems[0]["prompt"]), s_tok.encode(text)[:cfg["response_len"]], "length", None,
+               problems[0]["prompt"])
+        stu = random_model(dict(tiny.SHAPES["student"], model_type="qwen3", vocab_size=259, head_dim=32), device,
+                           torch.float32, seed=0)
+        xt = {k: v for k, v in tiny.SHAPES["xteacher"].items() if k != "tokenizer"}
+        tea = random_model(dict(xt, vocab_size=t_tok.vocab_size, head_dim=64), device, torch.float32, seed=1)
+        plan = make_plan("oprd", stu.config, tea.config, positions="all")
+        t_b, s_mask, _ = align.teacher_batch([seq], s_tok, t_tok, plan, device)
+        seconds = best_time(lambda: align.teacher_batch([seq], s_tok, t_tok, plan, device), cfg["repeats"], device)
+        b = dict(collate([seq], s_tok.pad_id, device), oprd=s_mask, teacher=t_b)
+        proj = torch.nn.ModuleDict({str(l): torch.nn.Linear(128, xt["hidden_size"]) for l in plan.s_layers})
+        def update():
+            with torch.no_grad():
+                rows_t = tea(t_b["idx"], attention_mask=t_b["attn"], taps=plan.t_taps, rows=t_b["keep"])
+            hs_s = stu(b["idx"], attention_mask=b["attn"], taps=plan.s_taps)
+            micro_batch_loss(plan, hs_s, rows_t, b, 0, int(s_mask.sum()), proj=proj)[0].backward()
+        step = best_time(update, cfg["repeats"], device)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    res = dict(response_tokens=len(seq[1]), chunks=int(s_mask.sum()), align_seconds=seconds, update_seconds=step,
+               fraction_of_update=seconds / step)
+    print(f"align: {res['response_tokens']:,}-token rollout, {res['chunks']:,} chunks: re-tokenization and alignment "
+          f"{seconds * 1e3:.1f} ms = {res['fraction_of_update']:.1%} of one OPRD update of tiny.py's pair on it "
+          f"({step:.2f} s)", flush=True)
     return res
 
 SECTIONS = {"update": bench_update, "forward": bench_forward, "sampler": bench_sampler, "variance": bench_variance,
-            "peer": bench_peer}
+            "peer": bench_peer, "align": bench_align}
 CPU_ONLY = ("variance", "peer")
 
 # ----------------------------------------------------------------------------- main

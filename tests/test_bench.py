@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import bench
+import peer
 from losses import make_plan
 from model import ModelConfig
 from tokenizer import load_tokenizer
@@ -78,7 +79,7 @@ def test_peer_tokenizer_is_bytes_plus_three_with_chatml(tmp_path):
     """Both trainers read the pair's tokenizer files: byte b is token b + 3, <|im_start|> 259, <|im_end|> 1 (the stop
     token); what distill.py's tokenizer renders is what TRL's apply_chat_template gives."""
     from transformers import AutoTokenizer
-    bench.peer_tokenizer(tmp_path)
+    peer.peer_tokenizer(tmp_path)
     tok, hf = load_tokenizer(str(tmp_path)), AutoTokenizer.from_pretrained(tmp_path)
     text = "37+48-29=?"
     by_hand = [259] + [b + 3 for b in f"user\n{text}".encode()] + [1, 10 + 3, 259] + [b + 3 for b in b"assistant\n"]
@@ -96,7 +97,7 @@ def test_peer_without_trl_is_one_line_and_the_other_sections_run(tmp_path, monke
     printed = capsys.readouterr().out
     skipped = [line for line in printed.splitlines() if line.startswith("peer:")]
     assert skipped == [f"peer: skipped, TRL is not installed (no dependency of this project): pip install "
-                       f"trl=={bench.TRL_VERSION}"]
+                       f"trl=={peer.TRL_VERSION}"]
     results = json.loads(out.read_text())
     assert results["peer"] == {"skipped": skipped[0]}
     assert results["forward"]["ours_over_hf"] > 0 and results["forward"]["taps_over_logits"] > 0
@@ -115,3 +116,22 @@ def test_variance_runs_on_a_tiny_pair(tmp_path, monkeypatch, one_thread):
     assert set(res["methods"]) == set(bench.VARIANCE_METHODS)
     for r in res["methods"].values():
         assert math.isfinite(r["relative_variance"]) and r["relative_variance"] > 0
+
+
+def test_align_section_counts_the_chunks_both_tokenizers_read(tmp_path, one_thread):
+    """The align section's rollout of 600 byte tokens: its chunk count is the number of byte offsets where a token
+    of the tiny BPE teacher ends (counted here from its decoded pieces), since every byte is a student token."""
+    import data
+    import tiny
+    res = bench.main(["--sections=align", "--device=cpu", "--repeats=1", "--response_len=600",
+                      f"--json={tmp_path / 'b.json'}"]) or json.loads((tmp_path / "b.json").read_text())["align"]
+    tiny.make_bpe_tokenizer(tmp_path / "bpe")
+    tok = load_tokenizer(str(tmp_path / "bpe"))
+    text = "\n".join(p["solution"] for p in data.load_problems("tiny_train")[:30]).encode()[:600].decode()
+    ends, at = set(), 0
+    for i in tok.encode(text):
+        at += len(tok.decode([i]).encode())
+        ends.add(at)
+    assert res["response_tokens"] == 600 and res["chunks"] == len(ends) < 600
+    assert 0 < res["fraction_of_update"] == pytest.approx(res["align_seconds"] / res["update_seconds"])
+
