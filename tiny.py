@@ -129,9 +129,8 @@ def make_init(path, seed=0, model_type='qwen3', tokenizer='byte', **shape):
     from model import ModelConfig, Transformer, to_hf_config
     from tokenizer import ByteTokenizer, load_tokenizer, mark_byte_tokenizer
     torch.manual_seed(seed)
-    if tokenizer != 'byte':
-        make_bpe_tokenizer(path)
-    tok = ByteTokenizer() if tokenizer == 'byte' else load_tokenizer(path)
+    bpe = make_bpe_tokenizer(path) if tokenizer != 'byte' else None
+    tok = ByteTokenizer() if bpe is None else load_tokenizer(path)
     head_dim = shape['hidden_size'] // shape['num_attention_heads']
     cfg = ModelConfig(model_type=model_type, vocab_size=tok.vocab_size, head_dim=head_dim, rope_theta=10000.0,
                       tie_word_embeddings=True, **shape)
@@ -142,9 +141,8 @@ def make_init(path, seed=0, model_type='qwen3', tokenizer='byte', **shape):
         elif 'norm' in name:
             torch.nn.init.ones_(p)
     model.hf_config = dict(to_hf_config(cfg), eos_token_id=tok.eos_ids, pad_token_id=tok.pad_id)
-    model.save_pretrained(path)
-    if tokenizer == 'byte':
-        mark_byte_tokenizer(path)
+    model.save_pretrained(path)  # a new folder: the tokenizer files go in after it
+    mark_byte_tokenizer(path) if bpe is None else bpe.save_pretrained(path)
 
 
 def recipe(shape, seed, steps):
