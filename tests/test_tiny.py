@@ -152,3 +152,24 @@ def test_accuracy_runs_eval_unless_asked_to_reuse_its_summary(tmp_path, monkeypa
     assert calls[0][0] == 'eval.py' and '--ckpt=ckpt' in calls[0] and '--benchmarks=tiny' in calls[0]
     assert tiny.accuracy('ckpt', out, log) == 0.5  # the quick start: evaluated again
     assert tiny.accuracy('ckpt', out, log, reuse=True) == 0.5 and len(calls) == 2  # study.py: read back
+
+
+def test_the_teacher_across_tokenizers_is_a_llama_whose_bpe_merges_cross_digits_and_operators(tmp_path):
+    """make_init of SHAPES['xteacher']: a Llama whose folder holds its own tokenizer (transformers loads both), a
+    BPE whose tokens join digits with operators, newlines and spaces, and whose template ends a turn with <|end|>."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import align
+    from tokenizer import ByteTokenizer, load_tokenizer
+    path = str(tmp_path / 'x')
+    tiny.make_init(path, seed=2, **tiny.SHAPES['xteacher'])
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    assert hf.config.model_type == 'llama' and hf.config.hidden_size == 192 and hf.config.head_dim == 64
+    tok, hf_tok = load_tokenizer(path), AutoTokenizer.from_pretrained(path)
+    assert tok.vocab_size == len(hf_tok) == tiny.BPE_VOCAB == hf.config.vocab_size
+    pieces = [tok.decode([i]) for i in tok.encode('37+48=85\n85-29=56\n\\boxed{56}')]
+    assert ''.join(pieces) == '37+48=85\n85-29=56\n\\boxed{56}'
+    assert any(any(c.isdigit() for c in p) and any(c in '+-=\n' for c in p) for p in pieces)
+    assert tok.decode(tok.chat('1+2=?')) == '<|user|>1+2=?<|end|><|assistant|>'
+    assert align.end_of_turn(tok) == hf_tok.convert_tokens_to_ids('<|end|>') and tok.eos_ids == [align.end_of_turn(tok)]
+    align.check_tokenizers(ByteTokenizer(), tok)
