@@ -52,6 +52,8 @@ SHAPES = {'student': dict(hidden_size=128, num_hidden_layers=4, num_attention_he
                            num_attention_heads=3, num_key_value_heads=1, intermediate_size=512)}
 BPE_VOCAB = 300  # 40 merges: operators, '=' and newlines join the digit after them ('+4', '=12', '\n\\boxed{1'); at 512
                  # whole numbers merge ('+48') and the same Llama reached 3% of the task in the same 1000 SFT steps
+# its SFT run: config/tiny_sft.py at a lower rate, for longer. Measured: 1000 steps at 3e-3 reached 6%, at 1e-3 39%
+XTEACHER_STEPS = 3000
 BPE_SPECIALS = ('<|pad|>', '<|user|>', '<|assistant|>', '<|end|>')
 BPE_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -237,8 +239,8 @@ def make_small():
 
 def make_xteacher():
     """The teacher across tokenizers: a Llama of another width with its BPE tokenizer, its own SFT run."""
-    make_models('xtok', SHAPES['xteacher'], 2, {'xteacher': teacher_step}, made_from=('xruns', 'xeval', 'xstudy'),
-                sft_args=('--lr=1e-3', '--min_lr=1e-4'))  # at config/tiny_sft.py's 3e-3 it reached 6% in 1000 steps
+    make_models('xtok', SHAPES['xteacher'], 2, {'xteacher': XTEACHER_STEPS}, made_from=('xruns', 'xeval', 'xstudy'),
+                sft_args=('--lr=1e-3', '--min_lr=1e-4', f'--max_steps={XTEACHER_STEPS}'))
 
 
 def write_val(path, n=512):
