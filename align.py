@@ -177,7 +177,9 @@ def align_chunks(s_ends, t_ends, whitespace_only=False, text=None):
     # the last token reaching each offset (a zero-byte token joins the chunk it ends with)
     s_last = np.searchsorted(s_ends, closes, side='right') - 1
     t_last = np.searchsorted(t_ends, closes, side='right') - 1
-    spans = [np.stack([np.concatenate([[0], last[:-1] + 1])[:len(last)], last + 1], axis=1) for last in (s_last, t_last)]
+    # a chunk starts after the previous one's last token
+    spans = [np.stack([np.concatenate([[0], last[:-1] + 1])[:len(last)], last + 1], axis=1)
+             for last in (s_last, t_last)]
     return np.stack([s_last, t_last], axis=1), spans[0], spans[1]
 
 
@@ -235,8 +237,8 @@ def teacher_batch(seqs, student_tok, teacher_tok, plan, device, whitespace_only=
         s_spans.append(v.s_spans + s_at)
         t_spans.append(v.t_spans + t_at)
         s_at, t_at = s_at + len(s[1]), t_at + len(v.response_ids)
-    t_b['oprd'] = t_mask.to(device) if plan.s_layers else torch.zeros_like(t_b['resp'])
+    if not plan.s_layers:  # chunk-level OPD alone: no state is compared
+        s_mask, t_mask = torch.zeros_like(s_mask), torch.zeros_like(t_mask)
+    t_b['oprd'] = t_mask.to(device)
     t_b['keep'] = t_b['oprd'] | (t_b['out_mask'] if plan.out_kind == 'opd_chunk' else False)
-    spans = (np.concatenate(s_spans), np.concatenate(t_spans))
-    return t_b, s_mask.to(device) if plan.s_layers else torch.zeros(s_mask.shape, dtype=torch.bool, device=device), \
-        spans
+    return t_b, s_mask.to(device), (np.concatenate(s_spans), np.concatenate(t_spans))
