@@ -380,15 +380,16 @@ def bench_align(cfg, device):
         text = "\n".join(p["solution"] for p in problems[:cfg["response_len"] // 20])
         seq = (s_tok.chat(problems[0]["prompt"]), s_tok.encode(text)[:cfg["response_len"]], "length", None,
                problems[0]["prompt"])
-        stu = random_model(dict(tiny.SHAPES["student"], model_type="qwen3", vocab_size=259, head_dim=32), device,
-                           torch.float32, seed=0)
+        stu = random_model(dict(tiny.SHAPES["student"], model_type="qwen3", vocab_size=s_tok.vocab_size, head_dim=32),
+                           device, torch.float32, seed=0)
         xt = {k: v for k, v in tiny.SHAPES["xteacher"].items() if k != "tokenizer"}
         tea = random_model(dict(xt, vocab_size=t_tok.vocab_size, head_dim=64), device, torch.float32, seed=1)
         plan = make_plan("oprd", stu.config, tea.config, positions="all")
         t_b, s_mask, _ = align.teacher_batch([seq], s_tok, t_tok, plan, device)
         seconds = best_time(lambda: align.teacher_batch([seq], s_tok, t_tok, plan, device), cfg["repeats"], device)
         b = dict(collate([seq], s_tok.pad_id, device), oprd=s_mask, teacher=t_b)
-        proj = torch.nn.ModuleDict({str(l): torch.nn.Linear(128, xt["hidden_size"]) for l in plan.s_layers})
+        proj = torch.nn.ModuleDict({str(l): torch.nn.Linear(stu.config.hidden_size, tea.config.hidden_size)
+                                    for l in plan.s_layers})
         def update():
             with torch.no_grad():
                 rows_t = tea(t_b["idx"], attention_mask=t_b["attn"], taps=plan.t_taps, rows=t_b["keep"])

@@ -107,8 +107,8 @@ def run_script(args, log, every=1, echo=True, threads=None):
 
 def make_bpe_tokenizer(path):
     """A byte-level BPE of BPE_VOCAB tokens trained on the tiny task's training text with no pre-split, so its
-    merges cross digit, operator and space boundaries ('+48=' can be one token, and a chunk both models read
-    spans several of the byte student's tokens); its own chat template, whose turns end with <|end|>."""
+    merges cross digit, operator and newline boundaries ('=12' is one token, so a chunk both models read spans
+    several of the byte student's tokens); its own chat template, whose turns end with <|end|>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     import data
@@ -170,7 +170,8 @@ def recipe(shape, seed, steps, sft_args=()):
                'sft': {k: v for k, v in sorted(sft.items()) if k not in NOT_RECIPE},
                'sft_data': sha(json.dumps([(data.build_prompt(p), p.get('solution')) for p in problems])),
                'tokenizer': sha(inspect.getsource(tokenizer.ByteTokenizer) if shape.get('tokenizer', 'byte') == 'byte'
-                                else inspect.getsource(make_bpe_tokenizer) + repr((BPE_VOCAB, BPE_TEMPLATE))),
+                                else inspect.getsource(make_bpe_tokenizer) + repr((BPE_VOCAB, BPE_SPECIALS,
+                                                                                    BPE_TEMPLATE))),
                'checkpoints': steps, 'torch': torch.__version__}
     return json.loads(json.dumps(made_by))  # as it reads back from the file (tuples become lists)
 
@@ -208,7 +209,7 @@ def make_models(name, shape, seed, steps, made_from=('runs', 'eval', 'bridges', 
            f"remade, the recipe changed since {record} ({'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''})")
     print(f"{', '.join(steps)}: {why}", flush=True)
     init, sft = os.path.join(work_dir, f'init_{name}'), os.path.join(work_dir, f'sft_{name}')
-    for folder in [init, sft, *steps, *made_from]:  # 'study': study.py's runs and scores
+    for folder in [init, sft, *steps, *made_from]:
         shutil.rmtree(os.path.join(work_dir, folder), ignore_errors=True)
     if os.path.exists(record):
         os.remove(record)
