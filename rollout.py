@@ -238,7 +238,8 @@ def engine_args(model_path, hf_config, device_type, world=1, gpu_memory_utilizat
 class VLLMSampler:
     """A vLLM engine in this process's reach (see the top of the file for what it does).
 
-    Alone, the engine core runs in a child process (vLLM's default) and weights travel as safetensors bytes.
+    Alone, the engine core runs in a child process (vLLM's default) and weights travel as safetensors bytes; on
+    the CPU it runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=1 keeps vLLM's default there).
     Under torchrun (WORLD_SIZE > 1) each rank builds its own engine with distributed_executor_backend=
     "external_launcher": the engine lives in the rank's own process, on the rank's device (LOCAL_RANK), reuses
     the torch.distributed group (tensor parallelism spans consecutive ranks), and weights are handed over as
@@ -265,6 +266,9 @@ class VLLMSampler:
         args = engine_args(model_path, read_json(os.path.join(model_path, "config.json")), device.type, world,
                            **engine_kw)
         self.sleep_mode = args["enable_sleep_mode"]
+        if device.type == "cpu" and world == 1:  # the CPU build would spawn an engine core, which spawns its worker,
+            # each importing torch and vLLM again: 24 s to start a tiny model here, against 6 s in this process
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.llm = LLM(**args)
         self.stop_ids = checkpoint_stop_ids(model_path)
         self.bucket_bytes, self.asleep = int(bucket_mb * 2**20), False

@@ -8,8 +8,6 @@ the teacher tokenizer's own encoding of their text, so chunks can span several t
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -63,14 +61,15 @@ def models(tmp_path_factory):
     return teacher, permuted, student, new_id
 
 
-def distill(out, teacher, student, **kw):
+def distill(main, monkeypatch, capsys, out, teacher, student, **kw):
+    """distill.main() in this process (main: settings_restored's); returns (exit status, stderr lines)."""
+    from test_bad_input import main_in_process
     args = dict(student=student, teacher=teacher, out_dir=str(out), prompts=FIXTURE, backend="torch", device="cpu",
                 prompts_per_step=4, n_samples=2, max_new_tokens=10, max_prompt_len=256, layers="all",
                 positions="last_k", k_positions=4, max_steps=2, micro_batch_size=3, lr=1e-3, warmup_frac=0.0, seed=0)
     args.update(kw)
-    p = subprocess.run([sys.executable, "distill.py"] + [f"--{k}={v}" for k, v in args.items()], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    return p
+    code, _, err = main_in_process(main, ["distill.py"] + [f"--{k}={v}" for k, v in args.items()], monkeypatch, capsys)
+    return code, err
 
 
 def losses(out):
@@ -96,20 +95,22 @@ def test_the_permuted_teacher_is_the_same_function_of_the_text(models):
 
 @pytest.mark.parametrize("extra", [dict(positions="last_k"), dict(align="token", positions="all"),
                                    dict(method="opd_chunk+oprd", mu=2.0)])
-def test_oprd_against_the_permuted_teacher_equals_the_teacher_before(models, tmp_path, extra):
+def test_oprd_against_the_permuted_teacher_equals_the_teacher_before(models, tmp_path, extra, settings_restored,
+                                                                    monkeypatch, capsys):
     teacher, permuted, student, _ = models
     from tokenizer import load_tokenizer, same_tokenization
     assert not same_tokenization(load_tokenizer(teacher), load_tokenizer(student))
-    before = distill(tmp_path / "before", teacher, student, **extra)
-    moved = distill(tmp_path / "moved", permuted, student, **extra)
-    assert before.returncode == 0 and moved.returncode == 0, (before.stderr[-2000:], moved.stderr[-2000:])
+    run = (settings_restored.main, monkeypatch, capsys)
+    before = distill(*run, tmp_path / "before", teacher, student, **extra)
+    moved = distill(*run, tmp_path / "moved", permuted, student, **extra)
+    assert before[0] == 0 and moved[0] == 0, (before[1][-20:], moved[1][-20:])
     assert losses(tmp_path / "moved") == pytest.approx(losses(tmp_path / "before"), rel=1e-6, abs=1e-9)
     assert all(loss != 0 for loss in losses(tmp_path / "before"))  # chunks were compared
 
 
-def test_output_space_methods_refuse_another_tokenizer(models, tmp_path):
+def test_output_space_methods_refuse_another_tokenizer(models, tmp_path, settings_restored, monkeypatch, capsys):
     _, permuted, student, _ = models
-    p = distill(tmp_path / "o", permuted, student, method="opd_topk")
-    err = p.stderr.strip().splitlines()
-    assert p.returncode == 1 and len(err) == 1 and "method=opd_topk compares the two models' next-token" in err[0]
+    code, err = distill(settings_restored.main, monkeypatch, capsys, tmp_path / "o", permuted, student,
+                        method="opd_topk")
+    assert code == 1 and len(err) == 1 and "method=opd_topk compares the two models' next-token" in err[0], err
     assert not os.path.exists(tmp_path / "o")

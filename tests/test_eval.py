@@ -15,15 +15,30 @@ SHIPPED = os.path.join(ROOT, "benchmarks")
 SHARED_BENCH = os.path.join(os.path.dirname(ROOT), "shared", "bench")  # the copies the shipped ones came from
 
 
-def run_eval(args, torchrun=False, ok=True):
-    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-                                   if torchrun else [])
+def eval_process(args):
+    """`python eval.py args` in a process of its own, as a user runs it."""
     env = {k: v for k, v in os.environ.items() if k != "OPRD_DATA_DIR"}  # the lookup a user gets by default
-    p = subprocess.run(launcher + ["eval.py"] + args, cwd=ROOT, capture_output=True, text=True, timeout=400,
+    p = subprocess.run([sys.executable, "eval.py"] + args, cwd=ROOT, capture_output=True, text=True, timeout=400,
                        env=dict(env, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))
-    if ok and p.returncode != 0:
+    if p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
+
+
+@pytest.fixture
+def run_eval(settings_restored, monkeypatch, capsys):
+    """run_eval(args, ok=True): eval.main() in this process, as `python eval.py args` runs it (no start-up cost);
+    returns (exit status, stdout, stderr lines)."""
+    import eval as ev
+    from test_bad_input import main_in_process
+    monkeypatch.delenv("OPRD_DATA_DIR", raising=False)  # the lookup a user gets by default
+
+    def run(args, ok=True):
+        code, out, err = main_in_process(ev.main, ["eval.py"] + args, monkeypatch, capsys)
+        if ok and code:
+            raise AssertionError(f"exit {code}\n{out[-3000:]}\n" + "\n".join(err[-40:]))
+        return code, out, err
+    return run
 
 
 def check_outputs(out, n_problems, n):
@@ -49,33 +64,27 @@ def n_fixture():
 
 
 @pytest.mark.parametrize("backend", ["torch", "vllm"])
-def test_end_to_end_both_backends(tiny_qwen3, tmp_path, backend):
+def test_end_to_end_both_backends(tiny_qwen3, tmp_path, backend, run_eval):
+    """torch in this process; vLLM in a process of its own, as a user runs eval.py."""
     out = tmp_path / "res"
-    p = run_eval([f"--ckpt={tiny_qwen3}", f"--benchmarks={FIXTURE}", "--n_samples=3", "--max_new_tokens=12",
-                  f"--backend={backend}", f"--out={out}", "--temperature=1.0"])
+    args = [f"--ckpt={tiny_qwen3}", f"--benchmarks={FIXTURE}", "--n_samples=3", "--max_new_tokens=12",
+            f"--backend={backend}", f"--out={out}", "--temperature=1.0"]
+    stdout = eval_process(args).stdout if backend == "vllm" else run_eval(args)[1]
     check_outputs(out, n_fixture(), 3)
-    assert "avg@" in p.stdout.lower() or "Avg@" in p.stdout
+    assert "avg@" in stdout.lower() or "Avg@" in stdout
 
 
-def test_two_ranks_gather_every_problem(tiny_qwen3, tmp_path):
-    out = tmp_path / "res"
-    run_eval([f"--ckpt={tiny_qwen3}", f"--benchmarks={FIXTURE}", "--n_samples=2", "--max_new_tokens=6",
-              "--backend=torch", f"--out={out}"], torchrun=True)
-    _, rows = check_outputs(out, n_fixture(), 2)
-    assert len({r["problem_id"] for r in rows}) == n_fixture()
-
-
-def test_out_dir_of_distill_means_its_newest_checkpoint(tiny_qwen3, tmp_path):
+def test_out_dir_of_distill_means_its_newest_checkpoint(tiny_qwen3, tmp_path, run_eval):
     run_dir = tmp_path / "run"
     for step in (100, 200):
         shutil.copytree(tiny_qwen3, run_dir / f"step_{step:07d}")
     shutil.copytree(tiny_qwen3, run_dir / "step_0000300.partial")  # an interrupted save is never picked
-    p = run_eval([f"--ckpt={run_dir}", f"--benchmarks={FIXTURE}", "--n_samples=1", "--max_new_tokens=4",
-                  "--backend=torch", "--limit=2"])
-    assert f"checkpoint: {run_dir / 'step_0000200'}" in p.stdout
+    _, out, _ = run_eval([f"--ckpt={run_dir}", f"--benchmarks={FIXTURE}", "--n_samples=1", "--max_new_tokens=4",
+                          "--backend=torch", "--limit=2"])
+    assert f"checkpoint: {run_dir / 'step_0000200'}" in out
 
 
-def test_builtin_tiny_task_is_a_benchmark(tiny_qwen3, tmp_path):
+def test_builtin_tiny_task_is_a_benchmark(tiny_qwen3, tmp_path, run_eval):
     out = tmp_path / "res"
     run_eval([f"--ckpt={tiny_qwen3}", "--benchmarks=tiny", "--limit=3", "--n_samples=1", "--max_new_tokens=4",
               "--backend=torch", f"--out={out}"])
@@ -90,13 +99,11 @@ def test_builtin_tiny_task_is_a_benchmark(tiny_qwen3, tmp_path):
     (lambda t, tmp: [f"--ckpt={t}", "--n_sample=3"], "unknown config key 'n_sample'"),
     (lambda t, tmp: [f"--ckpt={t}", "--temperature=hot"], "config key 'temperature' expects float"),
 ])
-def test_bad_input_is_one_error_line(tiny_qwen3, tmp_path, make_args, message):
+def test_bad_input_is_one_error_line(tiny_qwen3, tmp_path, make_args, message, run_eval):
     with open(tmp_path / "bad.jsonl", "w") as f:
         f.write('{"problem": "1+1", "answer": "2"}\n{"problem": "broken"\n')
-    p = run_eval(make_args(tiny_qwen3, tmp_path) + ["--backend=torch"], ok=False)
-    assert p.returncode != 0
-    err = [line for line in p.stderr.strip().splitlines() if line.strip()]
-    assert len(err) == 1 and message in err[0], p.stderr[-3000:]
+    code, _, err = run_eval(make_args(tiny_qwen3, tmp_path) + ["--backend=torch"], ok=False)
+    assert code != 0 and len(err) == 1 and message in err[0], err[-40:]
 
 
 def read_rows(path):
@@ -120,7 +127,7 @@ def test_shipped_benchmarks_load_offline_without_data_dir(name, n_rows, first_id
         assert rows == read_rows(os.path.join(SHARED_BENCH, f"{name}.jsonl"))
 
 
-def test_eval_reads_a_shipped_benchmark_by_name_offline(tiny_qwen3, tmp_path):
+def test_eval_reads_a_shipped_benchmark_by_name_offline(tiny_qwen3, tmp_path, run_eval):
     out = tmp_path / "res"
     run_eval([f"--ckpt={tiny_qwen3}", "--benchmarks=aime24", "--limit=2", "--n_samples=1", "--max_new_tokens=4",
               "--backend=torch", f"--out={out}"])

@@ -45,6 +45,7 @@ def test_saved_checkpoint_loads_in_vllm(saved, engine):
         g = ref.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
         want.append(g[0, len(p):].tolist())
     assert greedy(engine) == want
+    assert engine.in_process  # alone on the CPU the engine core runs in this process (test_rollout_vllm: a child)
 
 
 def test_update_weights_tied_model(tmp_path, saved, engine):

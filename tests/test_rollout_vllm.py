@@ -31,9 +31,13 @@ def cpu_vllm():
 
 @pytest.fixture(scope="module")
 def engine(cpu_vllm, tiny_qwen3):
-    sampler = make_sampler("vllm", tiny_qwen3, device="cpu", dtype="float32", enforce_eager=True)  # eager: quicker
-    yield sampler
-    sampler.close()  # now, not at exit, when vLLM's shutdown would log to closed streams after pytest's summary
+    """vLLM's default engine, its core in a child process, where weights travel in serialised buckets (on the
+    CPU rollout.py otherwise keeps the engine in this process, as test_model_vllm's)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+        sampler = make_sampler("vllm", tiny_qwen3, device="cpu", dtype="float32", enforce_eager=True)  # eager: quicker
+        yield sampler
+        sampler.close()  # now, not at exit, when vLLM's shutdown would log to closed streams after pytest's summary
 
 
 @pytest.fixture(scope="module")

@@ -34,16 +34,32 @@ def pair(tmp_path_factory):
     return make_checkpoint(root / "teacher", "qwen3", seed=3), make_checkpoint(root / "student", "qwen3", seed=4)
 
 
-def distill(pair, out, patch="", **kw):
-    """distill.py in a fresh process; patch: python run before it (to break the sampler on purpose)."""
+def distill_args(pair, out, **kw):
     teacher, student = pair
     args = dict(student=student, teacher=teacher, out_dir=str(out), prompts=FIXTURE, backend="torch", device="cpu",
                 prompts_per_step=2, n_samples=2, max_new_tokens=8, max_prompt_len=256, layers="all", max_steps=3,
                 lr=3e-2, warmup_frac=0.0, seed=0)
     args.update(kw)
-    code = f"import sys; {patch}\nimport distill; sys.argv = ['distill.py'] + {[f'--{k}={v}' for k, v in args.items()]!r}; distill.main()"
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def distill_process(pair, out, patch="", **kw):
+    """distill.py in a fresh process; patch: python run before it (to break the sampler on purpose)."""
+    code = f"import sys; {patch}\nimport distill; sys.argv = ['distill.py'] + {distill_args(pair, out, **kw)!r}; distill.main()"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.fixture
+def distill(settings_restored, monkeypatch, capsys):
+    """distill(pair, out, **kw): distill.main() in this process; returns (exit status, stderr lines)."""
+    from test_bad_input import main_in_process
+
+    def run(pair, out, **kw):
+        code, _, err = main_in_process(settings_restored.main, ["distill.py"] + distill_args(pair, out, **kw),
+                                       monkeypatch, capsys)
+        return code, err
+    return run
 
 
 def log(out):
@@ -51,31 +67,30 @@ def log(out):
         return [json.loads(line) for line in f]
 
 
-def test_sampler_gap_is_small_and_a_skipped_sync_stops_the_run(pair, tmp_path):
-    p = distill(pair, tmp_path / "ok")
-    assert p.returncode == 0, p.stderr[-3000:]
+def test_sampler_gap_is_small_and_a_skipped_sync_stops_the_run(pair, tmp_path, distill, monkeypatch):
+    code, err = distill(pair, tmp_path / "ok")
+    assert code == 0, err[-40:]
     gaps = [r["sampler_logp_gap"] for r in log(tmp_path / "ok")]
     assert len(gaps) == 3 and max(gaps) < 1e-3  # both fp32 on the CPU: only rounding apart
     # a sampler that keeps its first weights: after one update at this rate the student has moved far from it
-    p = distill(pair, tmp_path / "stale", patch="import sampler; sampler.TorchSampler.update_weights = "
-                                                "lambda self, named: None")
-    assert p.returncode == 1
-    err = p.stderr.strip().splitlines()
-    assert len(err) == 1 and "step 1: stale sampler weights" in err[0], p.stderr[-3000:]
+    import sampler
+    monkeypatch.setattr(sampler.TorchSampler, "update_weights", lambda self, named: None)
+    code, err = distill(pair, tmp_path / "stale")
+    assert code == 1 and len(err) == 1 and "step 1: stale sampler weights" in err[0], err[-40:]
     rows = log(tmp_path / "stale")
     assert [r["step"] for r in rows] == [0, 1] and rows[1]["sampler_logp_gap"] > 10 * max(rows[0]["sampler_logp_gap"],
                                                                                            0.01)
 
 
-def test_resume_from_an_older_checkpoint_logs_each_step_once(pair, tmp_path):
+def test_resume_from_an_older_checkpoint_logs_each_step_once(pair, tmp_path, distill):
     out = tmp_path / "o"
-    p = distill(pair, out, max_steps=4, save_every=2, keep_checkpoints=2)
-    assert p.returncode == 0, p.stderr[-3000:]
+    code, err = distill(pair, out, max_steps=4, save_every=2, keep_checkpoints=2)
+    assert code == 0, err[-40:]
     first = log(out)
     import shutil
     shutil.rmtree(out / "step_0000004")  # back to the checkpoint after step 2: steps 2 and 3 run again
-    p = distill(pair, out, max_steps=4, save_every=2, keep_checkpoints=2, init_from="resume")
-    assert p.returncode == 0, p.stderr[-3000:]
+    code, err = distill(pair, out, max_steps=4, save_every=2, keep_checkpoints=2, init_from="resume")
+    assert code == 0, err[-40:]
     rows = log(out)
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert [r["loss"] for r in rows[:2]] == [r["loss"] for r in first[:2]]  # the kept records are the old ones
@@ -97,30 +112,41 @@ def test_eval_two_ranks_vllm_ends_cleanly(tmp_path, tiny_qwen3):
         assert len(rows) == 2 * sum(1 for line in f if line.strip())  # both ranks' problems gathered
 
 
-def test_eval_samples_do_not_depend_on_ranks_or_batches(tmp_path, tiny_qwen3):
-    """Every problem's samples are seeded by its index in the set: 1 rank with every problem in one batch and 2
-    ranks with one problem per batch draw the same texts (torch backend, temperature 1)."""
-    texts = {}
-    for name, launcher, batch in (("one", [], 32), ("two", ["-m", "torch.distributed.run", "--standalone",
-                                                             "--nproc_per_node=2"], 1)):
+def test_eval_samples_do_not_depend_on_ranks_or_batches(tmp_path, tiny_qwen3, settings_restored, monkeypatch,
+                                                        capsys):
+    """Every problem's samples are seeded by its index in the set: 1 rank (in this process) with every problem in
+    one batch and 2 ranks with one problem per batch draw the same texts (torch backend, temperature 1), and rank 0
+    gathers every problem of both ranks into the same summary."""
+    import eval as ev
+    from test_bad_input import main_in_process
+    texts, summaries = {}, {}
+    for name, batch in (("one", 32), ("two", 1)):
         out = tmp_path / name
-        cmd = [sys.executable] + launcher + ["eval.py", f"--ckpt={tiny_qwen3}", f"--benchmarks={FIXTURE}",
-                                             "--n_samples=3", "--max_new_tokens=10", "--temperature=1.0",
-                                             "--backend=torch", "--device=cpu", f"--batch_problems={batch}",
-                                             f"--out={out}"]
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                           env=dict(os.environ, OMP_NUM_THREADS="1"))
-        assert p.returncode == 0, p.stderr[-3000:]
+        args = ["eval.py", f"--ckpt={tiny_qwen3}", f"--benchmarks={FIXTURE}", "--n_samples=3", "--max_new_tokens=10",
+                "--temperature=1.0", "--backend=torch", "--device=cpu", f"--batch_problems={batch}", f"--out={out}"]
+        if name == "one":
+            code, _, err = main_in_process(ev.main, args, monkeypatch, capsys)
+            assert code == 0, err[-40:]
+        else:
+            p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+                               + args, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+            assert p.returncode == 0, p.stderr[-3000:]
         with open(out / "samples.jsonl") as f:
             texts[name] = {r["id"]: r["text"] for r in map(json.loads, f)}
-    assert texts["one"] == texts["two"]
+        with open(out / "summary.json") as f:
+            summaries[name] = json.load(f)
+    with open(FIXTURE) as f:
+        n_problems = sum(1 for line in f if line.strip())
+    assert texts["one"] == texts["two"] and len(texts["two"]) == 3 * n_problems
+    assert summaries["one"] == summaries["two"] and [s["n_problems"] for s in summaries["two"].values()] == [n_problems]
     assert len(set(texts["one"].values())) > len(texts["one"]) // 2  # sampled, not the same text everywhere
 
 
 def test_a_vllm_engine_that_skips_its_sync_stops_the_run(pair, tmp_path):
     """The same guard with vLLM's CPU build: an engine that keeps its first weights is caught at step 1."""
-    p = distill(pair, tmp_path / "stale", backend="vllm", max_steps=2,
-                patch="import rollout; rollout.VLLMSampler.update_weights = lambda self, named: 0")
+    p = distill_process(pair, tmp_path / "stale", backend="vllm", max_steps=2,
+                        patch="import rollout; rollout.VLLMSampler.update_weights = lambda self, named: 0")
     assert p.returncode == 1
     # vLLM's engine writes its own lines around ours (and, at exit, sometimes a resource_tracker warning): find ours
     err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
