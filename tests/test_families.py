@@ -7,8 +7,6 @@ The tiny configs switch LongRoPE at SWITCH tokens, so "above" is short."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -362,9 +360,11 @@ def test_a_sliding_window_wider_than_the_context_is_no_window(tmp_path, phi3):
 # ------------------------------------------------------------------ distill.py and eval.py
 
 
-def test_distill_then_eval_a_llama_pair(tmp_path):
+def test_distill_then_eval_a_llama_pair(tmp_path, settings_restored, monkeypatch, capsys):
     """One OPRD run (2 steps, torch backend, one process) with a llama teacher and student that share a
-    tokenizer, then eval.py on the student it saved."""
+    tokenizer, then eval.py on the student it saved (both main()s in this process)."""
+    import eval as ev
+    from test_bad_input import main_in_process
     teacher = make_family(tmp_path / "teacher", "llama", seed=3, max_position_embeddings=512)
     student = make_family(tmp_path / "student", "llama", seed=4, max_position_embeddings=512)
     out, res = tmp_path / "out", tmp_path / "res"
@@ -372,12 +372,12 @@ def test_distill_then_eval_a_llama_pair(tmp_path):
     args = dict(student=student, teacher=teacher, out_dir=out, prompts=bench, backend="torch", device="cpu",
                 method="oprd", prompts_per_step=2, n_samples=2, max_new_tokens=6, max_prompt_len=256, layers="all",
                 positions="last_k", k_positions=4, max_steps=2, micro_batch_size=4, lr=1e-3, warmup_frac=0.0, seed=0)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for script, a in (("distill.py", args), ("eval.py", dict(ckpt=out / "step_0000002", benchmarks=bench, out=res,
-                                                             n_samples=1, max_new_tokens=6, backend="torch", limit=2))):
-        p = subprocess.run([sys.executable, script] + [f"--{k}={v}" for k, v in a.items()], cwd=ROOT,
-                           capture_output=True, text=True, timeout=600, env=env)
-        assert p.returncode == 0, f"{script}: exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    for main, script, a in ((settings_restored.main, "distill.py", args),
+                            (ev.main, "eval.py", dict(ckpt=out / "step_0000002", benchmarks=bench, out=res,
+                                                      n_samples=1, max_new_tokens=6, backend="torch", limit=2))):
+        code, stdout, err = main_in_process(main, [script] + [f"--{k}={v}" for k, v in a.items()], monkeypatch,
+                                            capsys)
+        assert code == 0, f"{script}: exit {code}\n{stdout[-2000:]}\n" + "\n".join(err[-40:])
     with open(out / "log.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [0, 1]
     saved = Transformer.from_pretrained(out / "step_0000002")

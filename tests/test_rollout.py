@@ -345,19 +345,29 @@ def run_cli(*args):
                           text=True, cwd=ROOT, timeout=300)
 
 
-def test_cli(tmp_path, tiny_qwen3):
-    """python rollout.py: one line `error: ...` and exit status 1 for a bad path, checkpoint or backend."""
+def test_cli(tmp_path, tiny_qwen3, capsys):
+    """python rollout.py: one line `error: ...` and exit status 1 for a bad path, checkpoint or backend (main() in
+    this process), usage, and one answer sampled by a process of its own."""
+    import rollout
+
+    def main(*argv):
+        capsys.readouterr()
+        code = 0
+        try:
+            rollout.main(list(argv))
+        except SystemExit as e:
+            code = e.code
+        return (code,) + capsys.readouterr()
     truncated = broken_checkpoints(tmp_path, tiny_qwen3)["truncated"][0]
     for args, message in ((["/nope", "1+1=?", "torch"], "no such directory"),
                           ([truncated, "1+1=?", "vllm"], "corrupt safetensors file"),
                           ([tiny_qwen3, "1+1=?", "hf"], "unknown sampler backend 'hf'")):
-        r = run_cli(*args)
-        assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
-        assert message in r.stderr
-    r = run_cli("-h")
-    assert r.returncode == 0 and r.stdout.startswith("usage: python rollout.py") and not r.stderr
-    r = run_cli(tiny_qwen3)
-    assert r.returncode == 2 and r.stderr.startswith("usage:")
+        code, _, err = main(*args)
+        assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    code, out, err = main("-h")
+    assert code == 0 and out.startswith("usage: python rollout.py") and not err
+    code, _, err = main(tiny_qwen3)
+    assert code == 2 and err.startswith("usage:")
     r = run_cli(tiny_qwen3, "What is 12 + 30?", "torch")
     assert r.returncode == 0 and r.stdout.startswith("[TorchSampler, "), r.stderr
 
