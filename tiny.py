@@ -230,7 +230,8 @@ def make_models(name, shape, seed, steps, made_from=('runs', 'eval', 'bridges', 
 
 
 def make_pair():
-    make_models('pair', SHAPES['student'], 0, {'student': student_step, 'teacher': teacher_step})
+    make_models('pair', SHAPES['student'], 0, {'student': student_step, 'teacher': teacher_step},
+                made_from=('runs', 'eval', 'bridges', 'study', 'xstudy'))  # xstudy: study.py --xtok=True's runs
 
 
 def make_small():

@@ -33,7 +33,7 @@ def fake_accuracy(ckpt, bench):
     """Accuracy as a function of the run: opd's best rate is 1e-2 (past the grid's top), every other one's 1e-3;
     the test split scores 0.05 below validation, an earlier step lower, seeds slightly apart."""
     if '/runs/' not in ckpt:
-        return {'teacher': 0.95, 'student': 0.4, 'small': 0.3}[os.path.basename(ckpt)]
+        return {'teacher': 0.95, 'student': 0.4, 'small': 0.3, 'xteacher': 0.97}[os.path.basename(ckpt)]
     m = re.search(r'/(student|small)-(.+)-lr([0-9.e-]+)-s(\d)/step_(\d+)', ckpt)
     row, lr, seed, step = m[2], float(m[3]), int(m[4]), int(m[5])
     best = 1e-2 if row.startswith('opd_sampled') else 1e-3
@@ -49,6 +49,7 @@ def fake(tmp_path, monkeypatch):
     monkeypatch.setattr(study, 'seeds', 3)
     monkeypatch.setattr(tiny, 'make_pair', lambda: None)
     monkeypatch.setattr(tiny, 'make_small', lambda: None)
+    monkeypatch.setattr(tiny, 'make_xteacher', lambda: None)
     calls = []
 
     def run_script(args, log, every=1, echo=True, threads=None):
@@ -111,6 +112,40 @@ def test_the_schedule_chooses_rates_on_validation_and_reports_seeds_on_test(fake
     assert again['main'] == res['main'] and fake == [] and again['minutes'] >= res['minutes'] > 0
 
 
+def test_the_cross_tokenizer_block_trains_toward_its_own_teacher_and_writes_its_own_block(fake, tmp_path,
+                                                                                          monkeypatch, capsys):
+    monkeypatch.setattr(study, 'xtok', True)
+    res = study.run_xtok()
+    runs = [dict(a[2:].split('=', 1) for a in args[1:] if a.startswith('--')) for args in fake if args[0] == 'distill.py']
+    assert {r['teacher'] for r in runs} == {f'{tiny.work_dir}/xteacher'}
+    assert {r['student'] for r in runs} == {f'{tiny.work_dir}/student'}
+    assert all('/xstudy/' in r.get('out_dir', '') + r.get('bridge_path', '') for r in runs)
+    fits = [r for r in runs if r['method'] == 'bridge_fit']
+    assert sorted(r['bridge_rank'] for r in fits) == ['4', '8']
+    assert {t['label'] for t in res['xtok']} == {
+        'sft (reference solutions)', 'opd_chunk (sampled token, per chunk)', 'oprd_bridge (r = 4)',
+        'oprd_bridge (r = 8)', 'oprd + learned projector, least-squares start', 'opd_chunk + oprd_bridge (r = 4, µ = 1)'}
+    # every rate's best is 1e-3, inside the grid: 3 rates at seed 0, then seeds 1 and 2, for each of the 6 rows
+    assert len(runs) - len(fits) == 6 * 3 + 6 * 2
+    assert {r['method'] for r in runs} == {'bridge_fit', 'sft', 'opd_chunk', 'oprd_bridge', 'oprd',
+                                           'opd_chunk+oprd_bridge'}
+    results, readme = tmp_path / 'RESULTS.md', tmp_path / 'README.md'
+    main_block = f"{study.BEGIN}\nthe main study\n{study.END}"
+    results.write_text(f"# results\n\n{main_block}\n\n{study.XBEGIN}\nstale\n{study.XEND}\n")
+    readme.write_text("# title\n")  # no headline block: the cross-tokenizer block does not write one
+    study.write_outputs(res, results=str(results), readme=str(readme), figures=str(tmp_path / 'figures'))
+    doc = results.read_text()
+    assert main_block in doc and 'stale' not in doc and readme.read_text() == "# title\n"
+    block = doc.split(study.XBEGIN)[1]
+    assert '| before | | 40.0 | |' in block and '| teacher (4 layers, d = 192) | | 97.0 | |' in block
+    # seeds 0, 1, 2 at step 60 on test: 0.85, 0.84, 0.83; (0.84 - 0.4) / (0.97 - 0.4) = 77% of the gap
+    assert '| oprd_bridge (r = 4) | 0.0003: 84.8 · **0.001: 90.0** · 0.003: 85.2 | 84.0 ± 1.0 | +77% |' in block
+    assert ('OPRD-Bridge (r = 4) here: 40.0 → 84.0 with the teacher at 97.0 (+77% of the gap)' in block and
+            'AIME24 Avg@16): 2.8 → 5.0 with the teacher at 50.0 (+5% of the gap)' in block)
+    assert json.loads((tmp_path / 'figures' / 'xstudy.json').read_text())['xtok'] == res['xtok']
+    assert not (tmp_path / 'figures' / 'study.png').exists()
+
+
 def test_every_row_has_its_own_runs():
     """Run folders are named by row: two rows (or ablations) with one name would share each other's runs."""
     keys = [row.key for row in study.MAIN + study.SMALL] + [a[2].key for a in study.ABLATIONS]
@@ -143,7 +178,8 @@ def test_tables_plot_and_both_blocks_are_written_from_the_results(fake, tmp_path
 
 def test_a_method_keeps_one_colour_in_both_panels(fake):
     import matplotlib.pyplot as plt
-    fig = study.draw(study.run_study())
+    import plot
+    fig = plot.draw(study.run_study())
     panels = [{line.get_label().rsplit(' (lr ', 1)[0]: line.get_color() for line in ax.get_lines()
                if line.get_label() != 'teacher'} for ax in fig.axes]
     plt.close(fig)
