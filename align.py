@@ -18,6 +18,7 @@ every offset here counts UTF-8 bytes, from a table of each token id's bytes buil
 counts as one byte past the text, whatever its spelling: both models' ends of turn close the last chunk together.
 """
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -204,6 +205,30 @@ def align_rollout(student_tok, teacher_tok, messages, response_ids, finished, wh
                        t_spans)
 
 
+def rollout_view(seq, student_tok, teacher_tok, whitespace_only=False, enable_thinking=False):
+    """align_rollout of one rollout as distill.py holds it: (prompt ids, response ids, finish, log-probs, messages)."""
+    return align_rollout(student_tok, teacher_tok, seq[4], seq[1], seq[2] == 'stop', whitespace_only,
+                         f"a rollout of prompt {seq[4][:40]!r}", enable_thinking)
+
+
+class Aligner:
+    """Beside the sampler: passed as generate()'s on_sample(i, j, sample), it starts the rollout_view of prompt i's
+    j-th sample on a worker thread as soon as the sampler hands it over (vLLM: as its request finishes, while the
+    engine samples the rest); view(i, j) waits for it. distill.py carries the view as the rollout's 6th item."""
+    pool = None  # one worker thread for the process, made on first use
+
+    def __init__(self, messages, student_tok, teacher_tok, whitespace_only=False, enable_thinking=False):
+        self.messages, self.args, self.views = messages, (student_tok, teacher_tok, whitespace_only, enable_thinking), {}
+        Aligner.pool = Aligner.pool or ThreadPoolExecutor(1, thread_name_prefix='align')
+
+    def __call__(self, i, j, sample):
+        seq = (None, sample.tokens, sample.finish, None, self.messages[i])
+        self.views[i, j] = self.pool.submit(rollout_view, seq, *self.args)
+
+    def view(self, i, j):
+        return self.views[i, j].result()
+
+
 def state_positions(view, s_prompt_len, t_prompt_len, align='predict'):
     """Sequence positions (student, teacher), each (C,), of the hidden states OPRD compares: states where both
     models have read the same text. 'token': each chunk's last token; 'predict': the state just before each chunk
@@ -215,15 +240,15 @@ def state_positions(view, s_prompt_len, t_prompt_len, align='predict'):
 
 def teacher_batch(seqs, student_tok, teacher_tok, plan, device, whitespace_only=False, enable_thinking=False):
     """One micro-batch as the teacher reads it. seqs: (prompt ids, response ids, finish, sampler log-probs,
-    messages). Returns the teacher's collated batch (losses.collate) with 'oprd' = the states OPRD compares and
+    messages[, its rollout_view, made beside the sampler]). Returns the teacher's collated batch (losses.collate) with 'oprd' = the states OPRD compares and
     'keep' = every row a loss reads (those, plus the positions predicting its response tokens under opd_chunk);
     the student's (B, T) mask of the states OPRD compares, in the same row-major order, so the i-th teacher OPRD
     row pairs with the i-th student row; and the chunks (s_spans, t_spans) (C, 2), offset into each side's
     response tokens in row-major order (the rows of the 'out_mask' positions). plan.positions picks chunks for
     OPRD (all, the first or the last plan.k_positions); chunk-level OPD reads them all."""
     from losses import collate
-    views = [align_rollout(student_tok, teacher_tok, s[4], s[1], s[2] == 'stop', whitespace_only,
-                           f"a rollout of prompt {s[4][:40]!r}", enable_thinking) for s in seqs]
+    views = [s[5] if len(s) > 5 else rollout_view(s, student_tok, teacher_tok, whitespace_only, enable_thinking)
+             for s in seqs]
     t_b = collate([(v.prompt_ids, v.response_ids, s[2]) for v, s in zip(views, seqs)], teacher_tok.pad_id, device)
     s_mask = torch.zeros(len(seqs), max(len(s[0]) + len(s[1]) for s in seqs), dtype=torch.bool)
     t_mask = torch.zeros(t_b['idx'].shape, dtype=torch.bool)

@@ -20,8 +20,10 @@ $ python bench.py --sections=peer --threads=1         # against TRL (pip install
 - forward: model.py's forward against transformers' on the same weights, and with taps only (no LM head). GPU: the
   1.5B shape in bf16, 4 x 4096 tokens; CPU: the tiny Qwen3 in fp32, 8 x 256.
 - variance (CPU): each method's gradient over repeated rollouts of tiny.py's student: relative variance, SNR.
-- align: re-tokenization and alignment across tokenizers (align.teacher_batch) of one `response_len`-token rollout,
-  as a fraction of one OPRD update of tiny.py's cross-tokenizer pair (byte student, BPE Llama teacher) on it.
+- align: re-tokenization and alignment across tokenizers of one `response_len`-token rollout (align.rollout_view,
+  which distill.py runs beside the sampler), and what is left before the step's first forward (align.teacher_batch
+  with that view), as fractions of one OPRD update of tiny.py's cross-tokenizer pair (byte student, BPE Llama
+  teacher) on it.
 - peer (CPU): distill.py's opd_full and oprd against TRL's DistillationTrainer (on-policy, full-vocabulary reverse KL)
   on a tiny random Qwen3 pair (teacher 4 layers, student 2, d = 128), 8 prompts x 64 new tokens, fp32, one process
   each: seconds per whole step (median of `peer_steps` after the first) and distill/TRL ratios, at vocabularies 512
@@ -367,8 +369,9 @@ def bench_peer(cfg, device):
 
 # ----------------------------------------------------------------------------- alignment across tokenizers
 def bench_align(cfg, device):
-    """align.teacher_batch on one rollout of response_len tokens of the tiny task's text (the byte student; the BPE
-    teacher of tiny.py --xtok=True), against one OPRD update (both forwards, backward) of tiny.py's shapes on it."""
+    """align.rollout_view (beside the sampler) and align.teacher_batch given that view (before the first forward) on
+    one rollout of response_len tokens of the tiny task's text (the byte student; the BPE teacher of tiny.py
+    --xtok=True), against one OPRD update (both forwards, backward) of tiny.py's shapes on it."""
     import align
     import tiny
     from tokenizer import ByteTokenizer, load_tokenizer
@@ -385,8 +388,10 @@ def bench_align(cfg, device):
         xt = {k: v for k, v in tiny.SHAPES["xteacher"].items() if k != "tokenizer"}
         tea = random_model(dict(xt, vocab_size=t_tok.vocab_size, head_dim=64), device, torch.float32, seed=1)
         plan = make_plan("oprd", stu.config, tea.config, positions="all")
-        t_b, s_mask, _ = align.teacher_batch([seq], s_tok, t_tok, plan, device)
-        seconds = best_time(lambda: align.teacher_batch([seq], s_tok, t_tok, plan, device), cfg["repeats"], device)
+        beside = best_time(lambda: align.rollout_view(seq, s_tok, t_tok), cfg["repeats"], device)
+        aligned = seq + (align.rollout_view(seq, s_tok, t_tok),)  # as distill.py carries a rollout
+        t_b, s_mask, _ = align.teacher_batch([aligned], s_tok, t_tok, plan, device)
+        seconds = best_time(lambda: align.teacher_batch([aligned], s_tok, t_tok, plan, device), cfg["repeats"], device)
         b = dict(collate([seq], s_tok.pad_id, device), oprd=s_mask, teacher=t_b)
         proj = torch.nn.ModuleDict({str(l): torch.nn.Linear(stu.config.hidden_size, tea.config.hidden_size)
                                     for l in plan.s_layers})
@@ -398,11 +403,12 @@ def bench_align(cfg, device):
         step = best_time(update, cfg["repeats"], device)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    res = dict(response_tokens=len(seq[1]), chunks=int(s_mask.sum()), align_seconds=seconds, update_seconds=step,
-               fraction_of_update=seconds / step)
+    res = dict(response_tokens=len(seq[1]), chunks=int(s_mask.sum()), beside_seconds=beside, align_seconds=seconds,
+               update_seconds=step, beside_fraction=beside / step, fraction_of_update=seconds / step)
     print(f"align: {res['response_tokens']:,}-token rollout, {res['chunks']:,} chunks: re-tokenization and alignment "
-          f"{seconds * 1e3:.1f} ms = {res['fraction_of_update']:.1%} of one OPRD update of tiny.py's pair on it "
-          f"({step:.2f} s)", flush=True)
+          f"{beside * 1e3:.1f} ms beside the sampler ({res['beside_fraction']:.1%} of one OPRD update of tiny.py's "
+          f"pair on it, {step:.2f} s); left before the first forward: {seconds * 1e3:.1f} ms "
+          f"({res['fraction_of_update']:.1%})", flush=True)
     return res
 
 SECTIONS = {"update": bench_update, "forward": bench_forward, "sampler": bench_sampler, "variance": bench_variance,

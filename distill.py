@@ -147,25 +147,18 @@ def check_settings():
     for key, allowed in choices.items():
         if s[key] not in allowed:
             raise DistillError(f"{key}={s[key]!r}: must be {', '.join(allowed[:-1])} or {allowed[-1]}")
-    at_least_one = ('prompts_per_step', 'n_samples', 'max_new_tokens', 'max_prompt_len', 'k_positions', 'topk',
-                    'vocab_chunk_tokens', 'max_steps', 'micro_batch_size', 'max_bad_steps', 'log_every',
-                    'save_every', 'keep_checkpoints', 'tensor_parallel_size', 'bridge_rows',
-                    'bridge_epochs', 'bridge_batch_size', 'dist_timeout_min')
-    for key in at_least_one:
-        if s[key] < 1:
-            raise DistillError(f"{key}={s[key]!r}: must be >= 1")
-    for key in ('weight_decay', 'grad_clip', 'mu', 'oprd_coef', 'temperature', 'stop_step', 'bridge_rank'):
-        if s[key] < 0:
-            raise DistillError(f"{key}={s[key]!r}: must be >= 0")
-    for key in ('warmup_frac', 'beta1', 'beta2'):
-        if not 0 <= s[key] < 1:
-            raise DistillError(f"{key}={s[key]!r}: must be in [0, 1)")
-    for key in ('top_p', 'gpu_memory_utilization'):
-        if not 0 < s[key] <= 1:
-            raise DistillError(f"{key}={s[key]!r}: must be in (0, 1]")
-    for key in ('lr', 'bridge_lr'):
-        if s[key] <= 0:
-            raise DistillError(f"{key}={s[key]!r}: must be > 0")
+    bounds = [(('prompts_per_step', 'n_samples', 'max_new_tokens', 'max_prompt_len', 'k_positions', 'topk',
+                'vocab_chunk_tokens', 'max_steps', 'micro_batch_size', 'max_bad_steps', 'log_every', 'save_every',
+                'keep_checkpoints', 'tensor_parallel_size', 'bridge_rows', 'bridge_epochs', 'bridge_batch_size',
+                'dist_timeout_min'), lambda v: v >= 1, '>= 1'),
+              (('weight_decay', 'grad_clip', 'mu', 'oprd_coef', 'temperature', 'stop_step', 'bridge_rank'),
+               lambda v: v >= 0, '>= 0'), (('warmup_frac', 'beta1', 'beta2'), lambda v: 0 <= v < 1, 'in [0, 1)'),
+              (('top_p', 'gpu_memory_utilization'), lambda v: 0 < v <= 1, 'in (0, 1]'),
+              (('lr', 'bridge_lr'), lambda v: v > 0, '> 0')]
+    for keys, ok, what in bounds:
+        for key in keys:
+            if not ok(s[key]):
+                raise DistillError(f"{key}={s[key]!r}: must be {what}")
     if not 0 <= min_lr <= lr:
         raise DistillError(f"min_lr={min_lr!r}: must be in [0, lr]")
     if top_k != -1 and top_k < 1:
@@ -317,21 +310,24 @@ def step_prompts(items, step, rank, world):
     return [items[i] for i in order[pos * prompts_per_step:(pos + 1) * prompts_per_step]][rank::world]
 
 
-def rollouts(sampler, items, step, rank, world, tok):
-    """(prompt ids, response ids, finish, sampler log-probs, messages) for this rank to train on. The ranks of one
-    tensor-parallel group share prompts and seed (vLLM's external launcher serves them together), then each keeps
-    every tp-th sequence, so each rollout is trained on once."""
+def rollouts(sampler, items, step, rank, world, toks):
+    """(prompt ids, response ids, finish, sampler log-probs, messages[, the teacher's view]) for this rank to train
+    on. The ranks of one tensor-parallel group share prompts and seed (vLLM's external launcher serves them
+    together), then each keeps every tp-th sequence, so each rollout is trained on once. Across tokenizers each
+    rollout's alignment runs on a thread from when the sampler hands it over, beside the sampling (align.Aligner)."""
     tp = tensor_parallel_size if method != 'sft' else 1  # sft has no sampler: every rank its own share
     mine = step_prompts(items, step, rank // tp, world // tp)
     if method == 'sft':
         return [(it['prompt'], it['response'], 'stop', None, it['messages']) for it in mine]
+    aligner = align_tokens.Aligner([it['messages'] for it in mine], *toks, align_whitespace, enable_thinking) \
+        if toks[1] is not None else None
     samples = sampler.generate([it['prompt'] for it in mine], n=n_samples, temperature=temperature, top_p=top_p,
-                               top_k=top_k, max_new_tokens=max_new_tokens, stop_ids=tok.eos_ids,
-                               seed=seed * 1_000_003 + step * (world // tp) + rank // tp,
-                               logprobs=check_tokens > 0) if mine else []
+                               top_k=top_k, max_new_tokens=max_new_tokens, stop_ids=toks[0].eos_ids,
+                               seed=seed * 1_000_003 + step * (world // tp) + rank // tp, logprobs=check_tokens > 0,
+                               on_sample=aligner) if mine else []
     sampler.sleep()
-    return [(it['prompt'], s.tokens, s.finish, s.logprobs, it['messages'])
-            for it, ss in zip(mine, samples) for s in ss][rank % tp::tp]
+    return [(it['prompt'], s.tokens, s.finish, s.logprobs, it['messages'], *([aligner.view(i, j)] if aligner else []))
+            for i, (it, ss) in enumerate(zip(mine, samples)) for j, s in enumerate(ss)][rank % tp::tp]
 
 
 def micro_batch(seqs, plan, toks, dev, gen=None, n_check=0):
@@ -420,7 +416,7 @@ def bridge_batches(sampler, items, rank, world, toks, dev, plan):
     """Stage 1's input, one rollout step at a time: the student's rollouts of the training prompts (the training
     steps' order and seeds, one pass at most) as micro-batches, each with the positions stage 2 supervises."""
     for step in range(max(1, len(items) // prompts_per_step)):
-        seqs = rollouts(sampler, items, step, rank, world, toks[0])
+        seqs = rollouts(sampler, items, step, rank, world, toks)
         batches = [micro_batch(seqs[i:i + micro_batch_size], plan, toks, dev)
                    for i in range(0, len(seqs), micro_batch_size)]
         yield [(b, b['oprd']) for b in batches]
@@ -494,7 +490,7 @@ def train(cfg):
     mem, clock, bad_steps, first_gap, reserved = MemoryMeter(dev), StepClock(dev), 0, None, 0
     for step in range(start_step, max_steps):
         # 1. rollouts of this rank's prompts with the current weights (reference solutions under sft), dealt by length
-        seqs = rollouts(sampler, items, step, rank, world, tok)
+        seqs = rollouts(sampler, items, step, rank, world, toks)
         clock.lap('rollout')
         seqs, load = balance(seqs, world)
         mem.start()

@@ -16,6 +16,7 @@ through this file, with one interface and two backends:
     out = sampler.generate([tok.chat("What is 12 + 30?")], n=4, temperature=1.0, max_new_tokens=256,
                            stop_ids=tok.eos_ids, seed=step, logprobs=True)
     out[0][3].tokens, out[0][3].finish, out[0][3].logprobs    # prompt 0, sample 3
+    # on_sample=f: f(i, j, sample) as each finishes (distill.py starts a rollout's alignment to the teacher there)
     sampler.sleep(); ...train step...; sampler.update_weights(fsdp_named_tensors(model)); sampler.wake()
 
 $ python rollout.py path/to/hf_dir "What is 12 + 30?"          # a quick look, default backend
@@ -124,12 +125,14 @@ def checkpoint_tensors(path) -> Iterator[tuple[str, torch.Tensor]]:
 
 VLLM_WRITTEN_FOR = "0.32.0"  # the release the weight sync was written and tested against (requirements-gpu.txt)
 VLLM_INTERNALS = {  # module -> what this file uses from it, checked before an engine starts
-    "vllm": ("LLM.collective_rpc", "LLM.sleep", "LLM.wake_up", "LLM.reset_prefix_cache", "SamplingParams"),
+    "vllm": ("LLM.collective_rpc", "LLM.sleep", "LLM.wake_up", "LLM.reset_prefix_cache", "LLM.enqueue",
+             "SamplingParams"),
     "vllm.config": ("set_current_vllm_config",),
     "vllm.model_executor.model_loader.reload.layerwise": ("initialize_layerwise_reload", "finalize_layerwise_reload"),
     "vllm.v1.engine.core_client": ("InprocClient",),
 }
-ENGINE_INTERNALS = ("llm_engine.engine_core.shutdown", "llm_engine.vllm_config.model_config.dtype")  # a started LLM
+ENGINE_INTERNALS = ("llm_engine.engine_core.shutdown", "llm_engine.vllm_config.model_config.dtype",  # a started LLM
+                    "llm_engine.step", "llm_engine.has_unfinished_requests")
 WORKER_INTERNALS = ("vllm_config", "model_runner.get_model", "model_runner.model_config")  # each engine worker
 
 
@@ -293,7 +296,9 @@ class VLLMSampler:
             raise VLLMVersionError(problem) from e
 
     def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=256, stop_ids=None,
-                 seed=0, logprobs=False, places=None):
+                 seed=0, logprobs=False, places=None, on_sample=None):
+        """As TorchSampler.generate; on_sample(i, j, sample) is called as each request finishes, while the engine
+        goes on with the others (LLM.generate's own loop over engine steps, with a hand-over)."""
         from vllm import SamplingParams
         check_generate_args(prompts, n, temperature, top_p, max_new_tokens)
         self.wake()
@@ -307,14 +312,20 @@ class VLLMSampler:
                     n=1, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
                     max_tokens=max_new_tokens, stop_token_ids=stop, ignore_eos=True,  # stop exactly at `stop`
                     seed=hash32(key ^ hash32(place[i * n + j])), logprobs=0 if logprobs else None, detokenize=False))
-        outs = self.llm.generate(requests, params, use_tqdm=False)
-        samples = []
-        for o in outs:
-            c = o.outputs[0]
-            if c.finish_reason not in ("stop", "length"):
-                raise RuntimeError(f"vLLM request finished with {c.finish_reason!r}")
-            lps = [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)] if logprobs else None
-            samples.append(Sample(list(c.token_ids), c.finish_reason, lps))
+        # enqueue returns the engine's ids, '<the request's own id>-<8 random hex>'; outputs carry the own id
+        order = {rid.rsplit("-", 1)[0]: k for k, rid in enumerate(self.llm.enqueue(requests, params, use_tqdm=False))}
+        samples = [None] * len(requests)
+        while self.llm.llm_engine.has_unfinished_requests():
+            for o in self.llm.llm_engine.step():
+                if not o.finished:
+                    continue
+                c, k = o.outputs[0], order[o.request_id]
+                if c.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"vLLM request finished with {c.finish_reason!r}")
+                lps = [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)] if logprobs else None
+                samples[k] = Sample(list(c.token_ids), c.finish_reason, lps)
+                if on_sample:
+                    on_sample(k // n, k % n, samples[k])
         return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]):

@@ -194,14 +194,14 @@ class TorchSampler:
 
     @torch.inference_mode()
     def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=256, stop_ids=None,
-                 seed=0, logprobs=False, places=None):
-        """prompts: lists of token ids. Returns [prompt][sample] -> Sample. places: see sample_places."""
+                 seed=0, logprobs=False, places=None, on_sample=None):
+        """prompts: lists of token ids. Returns [prompt][sample] -> Sample. places: see sample_places. on_sample(i,
+        j, sample) is called once per sample as it is handed over (here: all together, at the end)."""
         check_generate_args(prompts, n, temperature, top_p, max_new_tokens)
         if not prompts:
             return []
-        dev = self.device
+        dev, P, B = self.device, len(prompts), len(prompts) * n
         stop = torch.tensor(self.stop_ids if stop_ids is None else list(stop_ids), dtype=torch.long, device=dev)
-        P, B = len(prompts), len(prompts) * n
         out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)  # row = prompt index * n + sample index
         out_lp = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=dev) if logprobs else None
         settings = (temperature, top_k, top_p, logprobs)
@@ -213,11 +213,11 @@ class TorchSampler:
         # cut each row after its first stop token (later slots hold tokens of finished rows that ran on, or nothing)
         is_stop = torch.isin(out, stop)
         first = torch.where(is_stop.any(1), is_stop.float().argmax(1) + 1, max_new_tokens).tolist()
-        stopped = is_stop.any(1).tolist()
-        out = out.tolist()
-        out_lp = out_lp.tolist() if logprobs else None
+        stopped, out, out_lp = is_stop.any(1).tolist(), out.tolist(), out_lp.tolist() if logprobs else None
         samples = [Sample(out[r][:first[r]], "stop" if stopped[r] else "length",
                           out_lp[r][:first[r]] if logprobs else None) for r in range(B)]
+        for r, s in enumerate(samples if on_sample else ()):
+            on_sample(r // n, r % n, s)
         return [samples[i * n:(i + 1) * n] for i in range(P)]
 
     def _decode_eager(self, prompts, n, settings, max_new_tokens, stop, key, place, out, out_lp):

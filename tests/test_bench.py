@@ -134,4 +134,5 @@ def test_align_section_counts_the_chunks_both_tokenizers_read(tmp_path, one_thre
         ends.add(at)
     assert res["response_tokens"] == 600 and res["chunks"] == len(ends) < 600
     assert 0 < res["fraction_of_update"] == pytest.approx(res["align_seconds"] / res["update_seconds"])
+    assert 0 < res["beside_fraction"] == pytest.approx(res["beside_seconds"] / res["update_seconds"])
 

@@ -114,3 +114,23 @@ def test_output_space_methods_refuse_another_tokenizer(models, tmp_path, setting
                         method="opd_topk")
     assert code == 1 and len(err) == 1 and "method=opd_topk compares the two models' next-token" in err[0], err
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_each_rollout_is_aligned_beside_the_sampler_once(models, tmp_path, settings_restored, monkeypatch, capsys):
+    """Across tokenizers a rollout's alignment starts on the aligner's thread when the sampler hands it over
+    (align.Aligner as generate's on_sample), and the micro-batches use that view: align.rollout_view runs once per
+    rollout there, and on the main thread only for the zero-weight filler made before the first step."""
+    import threading
+
+    import align
+    _, permuted, student, _ = models
+    threads, real = [], align.rollout_view
+
+    def recording(*args, **kw):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kw)
+    monkeypatch.setattr(align, "rollout_view", recording)
+    code, err = distill(settings_restored.main, monkeypatch, capsys, tmp_path / "o", permuted, student)
+    assert code == 0, err[-20:]
+    assert threads.count("MainThread") == 1 and len(threads) == 1 + 2 * 4 * 2  # 2 steps of 4 prompts x 2 samples
+    assert all(name.startswith("align") for name in threads if name != "MainThread")

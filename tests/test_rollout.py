@@ -125,6 +125,16 @@ def test_seeded_runs_repeat_and_do_not_depend_on_the_batch(model, sampler):
         torch.testing.assert_close([[s.logprobs for s in r] for r in x], [[s.logprobs for s in r] for r in y])
     same(sampler.generate(PROMPTS[:2], n=3, seed=7, **kw), a[:2])
     same(TorchSampler(model=model, sync_every=4).generate(PROMPTS, n=3, seed=7, **kw), a)
+    check_hand_over(sampler, PROMPTS, kw)
+
+
+def check_hand_over(sampler, prompts, kw):
+    """on_sample(i, j, sample) is called once for every sample, with the sample generate() then returns."""
+    handed = []
+    out = sampler.generate(prompts, n=3, seed=7, on_sample=lambda i, j, s: handed.append((i, j, s)), **kw)
+    assert len(handed) == 3 * len(prompts) and {(i, j) for i, j, _ in handed} == \
+        {(i, j) for i in range(len(prompts)) for j in range(3)}
+    assert all(out[i][j] is s for i, j, s in handed)
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.5, top_k=10),

@@ -16,7 +16,7 @@ from model import Transformer
 from rollout import (VLLMVersionError, WeightSyncExtension, checkpoint_tensors, fsdp_named_tensors, make_sampler,
                      vllm_device_type)
 from sampler import TorchSampler
-from test_rollout import assert_same_greedy, check_rollouts_follow_updates, logprobs_of
+from test_rollout import assert_same_greedy, check_hand_over, check_rollouts_follow_updates, logprobs_of
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LP_TOL = 1e-4  # fp32 log-probs, vLLM's CPU kernels vs model.py (measured: ~5e-7)
@@ -132,6 +132,7 @@ def test_seeded_sampling_repeats(engine, prompts):
     assert a == engine.generate(prompts, seed=11, **kw)
     assert a != engine.generate(prompts, seed=12, **kw)
     assert all(r[0].tokens != r[1].tokens for r in a)  # the n samples of a prompt differ
+    check_hand_over(engine, prompts, dict(temperature=1.0, max_new_tokens=8, stop_ids=[]))
 
 
 def test_update_weights_uses_the_new_weights(engine, models, prompts):
