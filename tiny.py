@@ -209,8 +209,8 @@ def make_models(name, shape, seed, steps, made_from=('runs', 'eval', 'bridges', 
            f"remade, the recipe changed since {record} ({'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''})")
     print(f"{', '.join(steps)}: {why}", flush=True)
     init, sft = os.path.join(work_dir, f'init_{name}'), os.path.join(work_dir, f'sft_{name}')
-    for folder in [init, sft, *steps, *made_from]:
-        shutil.rmtree(os.path.join(work_dir, folder), ignore_errors=True)
+    for folder in [init, sft, *(os.path.join(work_dir, f) for f in [*steps, *made_from])]:
+        shutil.rmtree(folder, ignore_errors=True)
     if os.path.exists(record):
         os.remove(record)
     make_init(init, seed=seed, **shape)

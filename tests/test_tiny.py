@@ -19,6 +19,7 @@ def fake_sft(tmp_path, monkeypatch):
     def run_script(args, log, every=1, echo=True, threads=None):
         calls.append(args)
         out = next(a.split('=', 1)[1] for a in args if a.startswith('--out_dir='))
+        assert not os.path.exists(out), f"distill.py would refuse {out}: it holds another run"
         for step in range(100, 1001, 100):
             os.makedirs(os.path.join(out, f'step_{step:07d}'))
             for name in ('config.json', 'resume.pt'):
@@ -27,7 +28,8 @@ def fake_sft(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tiny, 'run_script', run_script)
     monkeypatch.setattr(tiny, 'make_init', lambda path, seed=0, **shape: os.makedirs(path))
-    monkeypatch.setattr(tiny, 'work_dir', str(tmp_path / 'tiny'))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tiny, 'work_dir', 'tiny')  # relative, as the scripts' default
     return calls
 
 
