@@ -218,7 +218,8 @@ class Aligner:
     pool = None  # one worker thread for the process, made on first use
 
     def __init__(self, messages, student_tok, teacher_tok, whitespace_only=False, enable_thinking=False):
-        self.messages, self.args, self.views = messages, (student_tok, teacher_tok, whitespace_only, enable_thinking), {}
+        self.messages, self.views = messages, {}
+        self.args = (student_tok, teacher_tok, whitespace_only, enable_thinking)
         Aligner.pool = Aligner.pool or ThreadPoolExecutor(1, thread_name_prefix='align')
 
     def __call__(self, i, j, sample):
@@ -240,8 +241,9 @@ def state_positions(view, s_prompt_len, t_prompt_len, align='predict'):
 
 def teacher_batch(seqs, student_tok, teacher_tok, plan, device, whitespace_only=False, enable_thinking=False):
     """One micro-batch as the teacher reads it. seqs: (prompt ids, response ids, finish, sampler log-probs,
-    messages[, its rollout_view, made beside the sampler]). Returns the teacher's collated batch (losses.collate) with 'oprd' = the states OPRD compares and
-    'keep' = every row a loss reads (those, plus the positions predicting its response tokens under opd_chunk);
+    messages[, its rollout_view, made beside the sampler]). Returns the teacher's collated batch (losses.collate)
+    with 'oprd' = the states OPRD compares and 'keep' = every row a loss reads (those, plus the positions
+    predicting its response tokens under opd_chunk);
     the student's (B, T) mask of the states OPRD compares, in the same row-major order, so the i-th teacher OPRD
     row pairs with the i-th student row; and the chunks (s_spans, t_spans) (C, 2), offset into each side's
     response tokens in row-major order (the rows of the 'out_mask' positions). plan.positions picks chunks for

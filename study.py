@@ -99,9 +99,9 @@ XTOK = [Row('student', 'sft (reference solutions)', 'sft', ('--prompts_per_step=
         Row('student', 'opd_chunk (sampled token, per chunk)', 'opd_chunk', teacher='xteacher'),
         Row('student', 'oprd + learned projector, least-squares start', 'oprd',
             ('--projector=True', '--projector_init=lstsq'), teacher='xteacher')] + [
-    Row('student', f'oprd_bridge (r = {r})', 'oprd_bridge', (), 'config/tiny_bridge.py', r, 'xteacher') for r in (4, 8)] + [
-    Row('student', 'opd_chunk + oprd_bridge (r = 4, µ = 1)', 'opd_chunk+oprd_bridge', (), 'config/tiny_bridge.py', 4,
-        'xteacher')]
+    Row('student', label, method, (), 'config/tiny_bridge.py', r, 'xteacher')
+    for label, method, r in (('oprd_bridge (r = 4)', 'oprd_bridge', 4), ('oprd_bridge (r = 8)', 'oprd_bridge', 8),
+                             ('opd_chunk + oprd_bridge (r = 4, µ = 1)', 'opd_chunk+oprd_bridge', 4))]
 PARTS = {'main': ('student', 'teacher'), 'small': ('small', 'teacher'), 'xtok': ('student', 'xteacher')}
 PAPER_XTOK = dict(before=0.028, bridge=0.050, teacher=0.500)  # Phi-4-mini-reasoning -> Qwen3-1.7B-Base, AIME24
 DEFAULTS = {'layers': ('all', 'paper default'), 'positions': ('all', ''), 'distance': ('mse', 'paper default'),
@@ -243,7 +243,7 @@ def choose_rates(rows, since):
     return val, {row: choose_rate(val[row]) for row in rows}, since
 
 
-def test_seeds(todo):
+def seed_runs(todo):
     """Every (row, lr, seed) of todo trained and scored on the test problems: {job: {'test': {step: accuracy}}}."""
     return dict(zip(todo, parallel(lambda job: train(*job, ('test',)), todo, describe_run)))
 
@@ -297,7 +297,7 @@ def run_study():
     print(f"test: {seeds} seeds at the chosen rates, and the ablations", flush=True)
     todo = [(row, rate[row], s) for row in rows for s in range(seeds)]
     todo += [(row, rate_of_label[base_label], s) for _, _, row, base_label, _ in ABLATIONS for s in range(seeds)]
-    test = test_seeds(todo)
+    test = seed_runs(todo)
     return common({
         'k_positions': K_POSITIONS, 'base': base,
         'main': [table(row, val, rate, test, base['student']['test']) for row in MAIN],
@@ -318,7 +318,7 @@ def run_xtok():
     _, since = minutes_so_far(since)
     val, rate, since = choose_rates(XTOK, since)
     print(f"test: {seeds} seeds at the chosen rates", flush=True)
-    test = test_seeds([(row, rate[row], s) for row in XTOK for s in range(seeds)])
+    test = seed_runs([(row, rate[row], s) for row in XTOK for s in range(seeds)])
     return common({'base': base, 'xtok': [table(row, val, rate, test, base['student']['test']) for row in XTOK],
                    'bridges': bridge_figures(bridges)}, since)
 
