@@ -214,17 +214,19 @@ def rollout_view(seq, student_tok, teacher_tok, whitespace_only=False, enable_th
 class Aligner:
     """Beside the sampler: passed as generate()'s on_sample(i, j, sample), it starts the rollout_view of prompt i's
     j-th sample on a worker thread as soon as the sampler hands it over (vLLM: as its request finishes, while the
-    engine samples the rest); view(i, j) waits for it. distill.py carries the view as the rollout's 6th item."""
+    engine samples the rest); view(i, j) waits for it. distill.py carries the view as the rollout's 6th item.
+    keep(i, j): the samples to align (default all; under tensor parallelism a rank trains on every tp-th)."""
     pool = None  # one worker thread for the process, made on first use
 
-    def __init__(self, messages, student_tok, teacher_tok, whitespace_only=False, enable_thinking=False):
-        self.messages, self.views = messages, {}
+    def __init__(self, messages, student_tok, teacher_tok, whitespace_only=False, enable_thinking=False, keep=None):
+        self.messages, self.views, self.keep = messages, {}, keep or (lambda i, j: True)
         self.args = (student_tok, teacher_tok, whitespace_only, enable_thinking)
         Aligner.pool = Aligner.pool or ThreadPoolExecutor(1, thread_name_prefix='align')
 
     def __call__(self, i, j, sample):
-        seq = (None, sample.tokens, sample.finish, None, self.messages[i])
-        self.views[i, j] = self.pool.submit(rollout_view, seq, *self.args)
+        if self.keep(i, j):
+            seq = (None, sample.tokens, sample.finish, None, self.messages[i])
+            self.views[i, j] = self.pool.submit(rollout_view, seq, *self.args)
 
     def view(self, i, j):
         return self.views[i, j].result()

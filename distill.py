@@ -319,15 +319,17 @@ def rollouts(sampler, items, step, rank, world, toks):
     mine = step_prompts(items, step, rank // tp, world // tp)
     if method == 'sft':
         return [(it['prompt'], it['response'], 'stop', None, it['messages']) for it in mine]
-    aligner = align_tokens.Aligner([it['messages'] for it in mine], *toks, align_whitespace, enable_thinking) \
-        if toks[1] is not None else None
+    keep = lambda i, j: (i * n_samples + j) % tp == rank % tp  # the rollouts this rank trains on
+    aligner = None if toks[1] is None else \
+        align_tokens.Aligner([it['messages'] for it in mine], *toks, align_whitespace, enable_thinking, keep)
     samples = sampler.generate([it['prompt'] for it in mine], n=n_samples, temperature=temperature, top_p=top_p,
                                top_k=top_k, max_new_tokens=max_new_tokens, stop_ids=toks[0].eos_ids,
                                seed=seed * 1_000_003 + step * (world // tp) + rank // tp, logprobs=check_tokens > 0,
                                on_sample=aligner) if mine else []
     sampler.sleep()
+    kept = [(i, j, it, s) for i, (it, ss) in enumerate(zip(mine, samples)) for j, s in enumerate(ss)][rank % tp::tp]
     return [(it['prompt'], s.tokens, s.finish, s.logprobs, it['messages'], *([aligner.view(i, j)] if aligner else []))
-            for i, (it, ss) in enumerate(zip(mine, samples)) for j, s in enumerate(ss)][rank % tp::tp]
+            for i, j, it, s in kept]
 
 
 def micro_batch(seqs, plan, toks, dev, gen=None, n_check=0):

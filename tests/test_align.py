@@ -278,3 +278,25 @@ def test_refusals_name_the_problem(toks, tmp_path):
         teacher_view(byte, phi, MESSAGES, list(b"42<|end|>") + [258], True)
     with pytest.raises(ValueError, match="finished, but it does not end with a student stop token"):
         teacher_view(byte, phi, MESSAGES, byte.encode("42"), True)
+
+
+def test_the_aligner_aligns_the_samples_a_rank_keeps_on_its_thread(toks, monkeypatch):
+    """align.Aligner as a sampler's on_sample: each kept sample's view, made on the worker thread, equals
+    align_rollout's; samples keep() refuses are not aligned at all."""
+    import threading
+
+    import align
+    from sampler import Sample
+    s_tok, t_tok = toks["byte"], toks["phi"]
+    texts = ["12+30=42", "The answer is 42.", "(3+4)*6", "100-58 = 42"]
+    names, real = [], align.rollout_view
+    monkeypatch.setattr(align, "rollout_view", lambda *a: names.append(threading.current_thread().name) or real(*a))
+    aligner = align.Aligner([MESSAGES, MESSAGES], s_tok, t_tok, keep=lambda i, j: j == 1)
+    for k, text in enumerate(texts):  # prompt k // 2, sample k % 2, handed over one by one
+        aligner(k // 2, k % 2, Sample(s_tok.encode(text) + s_tok.eos_ids[-1:], "stop"))
+    views = {(i, 1): aligner.view(i, 1) for i in range(2)}
+    assert sorted(aligner.views) == [(0, 1), (1, 1)] and len(names) == 2
+    assert all(name.startswith("align") for name in names)
+    for (i, j), view in views.items():
+        want = align_rollout(s_tok, t_tok, MESSAGES, s_tok.encode(texts[2 * i + j]) + s_tok.eos_ids[-1:], True)
+        assert view.response_ids == want.response_ids and view.pairs.tolist() == want.pairs.tolist()
