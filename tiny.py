@@ -63,7 +63,8 @@ EVAL_ARGS = ('--n_samples=1', '--temperature=0.0', '--top_p=1.0', '--max_new_tok
 NOT_RECIPE = ('out_dir', 'student', 'log_every', 'save_every', 'keep_checkpoints', 'wandb_log', 'wandb_project',
               'dist_timeout_min')
 # what the scripts' dependencies print while they start (vLLM's log, python and torch warnings, progress bars)
-CHATTER = re.compile(r"^\([\w-]+ pid=\d+\) |^(INFO|WARNING|DEBUG|ERROR) \d\d-\d\d |^\[W\d{4} |^\S+:\d+: \w*Warning: |"
+CHATTER = re.compile(r"^\([\w-]+ pid=\d+\) |^(INFO|WARNING|DEBUG|ERROR) \d\d-\d\d |^(\[rank\d+\]:)?\[W\d{4} |"
+                     r"^\S+:\d+: \w*Warning: |"
                      r"^Triton |^Loading safetensors|it/s\]|s/it\]|^\s*$")
 
 
