@@ -144,9 +144,44 @@ def output_loss_chunk(kind, h_s, h_t, targets, w_s, w_t, vocab, k):
     raise DistillError(f"unknown output loss {kind!r}")
 
 
+class FullKL(torch.autograd.Function):
+    """opd_full's loss, sum over rows of KL(p_S || p_T), with its gradient made in the forward pass, chunk rows at
+    a time: d KL / d z_S = p_S * (log p_S - log p_T - KL) for each row's student logits z_S. So backward only
+    scales it, and no logits are recomputed (each chunk costs two head matmuls forward and two for the gradient,
+    not six). Between the passes it holds a gradient of the head's size, as the head's own .grad will."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, vocab, chunk):
+        grad_h = torch.empty_like(h_s)
+        grad_w = torch.zeros_like(w_s)
+        total = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        for i in range(0, h_s.shape[0], chunk):
+            sl = slice(i, i + chunk)
+            logp_s = F.log_softmax(F.linear(h_s[sl], w_s)[:, :vocab].float(), dim=-1)
+            logp_t = F.log_softmax(F.linear(h_t[sl], w_t)[:, :vocab].float(), dim=-1)
+            diff = torch.sub(logp_s, logp_t, out=logp_t)
+            p = logp_s.exp_()  # in place: log p_S is not needed again
+            kl = torch.bmm(p[:, None, :], diff[:, :, None])[:, 0, 0]  # sum_v p (log p - log q), no (n, V) product
+            total += kl.sum()
+            g = diff.sub_(kl[:, None]).mul_(p).to(h_s.dtype)
+            grad_h[sl] = g @ w_s[:vocab]
+            grad_w[:vocab].addmm_(g.t(), h_s[sl])
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, grad_w * grad_out, None, None, None, None
+
+
 def output_loss(kind, h_s, h_t, targets, w_s, w_t, vocab, k, chunk):
     """Output-space loss over all rows, chunk rows at a time; each chunk's logits are recomputed in backward
-    (activation checkpointing), so no (rows, V) tensor of the whole batch ever exists."""
+    (activation checkpointing), so no (rows, V) tensor of the whole batch ever exists. opd_full makes its exact
+    gradient in the forward pass instead (FullKL)."""
+    if kind == 'opd_full' and torch.is_grad_enabled():
+        loss = FullKL.apply(h_s, w_s, h_t.detach(), w_t.detach(), vocab, chunk)
+        return loss, loss.item()
     loss, kl = h_s.new_zeros((), dtype=torch.float32), 0.0
     for i in range(0, h_s.shape[0], chunk):
         sl = slice(i, i + chunk)
@@ -290,8 +325,8 @@ def sampler_gap(h_final, w, b):
     means the sampler no longer serves the trained weights."""
     rows = b['check']
     with torch.no_grad():
-        logp = F.log_softmax(F.linear(h_final[rows].float(), w.float()), dim=-1)
-        mine = logp.gather(1, b['idx'][:, 1:][rows[:, :-1]][:, None])[:, 0]
+        logits = F.linear(h_final[rows].float(), w.float())  # log p = logit - logsumexp: no (rows, V) log-softmax
+        mine = logits.gather(1, b['idx'][:, 1:][rows[:, :-1]][:, None])[:, 0] - logits.logsumexp(-1)
         return (mine - b['logp_next'][rows]).abs().sum().item(), rows.sum().item()
 
 

@@ -1,16 +1,14 @@
 """
-The torch sampler: batched sampling with model.py's preallocated KV cache, and what both of rollout.py's backends
-share (the Sample type, argument checks, seeds, stop ids). rollout.py's make_sampler() is the way in; this file
-also serves where vLLM is absent and the smallest tests. On a GPU each decode step runs at static shapes as a
-replayed CUDA graph (StaticDecoder, decode='graph'); on CPU the plain eager loop (decode='eager').
+The torch sampler, batched sampling with model.py's preallocated KV cache (a plain eager loop on a CPU; on a GPU
+each decode step at static shapes, replayed as a CUDA graph: StaticDecoder), and what both of rollout.py's backends
+share (the Sample type, argument checks, seeds, stop ids). rollout.py's make_sampler() is the way in.
 
     sampler = TorchSampler("path/to/hf_dir")            # or TorchSampler(model=a_loaded_Transformer)
     out = sampler.generate([prompt_ids], n=4, temperature=1.0, max_new_tokens=256, seed=step, logprobs=True)
     out[0][3].tokens, out[0][3].finish, out[0][3].logprobs    # prompt 0, sample 3 (a Sample)
 
 Sampling semantics (both backends; rollout.py's vLLM sampler follows them too):
-- processing order as in vLLM: temperature, then top-k, then top-p; temperature 0 = greedy (argmax).
-  top_k <= 0 and top_p = 1 are off.
+- processing order as in vLLM: temperature, then top-k, then top-p (top_k <= 0, top_p = 1: off); 0 = greedy.
 - a sample stops at the first token in stop_ids, which is kept as its last token (finish='stop'), else it
   ends at max_new_tokens (finish='length'). stop_ids=None: the checkpoint's eos_token_id(s); pass a tokenizer's
   eos_ids to stop at the chat template's end of turn as well.
@@ -81,15 +79,16 @@ M32 = 0xFFFFFFFF
 
 
 def hash32(x):
-    """A well-mixed 32-bit integer hash of a python int, or of an int64 tensor, mixed in place (the sampling hot
-    loop: a pass per op over (B, V) either way). Products stay below 2**63, so int64 never overflows."""
-    if isinstance(x, int):
-        x = (((x >> 16) ^ x) * 0x45D9F3B) & M32
-        x = (((x >> 16) ^ x) * 0x45D9F3B) & M32
-        return (x >> 16) ^ x
+    """A well-mixed 32-bit integer hash of a python int, of an int64 tensor (in place; products stay below 2**63) or
+    of a uint32 numpy array (in place; numpy wraps its products, as the mask does): the same values for each. The
+    sampling hot loop is a pass per op over (B, V)."""
     for _ in range(2):
-        x.bitwise_xor_(x >> 16).mul_(0x45D9F3B).bitwise_and_(M32)
-    return x.bitwise_xor_(x >> 16)
+        x ^= x >> 16
+        x *= 0x45D9F3B
+        if not isinstance(x, np.ndarray):
+            x &= M32
+    x ^= x >> 16
+    return x
 
 
 def mix_seed(seed, rank):
@@ -119,11 +118,15 @@ def process_logits(logits, temperature, top_k=-1, top_p=1.0):
 
 
 def exponential_noise(row_keys, step_key, token_keys):
-    """Exp(1) draws (B, V), one per (row, step, token), from a counter-based hash: no generator state, so what a
-    row draws depends on its key and the step only, never on the other rows of the batch."""
-    # one hash per element of (token key ^ row key) + step key: distinct rows and steps never share an input map
-    x = hash32((token_keys[None, :] ^ row_keys[:, None]).add_(step_key).bitwise_and_(M32))
-    u = x.float().add_(0.5).mul_(2.0**-32)  # uniform in (0, 1]; fine steps near 0 keep tiny probabilities samplable
+    """Exp(1) draws (B, V), one per (row, step, token), from a counter-based hash of (token key ^ row key) + step key:
+    no generator state, so what a row draws depends on its key and the step only, never on the batch's other rows."""
+    if token_keys.is_cpu and isinstance(step_key, int):  # numpy's wrapping uint32: the same values, 3x faster
+        x = token_keys.numpy().astype(np.uint32)[None, :] ^ row_keys.numpy().astype(np.uint32)[:, None]
+        x += np.uint32(step_key & M32)
+        u = torch.from_numpy(hash32(x).astype(np.float32))
+    else:
+        u = hash32((token_keys[None, :] ^ row_keys[:, None]).add_(step_key).bitwise_and_(M32)).float()
+    u = u.add_(0.5).mul_(2.0**-32)  # uniform in (0, 1]; fine steps near 0 keep tiny probabilities samplable
     return u.neg_().log1p_().neg_()  # -log(1 - u)
 
 
@@ -149,11 +152,10 @@ def step_noise_key(key, t):
 
 
 class TorchSampler:
-    """Batched sampling with model.py's KV cache.
-
-    All samples are decoded together: each prompt is prefilled once (left-padded), its cache rows are copied
-    n times, then one token per row per step. Sampling is exponential-race with hashed noise (sample_next), so
-    nothing waits on the host per token. Two decode loops give the same samples (up to float rounding):
+    """Batched sampling with model.py's KV cache. All samples are decoded together: each prompt is prefilled once
+    (left-padded), its cache rows are copied n times, then one token per row per step. Sampling is exponential-race
+    with hashed noise (sample_next), so nothing waits on the host per token. Two decode loops give the same samples
+    (up to float rounding):
     - 'eager': shapes follow the batch; finished rows are dropped from the batch and the cache at a host sync
       every `sync_every` steps (every step on CPU, where a sync costs nothing; rows that finish in between run
       on and their extra tokens are cut). The CPU default.
@@ -224,8 +226,7 @@ class TorchSampler:
         model, dev = self.model, self.device
         temperature, top_k, top_p, logprobs = settings
         P, B, T = len(prompts), len(prompts) * n, max(len(p) for p in prompts)
-        idx = torch.zeros(P, T, dtype=torch.long)
-        mask = torch.zeros(P, T, dtype=torch.bool)
+        idx, mask = torch.zeros(P, T, dtype=torch.long), torch.zeros(P, T, dtype=torch.bool)
         for i, p in enumerate(prompts):  # left padding: every row's next token is at the same slot
             idx[i, T - len(p):] = torch.tensor(p)
             mask[i, T - len(p):] = True
@@ -242,8 +243,8 @@ class TorchSampler:
         for t in range(max_new_tokens):
             tok = sample_next(logits, temperature, top_k, top_p, row_keys[alive], step_noise_key(key, t), token_keys)
             out[alive, t] = tok
-            if logprobs:
-                out_lp[alive, t] = logits.float().log_softmax(-1).gather(-1, tok[:, None])[:, 0]
+            if logprobs:  # log p = logit - logsumexp: no (B, V) log-softmax written
+                out_lp[alive, t] = logits.float().gather(-1, tok[:, None])[:, 0] - logits.float().logsumexp(-1)
             done[alive] |= torch.isin(tok, stop)
             if t == max_new_tokens - 1:
                 break
@@ -291,7 +292,7 @@ class TorchSampler:
         if self.static is not None and self.static.nbytes() > self.keep_share * device_memory(self.device):
             self.static = None
 
-    def wake(self):
+    def wake(self):  # sleep() frees nothing that must come back
         pass
 
     def close(self):
@@ -417,8 +418,7 @@ class StaticDecoder:
         """Left-padded prefill of the first len(prompts) rows (eager); returns their last logits (P, V) and the
         padded prompt length T: every row's next token goes to slot T."""
         dev, P, T = self.tok.device, len(prompts), max(len(p) for p in prompts)
-        idx = torch.zeros(P, T, dtype=torch.long)
-        mask = torch.zeros(P, T, dtype=torch.bool)
+        idx, mask = torch.zeros(P, T, dtype=torch.long), torch.zeros(P, T, dtype=torch.bool)
         for i, p in enumerate(prompts):
             idx[i, T - len(p):] = torch.tensor(p)
             mask[i, T - len(p):] = True
@@ -433,14 +433,14 @@ class StaticDecoder:
 
     def sample(self, logits):
         """Each row's next token from its (B, V) logits, recorded at step t; then t += 1. No host sync."""
-        B = logits.shape[0]
+        B, logits = logits.shape[0], logits.float()  # no copy in fp32
         temperature, top_k, top_p, logprobs = self.settings
         tok = sample_next(logits, temperature, top_k, top_p, self.row_keys[:B], step_noise_key(self.key, self.t),
                           self.token_keys)
         self.tok[:B] = tok
         self.out[:B].index_copy_(1, self.t, tok[:, None])  # the step as a tensor: a graph replays it unchanged
         if logprobs:
-            self.lp[:B].index_copy_(1, self.t, logits.float().log_softmax(-1).gather(-1, tok[:, None]))
+            self.lp[:B].index_copy_(1, self.t, logits.gather(-1, tok[:, None]) - logits.logsumexp(-1, True))
         self.done[:B].logical_or_(self.is_stop[tok])
         self.t += 1
 

@@ -71,6 +71,29 @@ def test_full_kl_chunked_equals_unchunked_with_gradient():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
+def test_full_kl_gradient_made_in_forward_equals_autograd():
+    """opd_full's FullKL makes its gradient in the forward pass: loss, and gradients to the student's states and
+    head (rows beyond the common vocabulary get none), equal autograd through the plain formula, in chunks that do
+    not divide the rows, scaled by whatever gradient comes from above."""
+    g = torch.Generator().manual_seed(4)
+    d, V, vocab, N = 6, 13, 11, 7
+    h_s, h_t = (torch.randn(N, d, generator=g, dtype=torch.float64) for _ in range(2))
+    w_s, w_t = torch.randn(V, d, generator=g, dtype=torch.float64), torch.randn(12, d, generator=g, dtype=torch.float64)
+    grads = []
+    for fused in (True, False):
+        h, w = h_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
+        if fused:
+            loss, kl = output_loss('opd_full', h, h_t, torch.zeros(N, dtype=torch.long), w, w_t, vocab, 0, chunk=3)
+        else:
+            z_s, z_t = (h @ w.T)[:, :vocab], (h_t @ w_t.T)[:, :vocab]
+            loss = (z_s.softmax(-1) * (z_s.log_softmax(-1) - z_t.log_softmax(-1))).sum()
+        (2.5 * loss).backward()
+        grads.append((loss.detach(), h.grad, w.grad))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6, check_dtype=False)  # the loss is fp32
+    assert math.isclose(kl, grads[1][0].item(), rel_tol=1e-6)
+    assert grads[0][2][vocab:].abs().max() == 0 and grads[0][2][:vocab].abs().min() > 0
+
+
 def test_sampled_token_gradient_approaches_full_kl_gradient():
     """E_y~p[sg(log p(y) - log q(y)) grad log p(y)] = grad KL(p || q): check by Monte Carlo."""
     V, S = 6, 200_000

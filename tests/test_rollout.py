@@ -153,6 +153,22 @@ def test_first_token_frequencies_match_the_distribution(model, sampler, kw):
     assert 0.5 * (freq - probs).abs().sum() < 1.5 * noise_floor
 
 
+def test_noise_is_the_hash_of_python_integers_on_both_paths():
+    """The CPU path hashes in numpy's wrapping uint32, the device path (a step key that is a tensor, as in a CUDA
+    graph) in masked int64: both give bit for bit the Exp(1) draw of the hash computed on python integers, at
+    keys near 2**32 too, where the step key's addition wraps."""
+    from sampler import M32, exponential_noise, hash32
+    g = torch.Generator().manual_seed(0)
+    row_keys, token_keys = (torch.randint(0, 2**32, (n,), generator=g) for n in (5, 777))
+    for step_key in (12345, M32 - 3):
+        on_cpu = exponential_noise(row_keys, step_key, token_keys)
+        assert torch.equal(on_cpu, exponential_noise(row_keys, torch.tensor([step_key]), token_keys))
+        for r, v in ((0, 0), (4, 776), (2, 313)):
+            x = hash32(((int(token_keys[v]) ^ int(row_keys[r])) + step_key) & M32)
+            u = torch.tensor(float(np.float32(x)), dtype=torch.float32).add(0.5).mul(2.0**-32)
+            assert on_cpu[r, v] == -torch.log1p(-u)
+
+
 @pytest.mark.parametrize("kw", [dict(top_k=5), dict(top_p=0.3), dict(top_k=20, top_p=0.5)])
 def test_top_k_top_p_never_emit_excluded_tokens(model, sampler, kw):
     temperature = 0.7
