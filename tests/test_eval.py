@@ -4,8 +4,6 @@ evaluation sets shipped in benchmarks/, read offline by default."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 from conftest import ROOT
@@ -13,16 +11,6 @@ from conftest import ROOT
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "mini_bench.jsonl")
 SHIPPED = os.path.join(ROOT, "benchmarks")
 SHARED_BENCH = os.path.join(os.path.dirname(ROOT), "shared", "bench")  # the copies the shipped ones came from
-
-
-def eval_process(args):
-    """`python eval.py args` in a process of its own, as a user runs it."""
-    env = {k: v for k, v in os.environ.items() if k != "OPRD_DATA_DIR"}  # the lookup a user gets by default
-    p = subprocess.run([sys.executable, "eval.py"] + args, cwd=ROOT, capture_output=True, text=True, timeout=400,
-                       env=dict(env, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))
-    if p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
-    return p
 
 
 @pytest.fixture
@@ -65,11 +53,11 @@ def n_fixture():
 
 @pytest.mark.parametrize("backend", ["torch", "vllm"])
 def test_end_to_end_both_backends(tiny_qwen3, tmp_path, backend, run_eval):
-    """torch in this process; vLLM in a process of its own, as a user runs eval.py."""
+    """Both in this process (the CPU engine runs in it too); test_run_guards runs eval.py with vLLM as a process."""
     out = tmp_path / "res"
     args = [f"--ckpt={tiny_qwen3}", f"--benchmarks={FIXTURE}", "--n_samples=3", "--max_new_tokens=12",
             f"--backend={backend}", f"--out={out}", "--temperature=1.0"]
-    stdout = eval_process(args).stdout if backend == "vllm" else run_eval(args)[1]
+    stdout = run_eval(args)[1]
     check_outputs(out, n_fixture(), 3)
     assert "avg@" in stdout.lower() or "Avg@" in stdout
 

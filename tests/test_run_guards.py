@@ -43,13 +43,6 @@ def distill_args(pair, out, **kw):
     return [f"--{k}={v}" for k, v in args.items()]
 
 
-def distill_process(pair, out, patch="", **kw):
-    """distill.py in a fresh process; patch: python run before it (to break the sampler on purpose)."""
-    code = f"import sys; {patch}\nimport distill; sys.argv = ['distill.py'] + {distill_args(pair, out, **kw)!r}; distill.main()"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-
-
 @pytest.fixture
 def distill(settings_restored, monkeypatch, capsys):
     """distill(pair, out, **kw): distill.main() in this process; returns (exit status, stderr lines)."""
@@ -143,13 +136,14 @@ def test_eval_samples_do_not_depend_on_ranks_or_batches(tmp_path, tiny_qwen3, se
     assert len(set(texts["one"].values())) > len(texts["one"]) // 2  # sampled, not the same text everywhere
 
 
-def test_a_vllm_engine_that_skips_its_sync_stops_the_run(pair, tmp_path):
-    """The same guard with vLLM's CPU build: an engine that keeps its first weights is caught at step 1."""
-    p = distill_process(pair, tmp_path / "stale", backend="vllm", max_steps=2,
-                        patch="import rollout; rollout.VLLMSampler.update_weights = lambda self, named: 0")
-    assert p.returncode == 1
-    # vLLM's engine writes its own lines around ours (and, at exit, sometimes a resource_tracker warning): find ours
-    err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and "step 1: stale sampler weights" in err[0], p.stderr[-3000:]
+def test_a_vllm_engine_that_skips_its_sync_stops_the_run(pair, tmp_path, distill, monkeypatch):
+    """The same guard with vLLM's CPU build (its engine in this process): an engine that keeps its first weights is
+    caught at step 1."""
+    import rollout
+    monkeypatch.setattr(rollout.VLLMSampler, "update_weights", lambda self, named: 0)
+    code, err = distill(pair, tmp_path / "stale", backend="vllm", max_steps=2)
+    assert code == 1
+    err = [line for line in err if line.startswith("error:")]  # vLLM's engine writes its own lines around ours
+    assert len(err) == 1 and "step 1: stale sampler weights" in err[0], err
     rows = log(tmp_path / "stale")
     assert [r["step"] for r in rows] == [0, 1] and rows[0]["sampler_logp_gap"] < 1e-3
