@@ -18,6 +18,7 @@ import torch
 
 import data
 from bench import CPU, random_model
+from fsdp import StepClock
 from model import to_hf_config
 
 TRL_VERSION = "1.16.0"  # the release this section was written against
@@ -38,7 +39,8 @@ def peer_tokenizer(path):
 
 def distill_steps(method, student, teacher, out_dir, steps):
     """distill.py as a user runs it (its own process, the torch sampler, fp32 on the CPU, this process's threads): the
-    seconds of steps 2.. (log.jsonl's time/step: rollouts to optimizer step, weight sync, log), their mean length."""
+    seconds of steps 2.. (log.jsonl's time/step: rollouts to optimizer step, weight sync, log), their mean length and
+    the median seconds of each part of a step (time/rollout, time/teacher, ...)."""
     args = [f"--student={student}", f"--teacher={teacher}", f"--method={method}", f"--out_dir={out_dir}",
             "--backend=torch", "--device=cpu", "--prompts=tiny_train", "--max_prompt_len=64", "--n_samples=1",
             f"--prompts_per_step={PEER_PROMPTS}", f"--micro_batch_size={PEER_PROMPTS}", "--lr=1e-5",
@@ -50,7 +52,8 @@ def distill_steps(method, student, teacher, out_dir, steps):
         raise RuntimeError(f"distill.py --method={method} failed:\n{p.stderr[-3000:]}")
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         log = [json.loads(line) for line in f][1:]  # the first step is the warm-up
-    return [r["time/step"] for r in log], statistics.mean(r["mean_response_len"] for r in log)
+    parts = {k: statistics.median(r[f"time/{k}"] for r in log) for k in StepClock.PARTS}  # where a step's time goes
+    return [r["time/step"] for r in log], statistics.mean(r["mean_response_len"] for r in log), parts
 
 def trl_steps(student, teacher, out_dir, steps):
     """TRL's DistillationTrainer on the same task's prompts through the same chat template, one sample each, beta = 1
@@ -75,7 +78,7 @@ def trl_steps(student, teacher, out_dir, steps):
     trainer.remove_callback(PrinterCallback)  # a dict of figures per step
     trainer.train()
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
-    return [b - a for a, b in zip(ends, ends[1:])], statistics.mean(lengths[1:])
+    return [b - a for a, b in zip(ends, ends[1:])], statistics.mean(lengths[1:]), None
 
 def bench_peer(cfg, device):
     try:
@@ -97,13 +100,17 @@ def bench_peer(cfg, device):
             runs = {m: distill_steps(m, student, teacher, f"{root}/{m}_{vocab}", steps) for m in PEER_METHODS}
             runs["trl"] = trl_steps(student, teacher, f"{root}/trl_{vocab}", steps)
             r = res[f"vocab_{vocab}"] = {who: dict(seconds_per_step=statistics.median(s), step_seconds=s,
-                                                   response_len=n) for who, (s, n) in runs.items()}
+                                                   response_len=n, **({"median_parts": p} if p else {}))
+                                         for who, (s, n, p) in runs.items()}
             for m in PEER_METHODS:
                 r[m]["over_trl"] = r[m]["seconds_per_step"] / r["trl"]["seconds_per_step"]
             print(f"peer, V={vocab:,}: seconds per step (median of steps 2..{steps}): TRL DistillationTrainer "
                   f"{r['trl']['seconds_per_step']:.2f}, distill.py " + ", ".join(
                       f"{m} {r[m]['seconds_per_step']:.2f} ({r[m]['over_trl']:.2f}x TRL's)" for m in PEER_METHODS)
                   + " | mean response length " + ", ".join(f"{w} {r[w]['response_len']:.1f}" for w in r), flush=True)
+            for m in PEER_METHODS:
+                print(f"  {m}, median seconds of each part: " + ", ".join(
+                    f"{k} {v:.3f}" for k, v in r[m]["median_parts"].items()), flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return res
