@@ -127,12 +127,14 @@ def update_flops(plan, c_s, c_t, sequences, T, head_rows, checkpointing):
         model    = teacher forward (up to its deepest tap; LM head only if the loss needs logits)
                  + 3 x student forward (forward, and backward = 2 x forward)
         hardware = model + the student's blocks again (activation checkpointing recomputes them in backward)
-                 + both LM heads again (each vocabulary chunk is recomputed in backward, the teacher's too)
+                 + both LM heads again (each vocabulary chunk is recomputed in backward, the teacher's too; not
+                   under opd_full, whose gradient is made in the forward pass: losses.FullKL)
     MFU = model / seconds / peak; HFU = hardware / seconds / peak."""
     rows = head_rows if plan.out_kind else 0
     t_blocks, s_blocks = min(plan.t_taps[-1], plan.L_t), min(plan.s_taps[-1], plan.L_s)
     model = forward_flops(c_t, sequences, T, t_blocks, rows) + 3 * forward_flops(c_s, sequences, T, s_blocks, rows)
-    hardware = model + 2 * rows * (c_s.hidden_size * c_s.vocab_size + c_t.hidden_size * c_t.vocab_size)
+    again = 0 if plan.out_kind == 'opd_full' else rows
+    hardware = model + 2 * again * (c_s.hidden_size * c_s.vocab_size + c_t.hidden_size * c_t.vocab_size)
     return model, hardware + (forward_flops(c_s, sequences, T, s_blocks, 0) if checkpointing else 0)
 
 def body_to_head(shape, T=1):

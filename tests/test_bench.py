@@ -47,6 +47,8 @@ def test_update_flops_by_hand():
     assert oprd == 4 * fwd_blocks and oprd_hw == 5 * fwd_blocks  # no LM head anywhere
     topk, topk_hw = bench.update_flops(make_plan("opd_topk", c, c), c, c, 1, T, rows, checkpointing=True)
     assert topk == 4 * (fwd_blocks + head) and topk_hw == topk + fwd_blocks + 2 * head
+    full, full_hw = bench.update_flops(make_plan("opd_full", c, c), c, c, 1, T, rows, checkpointing=True)
+    assert full == topk and full_hw == full + fwd_blocks  # its gradient made in the forward pass: no head again
     # OPRD on layer 4 only: the teacher stops after block 4; the student runs to its final norm (distill.py re-scores
     # a sample of the rollout's tokens with it, the sampler check), with no LM head counted
     assert bench.update_flops(make_plan("oprd", c, c, layers="4"), c, c, 1, T, rows, False)[0] == (4 + 3 * 28) * per_block
