@@ -520,7 +520,8 @@ def train(cfg):
             hs_s = stu(b['idx'], attention_mask=b['attn'], taps=plan.s_taps)
             loss, stats = micro_batch_loss(plan, hs_s, rows_t, b, n_out, n_rep, stu.lm_head.weight,
                                            tea.lm_head.weight if tea is not None else None, proj, bridge)
-            gap = sampler_gap(hs_s[plan.L_s], stu.lm_head.weight, b) if weight and b['check'].any() else (0.0, 0)
+            gap = sampler_gap(hs_s[plan.L_s], stu.lm_head.weight, b, stats['target_logp']) \
+                if weight and b['check'].any() else (0.0, 0)
             (loss * (world * weight)).backward()
             clock.lap('student')
             if weight:

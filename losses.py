@@ -148,16 +148,19 @@ class FullKL(torch.autograd.Function):
     """opd_full's loss, sum over rows of KL(p_S || p_T), with its gradient made in the forward pass, chunk rows at
     a time: d KL / d z_S = p_S * (log p_S - log p_T - KL) for each row's student logits z_S. So backward only
     scales it, and no logits are recomputed (each chunk costs two head matmuls forward and two for the gradient,
-    not six). Between the passes it holds a gradient of the head's size, as the head's own .grad will."""
+    not six). Between the passes it holds a gradient of the head's size, as the head's own .grad will. Also
+    returns log p_S of each row's target (no gradient): the sampler check reads them instead of a head of its own."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, vocab, chunk):
+    def forward(ctx, h_s, w_s, h_t, w_t, targets, vocab, chunk):
         grad_h = torch.empty_like(h_s)
         grad_w = torch.zeros_like(w_s)
         total = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        target_logp = torch.empty(h_s.shape[0], dtype=torch.float32, device=h_s.device)
         for i in range(0, h_s.shape[0], chunk):
             sl = slice(i, i + chunk)
             logp_s = F.log_softmax(F.linear(h_s[sl], w_s)[:, :vocab].float(), dim=-1)
+            target_logp[sl] = logp_s.gather(1, targets[sl, None])[:, 0]
             logp_t = F.log_softmax(F.linear(h_t[sl], w_t)[:, :vocab].float(), dim=-1)
             diff = torch.sub(logp_s, logp_t, out=logp_t)
             p = logp_s.exp_()  # in place: log p_S is not needed again
@@ -167,21 +170,23 @@ class FullKL(torch.autograd.Function):
             grad_h[sl] = g @ w_s[:vocab]
             grad_w[:vocab].addmm_(g.t(), h_s[sl])
         ctx.save_for_backward(grad_h, grad_w)
-        return total
+        ctx.mark_non_differentiable(target_logp)
+        return total, target_logp
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None, None, None
+        return grad_h * grad_out, grad_w * grad_out, None, None, None, None, None
 
 
 def output_loss(kind, h_s, h_t, targets, w_s, w_t, vocab, k, chunk):
     """Output-space loss over all rows, chunk rows at a time; each chunk's logits are recomputed in backward
     (activation checkpointing), so no (rows, V) tensor of the whole batch ever exists. opd_full makes its exact
-    gradient in the forward pass instead (FullKL)."""
+    gradient in the forward pass instead (FullKL). Returns (loss, KL-estimate sum, log p_S of each row's target or
+    None: FullKL's, which the sampler check reuses)."""
     if kind == 'opd_full' and torch.is_grad_enabled():
-        loss = FullKL.apply(h_s, w_s, h_t.detach(), w_t.detach(), vocab, chunk)
-        return loss, loss.item()
+        loss, target_logp = FullKL.apply(h_s, w_s, h_t.detach(), w_t.detach(), targets, vocab, chunk)
+        return loss, loss.item(), target_logp
     loss, kl = h_s.new_zeros((), dtype=torch.float32), 0.0
     for i in range(0, h_s.shape[0], chunk):
         sl = slice(i, i + chunk)
@@ -191,7 +196,7 @@ def output_loss(kind, h_s, h_t, targets, w_s, w_t, vocab, k, chunk):
         else:
             l, e = output_loss_chunk(*args)
         loss, kl = loss + l, kl + e.item()
-    return loss, kl
+    return loss, kl, None
 
 
 def _token_logprobs_chunk(h, w, targets, vocab):
@@ -282,9 +287,10 @@ def micro_batch_loss(plan, hs_s, rows_t, b, n_out, n_rep, w_s=None, w_t=None, pr
     micro-batch (collate, with 'oprd' and 'keep' masks; under opd_chunk 'spans', the chunks); across tokenizers
     b['teacher'] is the teacher's batch (align.teacher_batch). w_s, w_t: the LM heads' weights (output-space
     losses and sft only); proj: the learned projector (or None); bridge: the frozen OPRD-Bridge (or None).
-    Returns (loss, stats): stats holds sums over this micro-batch for the log."""
+    Returns (loss, stats): stats holds sums over this micro-batch for the log, and under opd_full the student's
+    log-probability of each supervised token (target_logp, for sampler_gap)."""
     loss = hs_s[plan.s_taps[-1]].new_zeros((), dtype=torch.float32)
-    stats = {'kl': 0.0, 'layer_loss': [], 'layer_cos': []}
+    stats = {'kl': 0.0, 'layer_loss': [], 'layer_cos': [], 'target_logp': None}
     t_b = b.get('teacher', b)  # the teacher's own reading of the micro-batch when the tokenizers differ
     if plan.out_kind == 'opd_chunk':  # each model scores its own tokens; summed over the chunks both have read
         vocab = plan.vocab if t_b is b else None  # another tokenizer: each model its whole head
@@ -301,8 +307,9 @@ def micro_batch_loss(plan, hs_s, rows_t, b, n_out, n_rep, w_s=None, w_t=None, pr
         if plan.method == 'sft':
             out = sft_loss(F.linear(rows_s, w_s)[:, :plan.vocab], targets)
         else:
-            out, stats['kl'] = output_loss(plan.out_kind, rows_s, rows_t[plan.L_t][predicts[b['keep']]], targets,
-                                           w_s, w_t, plan.vocab, plan.topk, plan.chunk)
+            out, stats['kl'], stats['target_logp'] = output_loss(
+                plan.out_kind, rows_s, rows_t[plan.L_t][predicts[b['keep']]], targets, w_s, w_t, plan.vocab, plan.topk,
+                plan.chunk)
         loss = loss + out / max(n_out, 1)
     if plan.s_layers:
         supervised, of_kept = b['oprd'], t_b['oprd'][t_b['keep']]
@@ -318,15 +325,19 @@ def micro_batch_loss(plan, hs_s, rows_t, b, n_out, n_rep, w_s=None, w_t=None, pr
     return loss, stats
 
 
-def sampler_gap(h_final, w, b):
+def sampler_gap(h_final, w, b, target_logp=None):
     """Sum and count of |log p_student - log p_sampler| of the sampled tokens at the positions b['check'] (a
     few hundred per step): h_final the student's final-norm states (B, T, d), w its LM head, b['logp_next'] the
     sampler's raw log-probability of the token each position predicts. A gap far above its first step's level
-    means the sampler no longer serves the trained weights."""
+    means the sampler no longer serves the trained weights. target_logp: the student's log-probability of the token
+    at every b['out_mask'] position, when the loss computed them (opd_full): read there, not computed again."""
     rows = b['check']
     with torch.no_grad():
-        logits = F.linear(h_final[rows].float(), w.float())  # log p = logit - logsumexp: no (rows, V) log-softmax
-        mine = logits.gather(1, b['idx'][:, 1:][rows[:, :-1]][:, None])[:, 0] - logits.logsumexp(-1)
+        if target_logp is not None:  # the check's positions are among the loss's (supervise picks them so)
+            mine = target_logp[rows[b['out_mask']]]
+        else:
+            logits = F.linear(h_final[rows].float(), w.float())  # log p = logit - logsumexp: no (rows, V) log-softmax
+            mine = logits.gather(1, b['idx'][:, 1:][rows[:, :-1]][:, None])[:, 0] - logits.logsumexp(-1)
         return (mine - b['logp_next'][rows]).abs().sum().item(), rows.sum().item()
 
 

@@ -120,7 +120,7 @@ def process_logits(logits, temperature, top_k=-1, top_p=1.0):
 def exponential_noise(row_keys, step_key, token_keys):
     """Exp(1) draws (B, V), one per (row, step, token), from a counter-based hash of (token key ^ row key) + step key:
     no generator state, so what a row draws depends on its key and the step only, never on the batch's other rows."""
-    if token_keys.is_cpu and isinstance(step_key, int):  # numpy's wrapping uint32: the same values, 3x faster
+    if token_keys.is_cpu and isinstance(step_key, int):  # numpy's wrapping uint32: the same values, about 2x faster
         x = token_keys.numpy().astype(np.uint32)[None, :] ^ row_keys.numpy().astype(np.uint32)[:, None]
         x += np.uint32(step_key & M32)
         u = torch.from_numpy(hash32(x).astype(np.float32))

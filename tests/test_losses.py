@@ -52,7 +52,7 @@ def dist_rows(V=11, N=3, seed=0):
 def test_full_kl_equals_sum_p_log_p_over_q():
     z_s, z_t = dist_rows()
     eye = torch.eye(z_s.shape[1], dtype=torch.float64)  # identity "LM head": rows are the logits themselves
-    loss, kl = output_loss('opd_full', z_s, z_t, torch.zeros(3, dtype=torch.long), eye, eye, 11, 0, chunk=2)
+    loss, kl, _ = output_loss('opd_full', z_s, z_t, torch.zeros(3, dtype=torch.long), eye, eye, 11, 0, chunk=2)
     p, q = z_s.softmax(-1), z_t.softmax(-1)
     want = (p * (p / q).log()).sum()
     torch.testing.assert_close(loss.double(), want)
@@ -65,7 +65,7 @@ def test_full_kl_chunked_equals_unchunked_with_gradient():
     grads = []
     for chunk in (3, 100):
         z = z_s.clone().requires_grad_(True)
-        loss, _ = output_loss('opd_full', z, z_t, torch.zeros(10, dtype=torch.long), eye, eye, 13, 0, chunk)
+        loss, _, _ = output_loss('opd_full', z, z_t, torch.zeros(10, dtype=torch.long), eye, eye, 13, 0, chunk)
         loss.backward()
         grads.append(z.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
@@ -74,16 +74,18 @@ def test_full_kl_chunked_equals_unchunked_with_gradient():
 def test_full_kl_gradient_made_in_forward_equals_autograd():
     """opd_full's FullKL makes its gradient in the forward pass: loss, and gradients to the student's states and
     head (rows beyond the common vocabulary get none), equal autograd through the plain formula, in chunks that do
-    not divide the rows, scaled by whatever gradient comes from above."""
+    not divide the rows, scaled by whatever gradient comes from above; and it hands over log p_S of each row's target
+    (the sampler check reads them)."""
     g = torch.Generator().manual_seed(4)
     d, V, vocab, N = 6, 13, 11, 7
     h_s, h_t = (torch.randn(N, d, generator=g, dtype=torch.float64) for _ in range(2))
     w_s, w_t = torch.randn(V, d, generator=g, dtype=torch.float64), torch.randn(12, d, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, vocab, (N,), generator=g)
     grads = []
     for fused in (True, False):
         h, w = h_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
         if fused:
-            loss, kl = output_loss('opd_full', h, h_t, torch.zeros(N, dtype=torch.long), w, w_t, vocab, 0, chunk=3)
+            loss, kl, target_logp = output_loss('opd_full', h, h_t, targets, w, w_t, vocab, 0, chunk=3)
         else:
             z_s, z_t = (h @ w.T)[:, :vocab], (h_t @ w_t.T)[:, :vocab]
             loss = (z_s.softmax(-1) * (z_s.log_softmax(-1) - z_t.log_softmax(-1))).sum()
@@ -92,6 +94,8 @@ def test_full_kl_gradient_made_in_forward_equals_autograd():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6, check_dtype=False)  # the loss is fp32
     assert math.isclose(kl, grads[1][0].item(), rel_tol=1e-6)
     assert grads[0][2][vocab:].abs().max() == 0 and grads[0][2][:vocab].abs().min() > 0
+    want = (h_s @ w_s.T)[:, :vocab].log_softmax(-1)[torch.arange(N), targets]
+    assert not target_logp.requires_grad and torch.allclose(target_logp.double(), want, rtol=1e-5)
 
 
 def test_sampled_token_gradient_approaches_full_kl_gradient():

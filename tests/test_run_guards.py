@@ -60,15 +60,16 @@ def log(out):
         return [json.loads(line) for line in f]
 
 
-def test_sampler_gap_is_small_and_a_skipped_sync_stops_the_run(pair, tmp_path, distill, monkeypatch):
-    code, err = distill(pair, tmp_path / "ok")
+@pytest.mark.parametrize("method", ["oprd", "opd_full"])  # opd_full's check reads its loss's log-probs (FullKL)
+def test_sampler_gap_is_small_and_a_skipped_sync_stops_the_run(pair, tmp_path, distill, monkeypatch, method):
+    code, err = distill(pair, tmp_path / "ok", method=method, check_tokens=16)  # half the 32 tokens a step
     assert code == 0, err[-40:]
     gaps = [r["sampler_logp_gap"] for r in log(tmp_path / "ok")]
     assert len(gaps) == 3 and max(gaps) < 1e-3  # both fp32 on the CPU: only rounding apart
     # a sampler that keeps its first weights: after one update at this rate the student has moved far from it
     import sampler
     monkeypatch.setattr(sampler.TorchSampler, "update_weights", lambda self, named: None)
-    code, err = distill(pair, tmp_path / "stale")
+    code, err = distill(pair, tmp_path / "stale", method=method, check_tokens=16)
     assert code == 1 and len(err) == 1 and "step 1: stale sampler weights" in err[0], err[-40:]
     rows = log(tmp_path / "stale")
     assert [r["step"] for r in rows] == [0, 1] and rows[1]["sampler_logp_gap"] > 10 * max(rows[0]["sampler_logp_gap"],
