@@ -58,14 +58,16 @@ def distill_steps(method, student, teacher, out_dir, steps):
 def trl_steps(student, teacher, out_dir, steps):
     """TRL's DistillationTrainer on the same task's prompts through the same chat template, one sample each, beta = 1
     (reverse KL), fp32 on the CPU, no gradient checkpointing (as distill.py's default): the seconds of steps 2.. (from
-    one step's end, after its optimizer step and log, to the next's) and their mean response length."""
+    one step's end, after its optimizer step and log, to the next's), their mean response length and the median
+    split of a step into TRL's generation (its generate call) and the rest (teacher, student, optimizer, log)."""
     from datasets import Dataset
     from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
-    ends = []
+    ends, gen = [], [0.0]  # step ends; seconds in generation since the last step's end
     class StepEnds(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            ends.append(time.perf_counter())
+            ends.append((time.perf_counter(), gen[0]))
+            gen[0] = 0.0
     problems = data.load_problems("tiny_train")[:PEER_PROMPTS * steps]
     prompts = Dataset.from_list([{"prompt": [{"role": "user", "content": data.build_prompt(p)}]} for p in problems])
     args = DistillationConfig(output_dir=out_dir, max_steps=steps, per_device_train_batch_size=PEER_PROMPTS, beta=1.0,
@@ -76,9 +78,20 @@ def trl_steps(student, teacher, out_dir, steps):
                                   processing_class=AutoTokenizer.from_pretrained(student, padding_side="left"),
                                   callbacks=[StepEnds()])
     trainer.remove_callback(PrinterCallback)  # a dict of figures per step
+    generate = trainer._generate_single_turn  # where TRL's on-policy step calls transformers' generate()
+    def timed_generate(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return generate(*a, **kw)
+        finally:
+            gen[0] += time.perf_counter() - t
+    trainer._generate_single_turn = timed_generate
     trainer.train()
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
-    return [b - a for a, b in zip(ends, ends[1:])], statistics.mean(lengths[1:]), None
+    seconds = [b - a for (a, _), (b, _) in zip(ends, ends[1:])]
+    rollout = [g for _, g in ends[1:]]
+    parts = {"rollout": statistics.median(rollout), "rest": statistics.median(s - g for s, g in zip(seconds, rollout))}
+    return seconds, statistics.mean(lengths[1:]), parts
 
 def bench_peer(cfg, device):
     try:
@@ -100,7 +113,7 @@ def bench_peer(cfg, device):
             runs = {m: distill_steps(m, student, teacher, f"{root}/{m}_{vocab}", steps) for m in PEER_METHODS}
             runs["trl"] = trl_steps(student, teacher, f"{root}/trl_{vocab}", steps)
             r = res[f"vocab_{vocab}"] = {who: dict(seconds_per_step=statistics.median(s), step_seconds=s,
-                                                   response_len=n, **({"median_parts": p} if p else {}))
+                                                   response_len=n, median_parts=p)
                                          for who, (s, n, p) in runs.items()}
             for m in PEER_METHODS:
                 r[m]["over_trl"] = r[m]["seconds_per_step"] / r["trl"]["seconds_per_step"]
@@ -108,7 +121,7 @@ def bench_peer(cfg, device):
                   f"{r['trl']['seconds_per_step']:.2f}, distill.py " + ", ".join(
                       f"{m} {r[m]['seconds_per_step']:.2f} ({r[m]['over_trl']:.2f}x TRL's)" for m in PEER_METHODS)
                   + " | mean response length " + ", ".join(f"{w} {r[w]['response_len']:.1f}" for w in r), flush=True)
-            for m in PEER_METHODS:
+            for m in ("trl", *PEER_METHODS):
                 print(f"  {m}, median seconds of each part: " + ", ".join(
                     f"{k} {v:.3f}" for k, v in r[m]["median_parts"].items()), flush=True)
     finally:
