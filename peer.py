@@ -1,7 +1,8 @@
 """
 bench.py's peer section: distill.py's opd_full and oprd against TRL's DistillationTrainer (on-policy, full-vocabulary
-reverse KL) on one tiny random Qwen3 pair, seconds per whole step from a warm process. TRL is no dependency of this
-project; without it the section says how to install it.
+reverse KL) on one tiny random Qwen3 pair, seconds per whole step from a warm process, where each step goes, and what
+opd_full's step cannot go below on this core. TRL is no dependency of this project; without it the section says how to
+install it.
 
 $ python bench.py --sections=peer --threads=1
 """
@@ -17,9 +18,11 @@ import time
 import torch
 
 import data
-from bench import CPU, random_model
+from bench import CPU, best_time, forward_flops, random_model, update_flops
 from fsdp import StepClock
-from model import to_hf_config
+from losses import make_plan
+from model import ModelConfig, to_hf_config
+from tokenizer import load_tokenizer
 
 TRL_VERSION = "1.16.0"  # the release this section was written against
 PEER_VOCABS, PEER_PROMPTS, PEER_NEW_TOKENS, PEER_METHODS = (512, 151936), 8, 64, ("opd_full", "oprd")
@@ -93,6 +96,24 @@ def trl_steps(student, teacher, out_dir, steps):
     parts = {"rollout": statistics.median(rollout), "rest": statistics.median(s - g for s, g in zip(seconds, rollout))}
     return seconds, statistics.mean(lengths[1:]), parts
 
+def floors(vocab, student, response_len):
+    """What distill.py's opd_full step cannot go below on this core: its FLOPs (bench.py's count) over the rate of
+    fp32 products of as many rows, measured here (norms, softmax, the optimizer and per-operation overhead not counted).
+    The update's products have 8 x T rows; each of the rollout's sequential decode steps has 8."""
+    c_s, c_t = (ModelConfig(**dict(PEER_SHAPE, vocab_size=vocab, num_hidden_layers=n)) for n in (2, 4))
+    tok = load_tokenizer(student)
+    prompt = statistics.mean(len(data.encode_prompt(p, tok, False)) for p in data.load_problems("tiny_train")[:8])
+    T, d, hidden = round(prompt + response_len), PEER_SHAPE["hidden_size"], PEER_SHAPE["intermediate_size"]
+    plan = make_plan("opd_full", c_s, c_t, "all", "last_k", 2000, "predict", "mse", 1.0, 1.0, 16, 1024)
+    update = update_flops(plan, c_s, c_t, PEER_PROMPTS, T, round(PEER_PROMPTS * response_len), False)[0]
+    decode = round(response_len) * forward_flops(c_s, PEER_PROMPTS, 1, 2, PEER_PROMPTS)
+    rate = {}
+    for rows in (PEER_PROMPTS * T, PEER_PROMPTS):  # (rows x d) @ (d x the MLP's width)
+        a, b = torch.randn(rows, d), torch.randn(d, hidden)
+        rate[rows] = 2 * rows * d * hidden / best_time(lambda: a @ b, 200, CPU)
+    return dict(length=T, update_gflop=update / 1e9, update_seconds=update / rate[PEER_PROMPTS * T], decode_gflop=decode / 1e9,
+                decode_seconds=decode / rate[PEER_PROMPTS], gflop_s={rows: r / 1e9 for rows, r in rate.items()})
+
 def bench_peer(cfg, device):
     try:
         from trl import DistillationTrainer, __version__ as trl_version  # noqa: F401  (older releases have no trainer)
@@ -124,6 +145,12 @@ def bench_peer(cfg, device):
             for m in ("trl", *PEER_METHODS):
                 print(f"  {m}, median seconds of each part: " + ", ".join(
                     f"{k} {v:.3f}" for k, v in r[m]["median_parts"].items()), flush=True)
+            f = r["floor"] = floors(vocab, student, r["opd_full"]["response_len"])
+            rates = ", ".join(f"{g:.0f} GFLOP/s on {n} rows" for n, g in f["gflop_s"].items())
+            print(f"  floor of opd_full's step at this core's matmul rate ({rates}): update "
+                  f"{f['update_gflop']:.2f} GFLOP >= {f['update_seconds']:.3f} s, the rollout's decode steps "
+                  f"{f['decode_gflop']:.2f} GFLOP >= {f['decode_seconds']:.3f} s; half TRL's step: "
+                  f"{r['trl']['seconds_per_step'] / 2:.3f} s", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return res

@@ -1,5 +1,5 @@
 """bench.py: the FLOP count, the paper-shape update path (FSDP2 on a one-rank group) at a toy shape on CPU, the peer
-section's tokenizer, and the peer section without TRL (one line; the other sections still run)."""
+section's tokenizer and floors, and the peer section without TRL (one line; the other sections still run)."""
 
 import json
 import math
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import bench
+import data
 import peer
 from losses import make_plan
 from model import ModelConfig
@@ -90,6 +91,26 @@ def test_peer_tokenizer_is_bytes_plus_three_with_chatml(tmp_path):
     assert list(hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]) == by_hand
     assert tok.encode("é ✓") == [b + 3 for b in "é ✓".encode()] and tok.decode(tok.encode("é ✓")) == "é ✓"
     assert tok.eos_ids == [1] and tok.pad_id == 0
+
+
+def test_peer_floor_counts_the_decode_steps_by_hand(tmp_path, one_thread):
+    """The floors' FLOPs by hand. Each of the rollout's decode steps runs 8 rows through the student's 2 blocks (q, k, v,
+    o, gate, up, down, one attention pair) and its LM head. The update: the teacher's 4 blocks over 8 x T tokens (causal
+    pairs) and its head on the 8 x 60 response rows, and three times the student's 2 blocks and head."""
+    peer.peer_tokenizer(tmp_path)
+    d, q, kv, hidden, V = 128, 4 * 32, 2 * 32, 384, 512
+    block = d * q + 2 * d * kv + q * d + 3 * d * hidden
+    f = peer.floors(V, str(tmp_path), 60.0)
+    prompts = [1 + len(f"user\n{data.build_prompt(p)}".encode()) + 3 + len(b"assistant\n")  # the chat template's
+               for p in data.load_problems("tiny_train")[:8]]
+    T = round(sum(prompts) / 8 + 60)
+    assert f["length"] == T
+    forward = lambda blocks, tokens, pairs, rows: blocks * (2 * block * tokens + 4 * q * pairs) + 2 * d * V * rows
+    assert f["decode_gflop"] * 1e9 == pytest.approx(60 * forward(2, 8, 8, 8), rel=1e-12)
+    update = forward(4, 8 * T, 8 * T * (T + 1) // 2, 480) + 3 * forward(2, 8 * T, 8 * T * (T + 1) // 2, 480)
+    assert f["update_gflop"] * 1e9 == pytest.approx(update, rel=1e-12)
+    assert f["decode_seconds"] == pytest.approx(f["decode_gflop"] / f["gflop_s"][8], rel=1e-9)
+    assert f["update_seconds"] == pytest.approx(f["update_gflop"] / f["gflop_s"][8 * T], rel=1e-9)
 
 
 def test_peer_without_trl_is_one_line_and_the_other_sections_run(tmp_path, monkeypatch, capsys, one_thread):
