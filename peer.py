@@ -99,10 +99,11 @@ def trl_steps(student, teacher, out_dir, steps):
 def floors(vocab, student, response_len):
     """What distill.py's opd_full step cannot go below on this core: its FLOPs (bench.py's count) over the rate of
     fp32 products of as many rows, measured here (norms, softmax, the optimizer and per-operation overhead not counted).
-    The update's products have 8 x T rows; each of the rollout's sequential decode steps has 8."""
+    The update's products have 8 x T rows (T: the task's first 8 prompts' mean length + the run's mean response
+    length); each of the rollout's sequential decode steps has 8."""
     c_s, c_t = (ModelConfig(**dict(PEER_SHAPE, vocab_size=vocab, num_hidden_layers=n)) for n in (2, 4))
-    tok = load_tokenizer(student)
-    prompt = statistics.mean(len(data.encode_prompt(p, tok, False)) for p in data.load_problems("tiny_train")[:8])
+    tok, problems = load_tokenizer(student), data.load_problems("tiny_train")[:PEER_PROMPTS]
+    prompt = statistics.mean(len(data.encode_prompt(p, tok, False)) for p in problems)
     T, d, hidden = round(prompt + response_len), PEER_SHAPE["hidden_size"], PEER_SHAPE["intermediate_size"]
     plan = make_plan("opd_full", c_s, c_t, "all", "last_k", 2000, "predict", "mse", 1.0, 1.0, 16, 1024)
     update = update_flops(plan, c_s, c_t, PEER_PROMPTS, T, round(PEER_PROMPTS * response_len), False)[0]
@@ -111,8 +112,9 @@ def floors(vocab, student, response_len):
     for rows in (PEER_PROMPTS * T, PEER_PROMPTS):  # (rows x d) @ (d x the MLP's width)
         a, b = torch.randn(rows, d), torch.randn(d, hidden)
         rate[rows] = 2 * rows * d * hidden / best_time(lambda: a @ b, 200, CPU)
-    return dict(length=T, update_gflop=update / 1e9, update_seconds=update / rate[PEER_PROMPTS * T], decode_gflop=decode / 1e9,
-                decode_seconds=decode / rate[PEER_PROMPTS], gflop_s={rows: r / 1e9 for rows, r in rate.items()})
+    return dict(length=T, update_gflop=update / 1e9, update_seconds=update / rate[PEER_PROMPTS * T],
+                decode_gflop=decode / 1e9, decode_seconds=decode / rate[PEER_PROMPTS],
+                gflop_s={rows: r / 1e9 for rows, r in rate.items()})
 
 def bench_peer(cfg, device):
     try:

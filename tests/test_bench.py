@@ -94,9 +94,9 @@ def test_peer_tokenizer_is_bytes_plus_three_with_chatml(tmp_path):
 
 
 def test_peer_floor_counts_the_decode_steps_by_hand(tmp_path, one_thread):
-    """The floors' FLOPs by hand. Each of the rollout's decode steps runs 8 rows through the student's 2 blocks (q, k, v,
-    o, gate, up, down, one attention pair) and its LM head. The update: the teacher's 4 blocks over 8 x T tokens (causal
-    pairs) and its head on the 8 x 60 response rows, and three times the student's 2 blocks and head."""
+    """The floors' FLOPs by hand. Each of the rollout's decode steps runs 8 rows through the student's 2 blocks (q, k,
+    v, o, gate, up, down, one attention pair) and its LM head. The update: the teacher's 4 blocks over 8 x T tokens
+    (causal pairs) and its head on the 8 x 60 response rows, and three times the student's 2 blocks and head."""
     peer.peer_tokenizer(tmp_path)
     d, q, kv, hidden, V = 128, 4 * 32, 2 * 32, 384, 512
     block = d * q + 2 * d * kv + q * d + 3 * d * hidden
