@@ -6,7 +6,7 @@ best of `repeats` runs after a warm-up. Other work on the cores hurts CPU figure
 
 $ python bench.py --device=cuda --json=bench.json     # one H200: update, sampler, forward; about 4 minutes
 $ python bench.py --sections=update --device=cpu --threads=1 --json=bench.json  # 2 busy cores: about 15 minutes
-$ python bench.py --sections=peer --threads=1         # against TRL (pip install trl==1.16.0 first)
+$ python bench.py --sections=peer --threads=1         # against TRL (pip install trl==1.16.0 "datasets<5" first)
 
 - update: one update per method on one rollout (distill.py's, without the optimizer step): seconds, tokens/s, transient
   peak memory (peak during it minus memory at its start, the paper's Table 3), OPRD's ratios to top-16 OPD. Random

@@ -25,6 +25,8 @@ from model import ModelConfig, to_hf_config
 from tokenizer import load_tokenizer
 
 TRL_VERSION = "1.16.0"  # the release this section was written against
+# datasets 5.2, which pip picks for it, fails to fingerprint a Dataset.from_list here (pickling pyarrow's MonthDayNano)
+TRL_INSTALL = f'pip install trl=={TRL_VERSION} "datasets<5"'
 PEER_VOCABS, PEER_PROMPTS, PEER_NEW_TOKENS, PEER_METHODS = (512, 151936), 8, 64, ("opd_full", "oprd")
 # one width, random weights; peer_tokenizer's <|im_end|> (1) ends a response, <pad> (0) pads
 PEER_SHAPE = dict(model_type="qwen3", hidden_size=128, intermediate_size=384, num_attention_heads=4,
@@ -120,7 +122,7 @@ def bench_peer(cfg, device):
     try:
         from trl import DistillationTrainer, __version__ as trl_version  # noqa: F401  (older releases have no trainer)
     except ImportError:
-        line = f"peer: skipped, TRL is not installed (no dependency of this project): pip install trl=={TRL_VERSION}"
+        line = f"peer: skipped, TRL is not installed (no dependency of this project): {TRL_INSTALL}"
         print(line, flush=True)
         return dict(skipped=line)
     steps, root = cfg["peer_steps"], tempfile.mkdtemp(prefix="bench_peer_")
