@@ -3,7 +3,7 @@ The small-scale study behind RESULTS.md: every method at its own learning rate, 
 and a student of another width and depth, on the built-in tiny task. It trains from tiny.py's models (made, or
 reused, in work_dir first) through tiny.py's runner and evaluation.
 
-$ python study.py            # 48 minutes on 2 CPU cores; finished runs and evaluations are reused
+$ python study.py            # 41 minutes on 2 CPU cores; finished runs and evaluations are reused
 $ python study.py --jobs=1   # one run at a time (each run uses one thread)
 $ python study.py --xtok=True   # the cross-tokenizer block instead (below)
 
