@@ -144,6 +144,15 @@ def output_loss_chunk(kind, h_s, h_t, targets, w_s, w_t, vocab, k):
     raise DistillError(f"unknown output loss {kind!r}")
 
 
+def log_softmax_(z):
+    """F.log_softmax over the last dim, bit for bit, written over z where it can be: a contiguous CPU tensor. On a
+    CPU the first touch of a fresh (rows, V) buffer's pages costs several times the pass itself; on a GPU the caching
+    allocator has one ready."""
+    if z.is_cpu and z.is_contiguous():
+        return torch.ops.aten._log_softmax.out(z, -1, False, out=z)
+    return F.log_softmax(z, dim=-1)
+
+
 class FullKL(torch.autograd.Function):
     """opd_full's loss, sum over rows of KL(p_S || p_T), with its gradient made in the forward pass, chunk rows at
     a time: d KL / d z_S = p_S * (log p_S - log p_T - KL) for each row's student logits z_S. So backward only
@@ -159,9 +168,9 @@ class FullKL(torch.autograd.Function):
         target_logp = torch.empty(h_s.shape[0], dtype=torch.float32, device=h_s.device)
         for i in range(0, h_s.shape[0], chunk):
             sl = slice(i, i + chunk)
-            logp_s = F.log_softmax(F.linear(h_s[sl], w_s)[:, :vocab].float(), dim=-1)
+            logp_s = log_softmax_(F.linear(h_s[sl], w_s)[:, :vocab].float())
             target_logp[sl] = logp_s.gather(1, targets[sl, None])[:, 0]
-            logp_t = F.log_softmax(F.linear(h_t[sl], w_t)[:, :vocab].float(), dim=-1)
+            logp_t = log_softmax_(F.linear(h_t[sl], w_t)[:, :vocab].float())
             diff = torch.sub(logp_s, logp_t, out=logp_t)
             p = logp_s.exp_()  # in place: log p_S is not needed again
             kl = torch.bmm(p[:, None, :], diff[:, :, None])[:, 0, 0]  # sum_v p (log p - log q), no (n, V) product

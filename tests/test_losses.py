@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from losses import (DistillError, depth_map, oprd_loss, output_loss, output_loss_chunk, parse_layers,
-                     response_masks)
+from losses import (DistillError, depth_map, log_softmax_, oprd_loss, output_loss, output_loss_chunk,
+                     parse_layers, response_masks)
 from model import Transformer
 
 
@@ -96,6 +96,19 @@ def test_full_kl_gradient_made_in_forward_equals_autograd():
     assert grads[0][2][vocab:].abs().max() == 0 and grads[0][2][:vocab].abs().min() > 0
     want = (h_s @ w_s.T)[:, :vocab].log_softmax(-1)[torch.arange(N), targets]
     assert not target_logp.requires_grad and torch.allclose(target_logp.double(), want, rtol=1e-5)
+
+
+def test_log_softmax_in_place_is_torch_s_bit_for_bit():
+    """FullKL's log-softmax over a contiguous CPU tensor is written over it, bit for bit F.log_softmax's; a view of the
+    common vocabulary (not contiguous) gets a new tensor and is left as it was."""
+    z = torch.randn(5, 1000, generator=torch.Generator().manual_seed(0)) * 30
+    want, before = F.log_softmax(z, dim=-1), z.clone()
+    out = log_softmax_(z)
+    assert out.data_ptr() == z.data_ptr() and torch.equal(out, want)
+    view = before.clone()[:, :999]
+    out = log_softmax_(view)
+    assert out.data_ptr() != view.data_ptr() and torch.equal(out, F.log_softmax(view, dim=-1))
+    assert torch.equal(view, before[:, :999])
 
 
 def test_sampled_token_gradient_approaches_full_kl_gradient():
