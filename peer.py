@@ -28,6 +28,7 @@ TRL_VERSION = "1.16.0"  # the release this section was written against
 # datasets 5.2, which pip picks for it, fails to fingerprint a Dataset.from_list here (pickling pyarrow's MonthDayNano)
 TRL_INSTALL = f'pip install trl=={TRL_VERSION} "datasets<5"'
 PEER_VOCABS, PEER_PROMPTS, PEER_NEW_TOKENS, PEER_METHODS = (512, 151936), 8, 64, ("opd_full", "oprd")
+PEER_LAYERS = (2, 4)  # student, teacher
 # one width, random weights; peer_tokenizer's <|im_end|> (1) ends a response, <pad> (0) pads
 PEER_SHAPE = dict(model_type="qwen3", hidden_size=128, intermediate_size=384, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=32, max_position_embeddings=512)
@@ -103,13 +104,13 @@ def floors(vocab, student, response_len):
     fp32 products of as many rows, measured here (norms, softmax, the optimizer and per-operation overhead not counted).
     The update's products have 8 x T rows (T: the task's first 8 prompts' mean length + the run's mean response
     length); each of the rollout's sequential decode steps has 8."""
-    c_s, c_t = (ModelConfig(**dict(PEER_SHAPE, vocab_size=vocab, num_hidden_layers=n)) for n in (2, 4))
+    c_s, c_t = (ModelConfig(**dict(PEER_SHAPE, vocab_size=vocab, num_hidden_layers=n)) for n in PEER_LAYERS)
     tok, problems = load_tokenizer(student), data.load_problems("tiny_train")[:PEER_PROMPTS]
     prompt = statistics.mean(len(data.encode_prompt(p, tok, False)) for p in problems)
     T, d, hidden = round(prompt + response_len), PEER_SHAPE["hidden_size"], PEER_SHAPE["intermediate_size"]
     plan = make_plan("opd_full", c_s, c_t, "all", "last_k", 2000, "predict", "mse", 1.0, 1.0, 16, 1024)
     update = update_flops(plan, c_s, c_t, PEER_PROMPTS, T, round(PEER_PROMPTS * response_len), False)[0]
-    decode = round(response_len) * forward_flops(c_s, PEER_PROMPTS, 1, 2, PEER_PROMPTS)
+    decode = round(response_len) * forward_flops(c_s, PEER_PROMPTS, 1, c_s.num_hidden_layers, PEER_PROMPTS)
     rate = {}
     for rows in (PEER_PROMPTS * T, PEER_PROMPTS):  # (rows x d) @ (d x the MLP's width)
         a, b = torch.randn(rows, d), torch.randn(d, hidden)
@@ -130,7 +131,7 @@ def bench_peer(cfg, device):
     try:
         for vocab in PEER_VOCABS:
             student, teacher = (os.path.join(root, f"{who}_{vocab}") for who in ("student", "teacher"))
-            for seed, (layers, path) in enumerate(((2, student), (4, teacher))):
+            for seed, (layers, path) in enumerate(zip(PEER_LAYERS, (student, teacher))):
                 model = random_model(dict(PEER_SHAPE, vocab_size=vocab, num_hidden_layers=layers), CPU, seed=seed)
                 model.hf_config = dict(to_hf_config(model.config), eos_token_id=1, pad_token_id=0)
                 model.save_pretrained(path)
