@@ -271,15 +271,21 @@ class Transformer(nn.Module):
             taps = sorted(set(int(t) for t in taps))
             if not taps or taps[0] < 0 or taps[-1] > L:
                 raise ValueError(f"taps {taps} out of range: this model has layers 0..{L}")
-        if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.bool, device=idx.device)
-        attention_mask = attention_mask.bool()
         static = cache is not None and cache.window is not None
-        if static:  # a static-shape decode step: one token per row at slot cache.slot (see KVCache)
+        step = cache is not None and not static and T == 1 and attention_mask is None
+        if step:  # an eager decode step: each row's one new token goes to slot cache.len and attends to its row's
+            # written slots, the mask the general case below would build (a decode step's ops are its cost on a CPU)
+            pos = cache.next_pos[:, None]
+            cache.valid[:, cache.len] = True
+            mask = cache.valid[:, None, None, :cache.len + 1]  # (B, 1, 1, S)
+        elif static:  # a static-shape decode step: one token per row at slot cache.slot (see KVCache)
             if T != 1:
                 raise ValueError(f"a static-shape cache step takes one token per row, got {T}")
             pos, mask = cache.step_inputs()
         else:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, T, dtype=torch.bool, device=idx.device)
+            attention_mask = attention_mask.bool()
             # position ids count real tokens only, so a left-padded row gets the positions it would get alone
             pos = attention_mask.long().cumsum(-1) - 1
             if cache is not None:
@@ -319,7 +325,7 @@ class Transformer(nn.Module):
             cache.next_pos += 1
         elif cache is not None:
             cache.len += T
-            cache.next_pos += attention_mask.long().sum(-1)
+            cache.next_pos += 1 if step else attention_mask.long().sum(-1)
         if taps is not None and taps[-1] < L:
             return out
         x = self.model.norm(x)

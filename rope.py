@@ -116,7 +116,10 @@ class Rope:
             freq = inv[(seq_len > self.switch).long()][:, None]  # (B, 1, dim/2): each row its set
         freqs = pos.float()[..., None] * freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.scale != 1.0:  # LongRoPE's attention factor (a multiply by 1 is an operation more per decode step)
+            cos, sin = cos * self.scale, sin * self.scale
+        return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x, cos, sin):
