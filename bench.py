@@ -27,8 +27,9 @@ $ python bench.py --sections=peer --threads=1         # against TRL (pip install
 - peer (CPU): distill.py's opd_full and oprd against TRL's DistillationTrainer (on-policy, full-vocabulary reverse KL)
   on a tiny random Qwen3 pair (teacher 4 layers, student 2, d = 128), 8 prompts x 64 new tokens, fp32, one process
   each: seconds per whole step (median of `peer_steps` after the first), distill/TRL ratios, where each step goes (the
-  median of each part; TRL's: its generation and the rest) and opd_full's floor (its FLOPs at this core's measured
-  matmul rate), at vocabularies 512 and 151,936. TRL is no dependency of this project: without it the section prints
+  median of each part; TRL's: its generation and the rest), opd_full's floor (its FLOPs at this core's measured
+  matmul rate) and two costs it leaves out (a decode step's ATen calls; FSDP2 at one rank against the plain
+  student), at vocabularies 512 and 151,936. TRL is no dependency of this project: without it the section prints
   how to install it.
 `sections=all` leaves the CPU sections out on a GPU. --json puts the headline oprd_speedup_vs_topk and
 oprd_mem_ratio_vs_topk (paper shape, or paper-proportioned on a CPU) at the top level.

@@ -291,12 +291,12 @@ def start(cfg, dev, resume_path, state):
 
 
 def make_optimizer(stu, proj):
-    """AdamW over the student (and projector), weight decay on matrices only, fused: one call for all parameters
-    (a foreach step sends each of its operations through FSDP2's DTensor: half of a tiny CPU model's optimizer step)."""
+    """AdamW over the student (and projector), weight decay on matrices only; fused on a GPU."""
     params = list(stu.parameters()) + (list(proj.parameters()) if proj is not None else [])
     groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=True), params
+    on_gpu = next(stu.parameters()).device.type == 'cuda'
+    return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=on_gpu), params
 
 
 # ----------------------------------------------------------------------------- the step's pieces

@@ -1,8 +1,8 @@
 """
 bench.py's peer section: distill.py's opd_full and oprd against TRL's DistillationTrainer (on-policy, full-vocabulary
-reverse KL) on one tiny random Qwen3 pair, seconds per whole step from a warm process, where each step goes, and what
-opd_full's step cannot go below on this core. TRL is no dependency of this project; without it the section says how to
-install it.
+reverse KL) on one tiny random Qwen3 pair, seconds per whole step from a warm process, where each step goes, what
+opd_full's step cannot go below on this core, and two costs that floor leaves out (the ATen calls of a decode step,
+FSDP2 at one rank). TRL is no dependency of this project; without it the section says how to install it.
 
 $ python bench.py --sections=peer --threads=1
 """
@@ -21,7 +21,7 @@ import data
 from bench import CPU, best_time, forward_flops, random_model, update_flops
 from fsdp import StepClock
 from losses import make_plan
-from model import ModelConfig, to_hf_config
+from model import ModelConfig, Transformer, to_hf_config
 from tokenizer import load_tokenizer
 
 TRL_VERSION = "1.16.0"  # the release this section was written against
@@ -99,14 +99,18 @@ def trl_steps(student, teacher, out_dir, steps):
     parts = {"rollout": statistics.median(rollout), "rest": statistics.median(s - g for s, g in zip(seconds, rollout))}
     return seconds, statistics.mean(lengths[1:]), parts
 
+def peer_prompts(student):
+    """The token ids of one step's prompts (the task's first 8, through the chat template), as distill.py reads them."""
+    tok = load_tokenizer(student)
+    return [data.encode_prompt(p, tok, False) for p in data.load_problems("tiny_train")[:PEER_PROMPTS]]
+
 def floors(vocab, student, response_len):
     """What distill.py's opd_full step cannot go below on this core: its FLOPs (bench.py's count) over the rate of
     fp32 products of as many rows, measured here (norms, softmax, the optimizer and per-operation overhead not counted).
     The update's products have 8 x T rows (T: the task's first 8 prompts' mean length + the run's mean response
     length); each of the rollout's sequential decode steps has 8."""
     c_s, c_t = (ModelConfig(**dict(PEER_SHAPE, vocab_size=vocab, num_hidden_layers=n)) for n in PEER_LAYERS)
-    tok, problems = load_tokenizer(student), data.load_problems("tiny_train")[:PEER_PROMPTS]
-    prompt = statistics.mean(len(data.encode_prompt(p, tok, False)) for p in problems)
+    prompt = statistics.mean(len(p) for p in peer_prompts(student))
     T, d, hidden = round(prompt + response_len), PEER_SHAPE["hidden_size"], PEER_SHAPE["intermediate_size"]
     plan = make_plan("opd_full", c_s, c_t, "all", "last_k", 2000, "predict", "mse", 1.0, 1.0, 16, 1024)
     update = update_flops(plan, c_s, c_t, PEER_PROMPTS, T, round(PEER_PROMPTS * response_len), False)[0]
@@ -118,6 +122,58 @@ def floors(vocab, student, response_len):
     return dict(length=T, update_gflop=update / 1e9, update_seconds=update / rate[PEER_PROMPTS * T],
                 decode_gflop=decode / 1e9, decode_seconds=decode / rate[PEER_PROMPTS],
                 gflop_s={rows: r / 1e9 for rows, r in rate.items()})
+
+def aten_calls(fn):
+    """How many ATen operations fn() dispatches (views and in-place ones too, composites as what they call)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+    with Count() as c:
+        fn()
+    return c.n
+
+def eager_costs(student, length, repeats=10):
+    """Two costs in distill.py's step that the FLOP floor leaves out, measured in this process on the pair's student:
+    - dispatch in the rollout: the ATen operations the torch sampler calls per decode step (8 rows, no stop token:
+      the calls of a PEER_NEW_TOKENS-token generate less those of a 1-token one, over the steps between) and the
+      seconds of a step (best of `repeats`, likewise);
+    - FSDP2 at one rank, which shards nothing but hooks every block, gathers and reduces through gloo and sends the
+      optimizer's step through DTensor: the seconds of the student's forward (to its last hidden state: no head),
+      backward, AdamW step and weight stream (rollout.fsdp_named_tensors, as distill.py's sync) on 8 x `length`
+      random tokens, as a plain module and under fsdp.shard (best of `repeats` each), and both copies' weights after
+      it, which must agree: the two do the same arithmetic."""
+    from fsdp import setup_distributed, shard
+    from rollout import fsdp_named_tensors
+    from sampler import TorchSampler
+    sampler, prompts, steps = TorchSampler(model=Transformer.from_pretrained(student)), peer_prompts(student), []
+    for k in (1, PEER_NEW_TOKENS):
+        run = lambda: sampler.generate(prompts, max_new_tokens=k, stop_ids=[])
+        steps.append((aten_calls(run), best_time(run, repeats, CPU)))
+    n = PEER_NEW_TOKENS - 1
+    res = dict(decode_ops=(steps[1][0] - steps[0][0]) / n, decode_seconds=(steps[1][1] - steps[0][1]) / n)
+    setup_distributed("cpu", 10)
+    try:
+        idx = torch.randint(3, sampler.model.config.vocab_size, (PEER_PROMPTS, length),
+                            generator=torch.Generator().manual_seed(0))
+        for name in ("plain", "fsdp2"):
+            model = Transformer.from_pretrained(student)
+            L, model = model.config.num_hidden_layers, shard(model, CPU, torch.float32) if name == "fsdp2" else model
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # as distill.py's on a CPU
+            def step():
+                model(idx, taps=[L])[L].pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                for _ in fsdp_named_tensors(model):
+                    pass
+            res[f"{name}_seconds"] = best_time(step, repeats, CPU)
+            res[f"{name}_weights"] = dict(fsdp_named_tensors(model))
+    finally:
+        torch.distributed.destroy_process_group()
+    return res
 
 def bench_peer(cfg, device):
     try:
@@ -156,6 +212,14 @@ def bench_peer(cfg, device):
                   f"{f['update_gflop']:.2f} GFLOP >= {f['update_seconds']:.3f} s, the rollout's decode steps "
                   f"{f['decode_gflop']:.2f} GFLOP >= {f['decode_seconds']:.3f} s; half TRL's step: "
                   f"{r['trl']['seconds_per_step'] / 2:.3f} s", flush=True)
+            e = eager_costs(student, f["length"])
+            r["eager"] = {k: v for k, v in e.items() if not k.endswith("_weights")}
+            step_ms, fsdp_ms = e["decode_seconds"] * 1e3, (e["fsdp2_seconds"] - e["plain_seconds"]) * 1e3
+            floor_ms = f["decode_seconds"] / round(r["opd_full"]["response_len"]) * 1e3  # one decode step's
+            print(f"  a decode step of the rollout: {e['decode_ops']:.0f} ATen calls in {step_ms:.2f} ms (its FLOPs "
+                  f"need {floor_ms:.2f} ms); FSDP2 at one rank (nothing to shard) adds {fsdp_ms:.1f} ms to the "
+                  f"student's forward, backward, AdamW step and weight stream ({e['plain_seconds'] * 1e3:.1f} ms plain, "
+                  f"{e['fsdp2_seconds'] * 1e3:.1f} ms sharded)", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return res

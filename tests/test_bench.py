@@ -1,5 +1,6 @@
 """bench.py: the FLOP count, the paper-shape update path (FSDP2 on a one-rank group) at a toy shape on CPU, the peer
-section's tokenizer and floors, and the peer section without TRL (one line; the other sections still run)."""
+section's tokenizer, floors and eager costs, and the peer section without TRL (one line; the other sections still
+run)."""
 
 import json
 import math
@@ -12,7 +13,7 @@ import bench
 import data
 import peer
 from losses import make_plan
-from model import ModelConfig
+from model import ModelConfig, to_hf_config
 from tokenizer import load_tokenizer
 
 TOY = dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -111,6 +112,28 @@ def test_peer_floor_counts_the_decode_steps_by_hand(tmp_path, one_thread):
     assert f["update_gflop"] * 1e9 == pytest.approx(update, rel=1e-12)
     assert f["decode_seconds"] == pytest.approx(f["decode_gflop"] / f["gflop_s"][8], rel=1e-9)
     assert f["update_seconds"] == pytest.approx(f["update_gflop"] / f["gflop_s"][8 * T], rel=1e-9)
+
+
+def test_peer_eager_costs_time_the_same_work(tmp_path, one_thread):
+    """The dispatch count per decode step: the average over a whole rollout equals one step's count, taken here as the
+    calls of a 3-token generate less those of a 2-token one. FSDP2 at one rank against the plain module: both end
+    with the same weights, bit for bit (so the difference is FSDP2's alone), and the step moved them."""
+    from model import Transformer
+    from sampler import TorchSampler
+    model = bench.random_model(dict(peer.PEER_SHAPE, vocab_size=512, num_hidden_layers=2), bench.CPU)
+    model.hf_config = dict(to_hf_config(model.config), eos_token_id=1, pad_token_id=0)
+    model.save_pretrained(tmp_path)
+    peer.peer_tokenizer(tmp_path)
+    e = peer.eager_costs(str(tmp_path), 40, repeats=1)
+    assert not torch.distributed.is_initialized()
+    sampler, prompts = TorchSampler(model=model), peer.peer_prompts(str(tmp_path))
+    counts = [peer.aten_calls(lambda: sampler.generate(prompts, max_new_tokens=k, stop_ids=[])) for k in (2, 3)]
+    assert counts[1] - counts[0] > 100 and e["decode_ops"] == pytest.approx(counts[1] - counts[0], rel=0.01)
+    assert e["decode_seconds"] > 0 and e["plain_seconds"] > 0 and e["fsdp2_seconds"] > 0
+    start = Transformer.from_pretrained(str(tmp_path)).state_dict()
+    plain, sharded = e["plain_weights"], e["fsdp2_weights"]
+    assert plain.keys() == sharded.keys() and all(torch.equal(plain[k], sharded[k]) for k in plain)
+    assert not torch.equal(plain["model.layers.0.mlp.up_proj.weight"], start["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_peer_without_trl_is_one_line_and_the_other_sections_run(tmp_path, monkeypatch, capsys, one_thread):
