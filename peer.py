@@ -218,8 +218,8 @@ def bench_peer(cfg, device):
             floor_ms = f["decode_seconds"] / round(r["opd_full"]["response_len"]) * 1e3  # one decode step's
             print(f"  a decode step of the rollout: {e['decode_ops']:.0f} ATen calls in {step_ms:.2f} ms (its FLOPs "
                   f"need {floor_ms:.2f} ms); FSDP2 at one rank (nothing to shard) adds {fsdp_ms:.1f} ms to the "
-                  f"student's forward, backward, AdamW step and weight stream ({e['plain_seconds'] * 1e3:.1f} ms plain, "
-                  f"{e['fsdp2_seconds'] * 1e3:.1f} ms sharded)", flush=True)
+                  f"student's forward, backward, AdamW step and weight stream ({e['plain_seconds'] * 1e3:.1f} ms "
+                  f"plain, {e['fsdp2_seconds'] * 1e3:.1f} ms sharded)", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return res
