@@ -265,27 +265,23 @@ class Transformer(nn.Module):
         (B, T) bool too, {layer: hidden at those positions (N, d)}, so no full tap outlives its layer (a teacher
         keeps only what a loss reads). With a cache, idx is the next chunk of every row and the cache is advanced.
         """
-        B, T = idx.shape
-        L = self.config.num_hidden_layers
+        (B, T), L = idx.shape, self.config.num_hidden_layers
         if taps is not None:
             taps = sorted(set(int(t) for t in taps))
             if not taps or taps[0] < 0 or taps[-1] > L:
                 raise ValueError(f"taps {taps} out of range: this model has layers 0..{L}")
         static = cache is not None and cache.window is not None
         step = cache is not None and not static and T == 1 and attention_mask is None
-        if step:  # an eager decode step: each row's one new token goes to slot cache.len and attends to its row's
-            # written slots, the mask the general case below would build (a decode step's ops are its cost on a CPU)
-            pos = cache.next_pos[:, None]
-            cache.valid[:, cache.len] = True
-            mask = cache.valid[:, None, None, :cache.len + 1]  # (B, 1, 1, S)
+        if step:  # an eager decode step: each row's token goes to slot cache.len and attends to its written slots
+            cache.valid[:, cache.len] = True  # the mask the general case builds, read from the cache: (B, 1, 1, S)
+            pos, mask = cache.next_pos[:, None], cache.valid[:, None, None, :cache.len + 1]
         elif static:  # a static-shape decode step: one token per row at slot cache.slot (see KVCache)
             if T != 1:
                 raise ValueError(f"a static-shape cache step takes one token per row, got {T}")
             pos, mask = cache.step_inputs()
         else:
-            if attention_mask is None:
-                attention_mask = torch.ones(B, T, dtype=torch.bool, device=idx.device)
-            attention_mask = attention_mask.bool()
+            attention_mask = torch.ones(B, T, dtype=torch.bool, device=idx.device) if attention_mask is None \
+                else attention_mask.bool()
             # position ids count real tokens only, so a left-padded row gets the positions it would get alone
             pos = attention_mask.long().cumsum(-1) - 1
             if cache is not None:
