@@ -162,7 +162,7 @@ def eager_costs(student, length, repeats=10):
         for name in ("plain", "fsdp2"):
             model = Transformer.from_pretrained(student)
             L, model = model.config.num_hidden_layers, shard(model, CPU, torch.float32) if name == "fsdp2" else model
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # as distill.py's on a CPU
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)  # as distill.py's on a CPU
             def step():
                 model(idx, taps=[L])[L].pow(2).mean().backward()
                 opt.step()

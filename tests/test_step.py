@@ -293,6 +293,29 @@ def test_weight_decay_touches_matrices_only(settings_restored, monkeypatch, ckpt
     assert vectors == 4 * 3 + 1  # per block two RMSNorms and the q/k norms, and the final norm
 
 
+def test_cpu_optimizer_is_the_per_parameter_loop_bit_for_bit(settings_restored, monkeypatch, ckpts):
+    """On a CPU make_optimizer's AdamW runs foreach (fewer calls through DTensor). Five steps of random gradients
+    leave every weight exactly where torch's per-parameter AdamW loop (foreach=False) puts it, decay included."""
+    distill = settings_restored
+    monkeypatch.setattr(distill, "weight_decay", 0.1)
+    monkeypatch.setattr(distill, "lr", 0.01)
+    stu, ref = (Transformer.from_pretrained(ckpts["student"]) for _ in range(2))
+    opt = distill.make_optimizer(stu, None)[0]
+    groups = [{'params': [p for p in ref.parameters() if p.dim() >= 2], 'weight_decay': 0.1},
+              {'params': [p for p in ref.parameters() if p.dim() < 2], 'weight_decay': 0.0}]
+    loop = torch.optim.AdamW(groups, lr=0.01, betas=(distill.beta1, distill.beta2), foreach=False)
+    assert opt.param_groups[0]['foreach'] and not opt.param_groups[0]['fused']
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        for p, q in zip(stu.parameters(), ref.parameters()):
+            p.grad = q.grad = torch.randn(p.shape, generator=g) * 1e-2
+        opt.step()
+        loop.step()
+    for (n, p), q in zip(stu.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), n
+    assert not torch.equal(stu.lm_head.weight, Transformer.from_pretrained(ckpts["student"]).lm_head.weight)
+
+
 # ----------------------------------------------------------------------------- one whole step of distill.main()
 
 E2E = {  # method settings of one in-process step; the rest is test_distill.base_args
