@@ -95,8 +95,8 @@ def fsdp_named_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream a model's parameters as (HF name, full tensor), one at a time, for update_weights.
 
     For an FSDP2-sharded model each DTensor is all-gathered on its own (full_tensor(), a collective: every rank
-    must iterate), so no rank ever holds a second full copy of the model. Plain tensors pass through as they
-    are. A tied lm_head is skipped (checkpoints store only the embedding). Wrapper prefixes (torch.compile's
+    must iterate), so no rank ever holds a second full copy of the model. Plain tensors, and the shards of a
+    one-rank mesh, pass through as they are (views of the live weights: copy what must outlive the next step). A tied lm_head is skipped (checkpoints store only the embedding). Wrapper prefixes (torch.compile's
     _orig_mod., activation checkpointing's, DDP's module.) are removed.
     """
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
@@ -105,8 +105,8 @@ def fsdp_named_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
         if tied and name == "lm_head.weight":
             continue
         t = p.detach()
-        if hasattr(t, "full_tensor"):  # a DTensor
-            t = t.full_tensor()
+        if hasattr(t, "full_tensor"):  # a DTensor; on a one-rank mesh its local shard is the whole tensor
+            t = t.to_local() if t.device_mesh.size() == 1 else t.full_tensor()
         yield name, t
 
 
