@@ -96,8 +96,9 @@ def fsdp_named_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
 
     For an FSDP2-sharded model each DTensor is all-gathered on its own (full_tensor(), a collective: every rank
     must iterate), so no rank ever holds a second full copy of the model. Plain tensors, and the shards of a
-    one-rank mesh, pass through as they are (views of the live weights: copy what must outlive the next step). A tied lm_head is skipped (checkpoints store only the embedding). Wrapper prefixes (torch.compile's
-    _orig_mod., activation checkpointing's, DDP's module.) are removed.
+    one-rank mesh, pass through as they are (views of the live weights: copy what must outlive the next step). A
+    tied lm_head is skipped (checkpoints store only the embedding). Wrapper prefixes (torch.compile's _orig_mod.,
+    activation checkpointing's, DDP's module.) are removed.
     """
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     for name, p in model.named_parameters():
