@@ -196,7 +196,7 @@ class TeacherView:
 
 def align_rollout(student_tok, teacher_tok, messages, response_ids, finished, whitespace_only=False,
                   name='rollout', enable_thinking=False):
-    """teacher_view and align_chunks for one rollout: the per-rollout work beside the sampler (bench.py times it)."""
+    """teacher_view and align_chunks for one rollout: the per-rollout work beside the sampler (lab/bench.py times it)."""
     text, whole = response_text(student_tok, response_ids, finished, name)
     t_response = teacher_response(teacher_tok, text, whole, name)
     pairs, s_spans, t_spans = align_chunks(byte_ends(student_tok, response_ids), byte_ends(teacher_tok, t_response),

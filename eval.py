@@ -7,7 +7,7 @@ $ python eval.py --ckpt=out/qwen_oprd                         # the three sets, 
 $ python eval.py --ckpt=out --data_dir=DIR                    # <DIR>/<name>.jsonl instead of benchmarks/
 $ python eval.py --ckpt=out --benchmarks=aime24 --limit=5 --n_samples=2   # a quick look
 
-The top half of this file (data, grading, metrics, output) imports without torch, so tests and bench.py
+The top half of this file (data, grading, metrics, output) imports without torch, so tests and lab/bench.py
 use it directly; main() at the bottom does the generation.
 """
 import json

@@ -8,7 +8,7 @@ $ python tiny.py --tune=True      # the validation runs that chose the pair and 
 $ python tiny.py --xtok=True      # the teacher of another family and tokenizer (a Llama with a BPE tokenizer
                                   # trained on the task's text), made and evaluated beside the pair
 
-The small-scale study (python study.py) trains from the models made here, through the same runner (run_script)
+The small-scale study (python -m lab.study) trains from the models made here, through the same runner (run_script)
 and the same evaluation (accuracy).
 
 The pair is a function of the code: the settings that made it (shapes, init seed, the SFT run's resolved
@@ -34,7 +34,7 @@ xtok = False                  # make and evaluate the cross-tokenizer teacher in
 verbose = False               # print the scripts' whole output, not only their own lines (the logs have it all)
 student_step = 500            # the student: this checkpoint of the SFT run that makes the pair (config/tiny_sft.py)
 teacher_step = 1000           # the teacher: this one (both chosen on the validation split: tiny.py --tune=True)
-distill_steps = 60            # equal step budget for every method (here and in study.py)
+distill_steps = 60            # equal step budget for every method (here and in lab/study.py)
 tune_lrs = '1e-3,2e-3,3e-3'   # OPRD learning rates that --tune=True compares on the validation split
 eval_backend = 'torch'        # greedy evaluation of 256 short answers: the torch sampler, no engine to start
 # -----------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def run_script(args, log, every=1, echo=True, threads=None):
     """Run one of the project's scripts (offline: the tiny task needs nothing from the hub), its whole output to
     the log file; `threads` sets its OMP_NUM_THREADS. With echo (the quick start): the command, then its own
     lines without the config echo and its dependencies' chatter, and of its step lines the first, every
-    `every`-th and the last (all of it with verbose). Without (study.py's parallel runs): nothing. If it fails,
+    `every`-th and the last (all of it with verbose). Without (lab/study.py's parallel runs): nothing. If it fails,
     the log's last lines and one error line naming the log."""
     if echo:
         print('$ ' + ' '.join(['python'] + args) + f'    (log: {log})', flush=True)
@@ -232,7 +232,7 @@ def make_models(name, shape, seed, steps, made_from=('runs', 'eval', 'bridges', 
 
 def make_pair():
     make_models('pair', SHAPES['student'], 0, {'student': student_step, 'teacher': teacher_step},
-                made_from=('runs', 'eval', 'bridges', 'study', 'xstudy'))  # xstudy: study.py --xtok=True's runs
+                made_from=('runs', 'eval', 'bridges', 'study', 'xstudy'))  # xstudy: lab/study.py --xtok=True's runs
 
 
 def make_small():
@@ -264,7 +264,7 @@ def write_val(path, n=512):
 def accuracy(ckpt, out, log, bench='tiny', reuse=False, echo=True, threads=None):
     """Greedy accuracy (avg@1) of a checkpoint through eval.py: on the held-out tiny benchmark (256 problems), or
     a .jsonl split. eval.py writes summary.json and every answer to `out`, its whole output to `log`. With reuse,
-    an evaluation already finished in `out` is read back instead of run again (study.py's reruns)."""
+    an evaluation already finished in `out` is read back instead of run again (lab/study.py's reruns)."""
     summary = os.path.join(out, 'summary.json')
     if not (reuse and os.path.isfile(summary)):
         run_script(['eval.py', f'--ckpt={ckpt}', f'--benchmarks={bench}', *EVAL_ARGS, f'--backend={eval_backend}',

@@ -9,7 +9,7 @@
 #   fp32 gradients (during the update)              6.6 GB  (freed by zero_grad before the next rollout)
 #   teacher in bf16                   1.78 B x 2 B =  3.3 GB
 #   update activations (activation checkpointing, one 512 + 16,384-token sequence, bf16 block copies): about
-#   1.6 GB; bench.py --device=cuda measured Δpeak 8.2 GB for this update, which is the 6.6 GB of gradients plus
+#   1.6 GB; lab/bench.py --device=cuda measured Δpeak 8.2 GB for this update, which is the 6.6 GB of gradients plus
 #   these activations
 #   => trainer about 31 GB during the update, about 23 GB while vLLM samples.
 #   vLLM (gpu_memory_utilization 0.3 = 24 GB of 80): its bf16 weights 3.3 GB + KV cache for 16 x 18,432 tokens at

@@ -187,7 +187,7 @@ def script_main(script):
     return lambda: runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
 
 
-@pytest.mark.parametrize("script", ["distill.py", "eval.py", "tiny.py", "bench.py", "rollout.py"])
+@pytest.mark.parametrize("script", ["distill.py", "eval.py", "tiny.py", "rollout.py"])
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_every_script_has_help(script, flag, monkeypatch, capsys):
     code, out, _ = main_in_process(script_main(script), [script, flag], monkeypatch, capsys)

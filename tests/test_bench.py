@@ -1,4 +1,4 @@
-"""bench.py: the FLOP count, the paper-shape update path (FSDP2 on a one-rank group) at a toy shape on CPU, the peer
+"""lab/bench.py: the FLOP count, the paper-shape update path (FSDP2 on a one-rank group) at a toy shape on CPU, the peer
 section's tokenizer, floors and eager costs, and the peer section without TRL (one line; the other sections still
 run)."""
 
@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-import bench
+from lab import bench
 import data
-import peer
+from lab import peer
 from losses import make_plan
 from model import ModelConfig, to_hf_config
 from tokenizer import load_tokenizer

@@ -1,4 +1,4 @@
-"""study.py without training: the rate selection, the whole schedule against fake runs (rates widened at an edge,
+"""lab/study.py without training: the rate selection, the whole schedule against fake runs (rates widened at an edge,
 seeds at the chosen rate, finished runs reused, validation and test kept apart), the tables, the plot, the
 generated blocks of RESULTS.md and README.md, and the command line. Seconds."""
 
@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-import study
+from lab import study
 import tiny
 
 
@@ -43,7 +43,7 @@ def fake_accuracy(ckpt, bench):
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
-    """study.py in a temporary work_dir; distill.py and eval.py replaced by writers of what they would leave."""
+    """lab/study.py in a temporary work_dir; distill.py and eval.py replaced by writers of what they would leave."""
     monkeypatch.setattr(tiny, 'work_dir', str(tmp_path / 'tiny'))
     monkeypatch.setattr(study, 'jobs', 2)
     monkeypatch.setattr(study, 'seeds', 3)
@@ -178,7 +178,7 @@ def test_tables_plot_and_both_blocks_are_written_from_the_results(fake, tmp_path
 
 def test_a_method_keeps_one_colour_in_both_panels(fake):
     import matplotlib.pyplot as plt
-    import plot
+    from lab import plot
     fig = plot.draw(study.run_study())
     panels = [{line.get_label().rsplit(' (lr ', 1)[0]: line.get_color() for line in ax.get_lines()
                if line.get_label() != 'teacher'} for ax in fig.axes]
@@ -199,9 +199,9 @@ def generated_block(path, begin, end):
 
 def test_results_and_readme_blocks_are_what_the_recorded_results_render():
     """RESULTS.md's tables and README's headline are generated: they equal render() and render_headline() of
-    figures/study.json, written by the same run of python study.py."""
+    figures/study.json, written by the same run of python -m lab.study."""
     path = os.path.join(ROOT, study.FIGURES, 'study.json')
-    assert os.path.isfile(path), f"RESULTS.md's study block needs {path}, written with it by python study.py"
+    assert os.path.isfile(path), f"RESULTS.md's study block needs {path}, written with it by python -m lab.study"
     with open(path) as f:
         res = json.load(f)
     assert generated_block(os.path.join(ROOT, study.RESULTS), study.BEGIN, study.END) == study.render(res)
@@ -215,9 +215,9 @@ def run_cli(*args):
 
 
 def test_study_runs_on_its_own_and_tiny_does_not_import_it():
-    p = run_cli('study.py', '-h')
-    assert p.returncode == 0 and 'python study.py' in p.stdout and '--jobs=2' in p.stdout and '--seeds=3' in p.stdout
-    p = run_cli('study.py', '--jobs=0')
+    p = run_cli('-m', 'lab.study', '-h')
+    assert p.returncode == 0 and 'python -m lab.study' in p.stdout and '--jobs=2' in p.stdout and '--seeds=3' in p.stdout
+    p = run_cli('-m', 'lab.study', '--jobs=0')
     assert p.returncode == 2 and p.stderr.strip() == "error: jobs and seeds must be at least 1 (got jobs=0, seeds=3)"
     p = run_cli('-c', 'import sys, tiny; assert "study" not in sys.modules')
     assert p.returncode == 0, p.stderr

@@ -1,5 +1,5 @@
 """tiny.py without its training: the recipe recorded beside the pair, a remake when it changes (never a silent
-reuse), the validation split, the runner's filtered output (the quick start) and its quiet mode (study.py), and
+reuse), the validation split, the runner's filtered output (the quick start) and its quiet mode (lab/study.py), and
 the accuracy helper's reuse. The SFT run is mocked; seconds."""
 
 import json
@@ -127,7 +127,7 @@ def test_runner_failure_shows_the_log_tail_and_exits(tmp_path, capsys):
 
 
 def test_runner_quiet_prints_nothing_and_sets_the_threads(tmp_path, monkeypatch, capsys):
-    """study.py's parallel runs: nothing on the terminal, everything in the log, one thread each, offline."""
+    """lab/study.py's parallel runs: nothing on the terminal, everything in the log, one thread each, offline."""
     monkeypatch.setattr(tiny, 'verbose', False)
     script = tmp_path / 'env.py'
     script.write_text("import os\nprint('step 0: loss 1')\n"
@@ -153,7 +153,7 @@ def test_accuracy_runs_eval_unless_asked_to_reuse_its_summary(tmp_path, monkeypa
     assert tiny.accuracy('ckpt', out, log) == 0.25
     assert calls[0][0] == 'eval.py' and '--ckpt=ckpt' in calls[0] and '--benchmarks=tiny' in calls[0]
     assert tiny.accuracy('ckpt', out, log) == 0.5  # the quick start: evaluated again
-    assert tiny.accuracy('ckpt', out, log, reuse=True) == 0.5 and len(calls) == 2  # study.py: read back
+    assert tiny.accuracy('ckpt', out, log, reuse=True) == 0.5 and len(calls) == 2  # lab/study.py: read back
 
 
 def test_the_teacher_across_tokenizers_is_a_llama_whose_bpe_merges_cross_digits_and_operators(tmp_path):

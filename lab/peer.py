@@ -1,10 +1,10 @@
 """
-bench.py's peer section: distill.py's opd_full and oprd against TRL's DistillationTrainer (on-policy, full-vocabulary
+lab/bench.py's peer section: distill.py's opd_full and oprd against TRL's DistillationTrainer (on-policy, full-vocabulary
 reverse KL) on one tiny random Qwen3 pair, seconds per whole step from a warm process, where each step goes, what
 opd_full's step cannot go below on this core, and two costs that floor leaves out (the ATen calls of a decode step,
 FSDP2 at one rank). TRL is no dependency of this project; without it the section says how to install it.
 
-$ python bench.py --sections=peer --threads=1
+$ python -m lab.bench --sections=peer --threads=1
 """
 import json
 import os
@@ -18,11 +18,13 @@ import time
 import torch
 
 import data
-from bench import CPU, best_time, forward_flops, random_model, update_flops
 from fsdp import StepClock
 from losses import make_plan
 from model import ModelConfig, Transformer, to_hf_config
 from tokenizer import load_tokenizer
+from lab.measure import CPU, best_time, forward_flops, random_model, update_flops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: distill.py is there
 
 TRL_VERSION = "1.16.0"  # the release this section was written against
 # datasets 5.2, which pip picks for it, fails to fingerprint a Dataset.from_list here (pickling pyarrow's MonthDayNano)
@@ -52,7 +54,7 @@ def distill_steps(method, student, teacher, out_dir, steps):
             f"--prompts_per_step={PEER_PROMPTS}", f"--micro_batch_size={PEER_PROMPTS}", "--lr=1e-5",
             f"--max_new_tokens={PEER_NEW_TOKENS}", "--max_steps=1000", f"--stop_step={steps}"]  # no checkpoint
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    p = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "distill.py")] + args, env=env,
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "distill.py")] + args, env=env,
                        capture_output=True, text=True)
     if p.returncode:
         raise RuntimeError(f"distill.py --method={method} failed:\n{p.stderr[-3000:]}")
@@ -105,7 +107,7 @@ def peer_prompts(student):
     return [data.encode_prompt(p, tok, False) for p in data.load_problems("tiny_train")[:PEER_PROMPTS]]
 
 def floors(vocab, student, response_len):
-    """What distill.py's opd_full step cannot go below on this core: its FLOPs (bench.py's count) over the rate of
+    """What distill.py's opd_full step cannot go below on this core: its FLOPs (lab/bench.py's count) over the rate of
     fp32 products of as many rows, measured here (norms, softmax, the optimizer and per-operation overhead not counted).
     The update's products have 8 x T rows (T: the task's first 8 prompts' mean length + the run's mean response
     length); each of the rollout's sequential decode steps has 8."""

@@ -1,7 +1,7 @@
-"""study.py's figure: test accuracy against steps, one panel per student (the main one and the smaller one), each
+"""lab/study.py's figure: test accuracy against steps, one panel per student (the main one and the smaller one), each
 method's mean and min-max band over seeds, a method in the same colour in both panels.
 
-$ python study.py    # writes figures/study.png through save() below
+$ python -m lab.study    # writes figures/study.png through save() below
 """
 import statistics
 
