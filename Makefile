@@ -1,7 +1,9 @@
 # The two commands of the quick start, on a fresh machine:
-#   make tiny    the embedded default: OPRD end to end on the built-in tiny task (tiny.py)
+#   make tiny    the embedded default: OPRD end to end on the built-in tiny task (tiny.py), from the
+#                teacher and student shipped in models/tiny/
 #   make test    the test suite
-# Each first runs setup.sh once, which makes a project-local .venv; nothing is installed outside this folder.
+# Each first runs setup.sh once, which makes a project-local .venv; nothing is installed outside this
+# folder.
 PY := .venv/bin/python
 
 tiny: .venv/ready

@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from tokenizer import PROBE_TEXTS
 
@@ -205,28 +204,32 @@ def align_rollout(student_tok, teacher_tok, messages, response_ids, finished, wh
                        t_spans)
 
 
-def rollout_view(seq, student_tok, teacher_tok, whitespace_only=False, enable_thinking=False):
-    """align_rollout of one rollout as distill.py holds it: (prompt ids, response ids, finish, log-probs, messages)."""
-    return align_rollout(student_tok, teacher_tok, seq[4], seq[1], seq[2] == 'stop', whitespace_only,
-                         f"a rollout of prompt {seq[4][:40]!r}", enable_thinking)
+def rollout_view(messages, response_ids, finish, student_tok, teacher_tok, whitespace_only=False,
+                 enable_thinking=False):
+    """align_rollout of one rollout as distill.py holds it (batch.Rollout's messages, response and finish)."""
+    return align_rollout(student_tok, teacher_tok, messages, response_ids, finish == 'stop', whitespace_only,
+                         f"a rollout of prompt {messages[:40]!r}", enable_thinking)
 
 
 class Aligner:
     """Beside the sampler: passed as generate()'s on_sample(i, j, sample), it starts the rollout_view of prompt i's
     j-th sample on a worker thread as soon as the sampler hands it over (vLLM: as its request finishes, while the
-    engine samples the rest); view(i, j) waits for it. distill.py carries the view as the rollout's 6th item.
+    engine samples the rest); view(i, j) waits for it. distill.py carries it as the rollout's view.
     keep(i, j): the samples to align (default all; under tensor parallelism a rank trains on every tp-th)."""
     pool = None  # one worker thread for the process, made on first use
 
-    def __init__(self, messages, student_tok, teacher_tok, whitespace_only=False, enable_thinking=False, keep=None):
-        self.messages, self.views, self.keep = messages, {}, keep or (lambda i, j: True)
+    def __init__(self, messages, student_tok, teacher_tok, whitespace_only=False, enable_thinking=False,
+                 keep=None):
+        self.messages = messages
+        self.views = {}
+        self.keep = keep or (lambda i, j: True)
         self.args = (student_tok, teacher_tok, whitespace_only, enable_thinking)
         Aligner.pool = Aligner.pool or ThreadPoolExecutor(1, thread_name_prefix='align')
 
     def __call__(self, i, j, sample):
         if self.keep(i, j):
-            seq = (None, sample.tokens, sample.finish, None, self.messages[i])
-            self.views[i, j] = self.pool.submit(rollout_view, seq, *self.args)
+            self.views[i, j] = self.pool.submit(rollout_view, self.messages[i], sample.tokens, sample.finish,
+                                                *self.args)
 
     def view(self, i, j):
         return self.views[i, j].result()
@@ -237,37 +240,6 @@ def state_positions(view, s_prompt_len, t_prompt_len, align='predict'):
     models have read the same text. 'token': each chunk's last token; 'predict': the state just before each chunk
     (the previous chunk's last token; the prompt's last for the first chunk). Identical tokenizers: the positions
     losses.response_masks picks with positions='all'."""
-    at = (lambda spans: spans[:, 1] - 1) if align == 'token' else (lambda spans: spans[:, 0] - 1)
-    return s_prompt_len + at(view.s_spans), t_prompt_len + at(view.t_spans)
-
-
-def teacher_batch(seqs, student_tok, teacher_tok, plan, device, whitespace_only=False, enable_thinking=False):
-    """One micro-batch as the teacher reads it. seqs: (prompt ids, response ids, finish, sampler log-probs,
-    messages[, its rollout_view, made beside the sampler]). Returns the teacher's collated batch (losses.collate)
-    with 'oprd' = the states OPRD compares and 'keep' = every row a loss reads (those, plus the positions
-    predicting its response tokens under opd_chunk);
-    the student's (B, T) mask of the states OPRD compares, in the same row-major order, so the i-th teacher OPRD
-    row pairs with the i-th student row; and the chunks (s_spans, t_spans) (C, 2), offset into each side's
-    response tokens in row-major order (the rows of the 'out_mask' positions). plan.positions picks chunks for
-    OPRD (all, the first or the last plan.k_positions); chunk-level OPD reads them all."""
-    from losses import collate
-    views = [s[5] if len(s) > 5 else rollout_view(s, student_tok, teacher_tok, whitespace_only, enable_thinking)
-             for s in seqs]
-    t_b = collate([(v.prompt_ids, v.response_ids, s[2]) for v, s in zip(views, seqs)], teacher_tok.pad_id, device)
-    s_mask = torch.zeros(len(seqs), max(len(s[0]) + len(s[1]) for s in seqs), dtype=torch.bool)
-    t_mask = torch.zeros(t_b['idx'].shape, dtype=torch.bool)
-    s_spans, t_spans, s_at, t_at = [], [], 0, 0
-    for i, (v, s) in enumerate(zip(views, seqs)):
-        s_pos, t_pos = state_positions(v, len(s[0]), len(v.prompt_ids), plan.align)
-        chosen = slice(None) if plan.positions == 'all' else \
-            slice(None, plan.k_positions) if plan.positions == 'first_k' else slice(-plan.k_positions, None)
-        s_mask[i, torch.as_tensor(s_pos[chosen])] = True
-        t_mask[i, torch.as_tensor(t_pos[chosen])] = True
-        s_spans.append(v.s_spans + s_at)
-        t_spans.append(v.t_spans + t_at)
-        s_at, t_at = s_at + len(s[1]), t_at + len(v.response_ids)
-    if not plan.s_layers:  # chunk-level OPD alone: no state is compared
-        s_mask, t_mask = torch.zeros_like(s_mask), torch.zeros_like(t_mask)
-    t_b['oprd'] = t_mask.to(device)
-    t_b['keep'] = t_b['oprd'] | (t_b['out_mask'] if plan.out_kind == 'opd_chunk' else False)
-    return t_b, s_mask.to(device), (np.concatenate(s_spans), np.concatenate(t_spans))
+    # the column of each chunk's span that holds the state: its end ('token') or its start ('predict')
+    edge = 1 if align == 'token' else 0
+    return s_prompt_len + view.s_spans[:, edge] - 1, t_prompt_len + view.t_spans[:, edge] - 1

@@ -80,9 +80,10 @@ def lstsq_map(x, yc):
 
 def teacher_rows(tea, b, m, taps):
     """The teacher's taps at the rows the student's mask m picks: its own reading of the rollouts when its
-    tokenizer differs (b['teacher'], from distill.micro_batch), else the student's ids at m."""
-    t_in = b.get('teacher', dict(b, keep=m))
-    return tea(t_in['idx'], attention_mask=t_in['attn'], taps=taps, rows=t_in['keep'])
+    tokenizer differs (b.teacher, from batch.micro_batch), else the student's ids at m."""
+    if b.teacher is not None:
+        return tea(b.teacher.ids, attention_mask=b.teacher.attention_mask, taps=taps, rows=b.teacher.keep)
+    return tea(b.ids, attention_mask=b.attention_mask, taps=taps, rows=m)
 
 
 @torch.no_grad()
@@ -99,7 +100,7 @@ def init_projector(proj, stu, tea, batches, plan):
                     torch.zeros(d_s, d_t, dtype=torch.float64, device=dev)]
     for b, m in batches:
         hs_t = teacher_rows(tea, b, m, plan.t_taps)
-        hs_s = stu(b['idx'], attention_mask=b['attn'], taps=plan.s_taps)
+        hs_s = stu(b.ids, attention_mask=b.attention_mask, taps=plan.s_taps)
         for ls, lt in zip(plan.s_layers, plan.t_layers):
             x, y = hs_s[ls][m].double(), hs_t[lt].double()
             sums[ls][0] += x.T @ x
@@ -287,7 +288,7 @@ def collect_rows(stu, tea, steps, plan, max_rows):
         for b, m in batches:
             with torch.no_grad():
                 hs_t = teacher_rows(tea, b, m, plan.t_taps)
-                hs_s = stu(b['idx'], attention_mask=b['attn'], taps=plan.s_taps)
+                hs_s = stu(b.ids, attention_mask=b.attention_mask, taps=plan.s_taps)
             for ls, lt in zip(plan.s_layers, plan.t_layers):
                 rows[ls][0].append(hs_s[ls][m].float().cpu())
                 rows[ls][1].append(hs_t[lt].float().cpu())

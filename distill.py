@@ -20,11 +20,11 @@ Under `oprd` alone the teacher computes no logits and runs only up to its deepes
 head sees only the few hundred positions where it re-scores the sampler's tokens (check_tokens). Every process,
 one or many, trains in a process group with the student under FSDP2, so one GPU trains as a one-rank torchrun.
 """
-import json
 import math
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -32,13 +32,15 @@ import torch.nn as nn
 
 import align as align_tokens
 import data
+from batch import DistillError, Rollout, Tokenizers, filler_batch, micro_batch, micro_batches
 from bridge import arch, check_bridge, fit_stage1, init_projector, load_bridge
 from configurator import configure
 from fsdp import (MemoryMeter, StepClock, all_reduce_max, all_reduce_sum, balance, clip_grad_norm,
                   drop_logged_steps_from, is_dist, load_training_state, read_resume, save_checkpoint,
                   setup_distributed, shard, shard_projector)
-from losses import DistillError, collate, make_plan, micro_batch_loss, sampler_gap, stale_sampler, supervise
+from losses import Maps, make_plan, micro_batch_loss
 from model import CheckpointError, Transformer, checkpoints_in, resolve_checkpoint
+from steplog import StepTotals, sampler_gap, stale_sampler, step_record, write_record
 from tokenizer import load_tokenizer, same_tokenization
 
 # -----------------------------------------------------------------------------
@@ -134,35 +136,100 @@ def lr_at(step):
 
 # ----------------------------------------------------------------------------- set-up, before any work
 
+def bad_setting(key, value, allowed):
+    """The one-line error for a setting outside what it allows."""
+    return DistillError(f"{key}={value!r}: must be {allowed}")
+
+
 def check_settings():
     """One DistillError for the first setting or input that cannot work, before any model loads or any folder
     is made. Checks that need the models (layers in range, widths, tokenizers) come right after loading."""
-    s = globals()
     if method not in METHODS:
         raise DistillError(f"method={method!r} does not exist: choose one of {', '.join(METHODS)}")
-    choices = {'init_from': ('scratch', 'resume'), 'backend': ('auto', 'vllm', 'torch'),
-               'device': ('auto', 'cpu', 'cuda'), 'positions': ('all', 'first_k', 'last_k'),
-               'distance': ('mse', 'normalized_mse'), 'align': ('predict', 'token'),
-               'projector_init': ('random', 'lstsq'), 'bridge_init': ('random', 'lstsq')}
-    for key, allowed in choices.items():
-        if s[key] not in allowed:
-            raise DistillError(f"{key}={s[key]!r}: must be {', '.join(allowed[:-1])} or {allowed[-1]}")
-    bounds = [(('prompts_per_step', 'n_samples', 'max_new_tokens', 'max_prompt_len', 'k_positions', 'topk',
-                'vocab_chunk_tokens', 'max_steps', 'micro_batch_size', 'max_bad_steps', 'log_every', 'save_every',
-                'keep_checkpoints', 'tensor_parallel_size', 'bridge_rows', 'bridge_epochs', 'bridge_batch_size',
-                'dist_timeout_min'), lambda v: v >= 1, '>= 1'),
-              (('weight_decay', 'grad_clip', 'mu', 'oprd_coef', 'temperature', 'stop_step', 'bridge_rank'),
-               lambda v: v >= 0, '>= 0'), (('warmup_frac', 'beta1', 'beta2'), lambda v: 0 <= v < 1, 'in [0, 1)'),
-              (('top_p', 'gpu_memory_utilization'), lambda v: 0 < v <= 1, 'in (0, 1]'),
-              (('lr', 'bridge_lr'), lambda v: v > 0, '> 0')]
-    for keys, ok, what in bounds:
-        for key in keys:
-            if not ok(s[key]):
-                raise DistillError(f"{key}={s[key]!r}: must be {what}")
+    if init_from not in ('scratch', 'resume'):
+        raise bad_setting('init_from', init_from, 'scratch or resume')
+    if backend not in ('auto', 'vllm', 'torch'):
+        raise bad_setting('backend', backend, 'auto, vllm or torch')
+    if device not in ('auto', 'cpu', 'cuda'):
+        raise bad_setting('device', device, 'auto, cpu or cuda')
+    if positions not in ('all', 'first_k', 'last_k'):
+        raise bad_setting('positions', positions, 'all, first_k or last_k')
+    if distance not in ('mse', 'normalized_mse'):
+        raise bad_setting('distance', distance, 'mse or normalized_mse')
+    if align not in ('predict', 'token'):
+        raise bad_setting('align', align, 'predict or token')
+    if projector_init not in ('random', 'lstsq'):
+        raise bad_setting('projector_init', projector_init, 'random or lstsq')
+    if bridge_init not in ('random', 'lstsq'):
+        raise bad_setting('bridge_init', bridge_init, 'random or lstsq')
+    if not prompts_per_step >= 1:
+        raise bad_setting('prompts_per_step', prompts_per_step, '>= 1')
+    if not n_samples >= 1:
+        raise bad_setting('n_samples', n_samples, '>= 1')
+    if not max_new_tokens >= 1:
+        raise bad_setting('max_new_tokens', max_new_tokens, '>= 1')
+    if not max_prompt_len >= 1:
+        raise bad_setting('max_prompt_len', max_prompt_len, '>= 1')
+    if not k_positions >= 1:
+        raise bad_setting('k_positions', k_positions, '>= 1')
+    if not topk >= 1:
+        raise bad_setting('topk', topk, '>= 1')
+    if not vocab_chunk_tokens >= 1:
+        raise bad_setting('vocab_chunk_tokens', vocab_chunk_tokens, '>= 1')
+    if not max_steps >= 1:
+        raise bad_setting('max_steps', max_steps, '>= 1')
+    if not micro_batch_size >= 1:
+        raise bad_setting('micro_batch_size', micro_batch_size, '>= 1')
+    if not max_bad_steps >= 1:
+        raise bad_setting('max_bad_steps', max_bad_steps, '>= 1')
+    if not log_every >= 1:
+        raise bad_setting('log_every', log_every, '>= 1')
+    if not save_every >= 1:
+        raise bad_setting('save_every', save_every, '>= 1')
+    if not keep_checkpoints >= 1:
+        raise bad_setting('keep_checkpoints', keep_checkpoints, '>= 1')
+    if not tensor_parallel_size >= 1:
+        raise bad_setting('tensor_parallel_size', tensor_parallel_size, '>= 1')
+    if not bridge_rows >= 1:
+        raise bad_setting('bridge_rows', bridge_rows, '>= 1')
+    if not bridge_epochs >= 1:
+        raise bad_setting('bridge_epochs', bridge_epochs, '>= 1')
+    if not bridge_batch_size >= 1:
+        raise bad_setting('bridge_batch_size', bridge_batch_size, '>= 1')
+    if not dist_timeout_min >= 1:
+        raise bad_setting('dist_timeout_min', dist_timeout_min, '>= 1')
+    if not weight_decay >= 0:
+        raise bad_setting('weight_decay', weight_decay, '>= 0')
+    if not grad_clip >= 0:
+        raise bad_setting('grad_clip', grad_clip, '>= 0')
+    if not mu >= 0:
+        raise bad_setting('mu', mu, '>= 0')
+    if not oprd_coef >= 0:
+        raise bad_setting('oprd_coef', oprd_coef, '>= 0')
+    if not temperature >= 0:
+        raise bad_setting('temperature', temperature, '>= 0')
+    if not stop_step >= 0:
+        raise bad_setting('stop_step', stop_step, '>= 0')
+    if not bridge_rank >= 0:
+        raise bad_setting('bridge_rank', bridge_rank, '>= 0')
+    if not 0 <= warmup_frac < 1:
+        raise bad_setting('warmup_frac', warmup_frac, 'in [0, 1)')
+    if not 0 <= beta1 < 1:
+        raise bad_setting('beta1', beta1, 'in [0, 1)')
+    if not 0 <= beta2 < 1:
+        raise bad_setting('beta2', beta2, 'in [0, 1)')
+    if not 0 < top_p <= 1:
+        raise bad_setting('top_p', top_p, 'in (0, 1]')
+    if not 0 < gpu_memory_utilization <= 1:
+        raise bad_setting('gpu_memory_utilization', gpu_memory_utilization, 'in (0, 1]')
+    if not lr > 0:
+        raise bad_setting('lr', lr, '> 0')
+    if not bridge_lr > 0:
+        raise bad_setting('bridge_lr', bridge_lr, '> 0')
     if not 0 <= min_lr <= lr:
-        raise DistillError(f"min_lr={min_lr!r}: must be in [0, lr]")
+        raise bad_setting('min_lr', min_lr, 'in [0, lr]')
     if top_k != -1 and top_k < 1:
-        raise DistillError(f"top_k={top_k!r}: must be -1 (off) or >= 1")
+        raise bad_setting('top_k', top_k, '-1 (off) or >= 1')
     if device == 'cuda' and not torch.cuda.is_available():
         raise DistillError("device='cuda' but torch sees no GPU: use device=cpu (or auto)")
     world = int(os.environ.get('WORLD_SIZE', 1))
@@ -172,12 +239,17 @@ def check_settings():
         raise DistillError("no student checkpoint: set student=<HF folder or hub id>")
     if method != 'sft' and not teacher:
         raise DistillError(f"method={method} needs a teacher: set teacher=<HF folder or hub id>")
-    if method in ('bridge_fit', *THROUGH_BRIDGE) and (projector or not bridge_path):
-        raise DistillError(f"method={method} with projector=True: the bridge replaces the projector" if projector
-                           else f"method={method} needs bridge_path=<folder of the bridge>")
-    used = (['step_*'] if checkpoints_in(out_dir) else []) + \
-        (['log.jsonl'] if os.path.exists(os.path.join(out_dir, 'log.jsonl')) else [])
-    if init_from == 'scratch' and used and method != 'bridge_fit':  # stage 1 writes bridge_path, not out_dir
+    if method in ('bridge_fit', *THROUGH_BRIDGE) and projector:
+        raise DistillError(f"method={method} with projector=True: the bridge replaces the projector")
+    if method in ('bridge_fit', *THROUGH_BRIDGE) and not bridge_path:
+        raise DistillError(f"method={method} needs bridge_path=<folder of the bridge>")
+    used = []
+    if checkpoints_in(out_dir):
+        used.append('step_*')
+    if os.path.exists(os.path.join(out_dir, 'log.jsonl')):
+        used.append('log.jsonl')
+    # stage 1 writes bridge_path, not out_dir
+    if init_from == 'scratch' and used and method != 'bridge_fit':
         raise DistillError(f"out_dir {out_dir!r} holds another run ({' and '.join(used)}): continue it with "
                            "--init_from=resume, or choose another --out_dir")
     if init_from == 'resume' and not checkpoints_in(out_dir):
@@ -287,7 +359,7 @@ def start(cfg, dev, resume_path, state):
         enable_sleep_mode=dev.type == 'cuda' and method != 'bridge_fit',
         enforce_eager=dev.type == 'cpu')  # vLLM's CPU build compiles the model at every start: ~30 s for nothing
     _samplers.append(sampler)
-    return stu, tea, (tok, t_tok), plan, items, sampler, (student_path, teacher_path)
+    return stu, tea, Tokenizers(tok, t_tok), plan, items, sampler, (student_path, teacher_path)
 
 
 def make_optimizer(stu, proj):
@@ -302,138 +374,100 @@ def make_optimizer(stu, proj):
 
 # ----------------------------------------------------------------------------- the step's pieces
 
-def step_prompts(items, step, rank, world):
+@dataclass
+class RolloutSettings:
+    """What rollouts() reads of the config, fixed once (rollout_settings)."""
+    prompts_per_step: int
+    n_samples: int
+    temperature: float
+    top_p: float
+    top_k: int
+    max_new_tokens: int
+    seed: int
+    logprobs: bool                # the sampler returns its log-probs (for the sampler check)
+    tensor_parallel_size: int     # 1 under sft: no sampler, every rank its own share
+    reference: bool               # sft: the reference solutions instead of samples
+    align_whitespace: bool
+    enable_thinking: bool
+
+
+def rollout_settings():
+    reference = method == 'sft'
+    return RolloutSettings(prompts_per_step, n_samples, temperature, top_p, top_k, max_new_tokens, seed,
+                           check_tokens > 0, 1 if reference else tensor_parallel_size, reference,
+                           align_whitespace, enable_thinking)
+
+
+def step_prompts(items, step, rank, world, settings):
     """This rank's prompts of a step: a seeded permutation per epoch, the step's slice, every world-th item.
     Shares may differ by one (or be empty): the micro-batch loop pads them."""
-    per_epoch = max(1, len(items) // prompts_per_step)
+    per_step = settings.prompts_per_step
+    per_epoch = max(1, len(items) // per_step)
     epoch, pos = divmod(step, per_epoch)
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return [items[i] for i in order[pos * prompts_per_step:(pos + 1) * prompts_per_step]][rank::world]
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(settings.seed + epoch)).tolist()
+    return [items[i] for i in order[pos * per_step:(pos + 1) * per_step]][rank::world]
 
 
-def rollouts(sampler, items, step, rank, world, toks):
-    """(prompt ids, response ids, finish, sampler log-probs, messages[, the teacher's view]) for this rank to train
-    on. The ranks of one tensor-parallel group share prompts and seed (vLLM's external launcher serves them
-    together), then each keeps every tp-th sequence, so each rollout is trained on once. Across tokenizers each
-    rollout's alignment runs on a thread from when the sampler hands it over, beside the sampling (align.Aligner)."""
-    tp = tensor_parallel_size if method != 'sft' else 1  # sft has no sampler: every rank its own share
-    mine = step_prompts(items, step, rank // tp, world // tp)
-    if method == 'sft':
-        return [(it['prompt'], it['response'], 'stop', None, it['messages']) for it in mine]
-    keep = lambda i, j: (i * n_samples + j) % tp == rank % tp  # the rollouts this rank trains on
-    aligner = None if toks[1] is None else \
-        align_tokens.Aligner([it['messages'] for it in mine], *toks, align_whitespace, enable_thinking, keep)
-    samples = sampler.generate([it['prompt'] for it in mine], n=n_samples, temperature=temperature, top_p=top_p,
-                               top_k=top_k, max_new_tokens=max_new_tokens, stop_ids=toks[0].eos_ids,
-                               seed=seed * 1_000_003 + step * (world // tp) + rank // tp, logprobs=check_tokens > 0,
-                               on_sample=aligner) if mine else []
+def rollouts(sampler, items, step, rank, world, tokenizers, settings):
+    """This rank's Rollouts of a step. The ranks of one tensor-parallel group share prompts and seed (vLLM's
+    external launcher serves them together), then each keeps every tp-th sequence, so each rollout is trained
+    on once. Across tokenizers each rollout's alignment runs on a thread from when the sampler hands it over,
+    beside the sampling (align.Aligner)."""
+    tp = settings.tensor_parallel_size
+    group = rank // tp
+    mine = step_prompts(items, step, group, world // tp, settings)
+    if settings.reference:
+        return [Rollout(it['prompt'], it['response'], 'stop', None, it['messages']) for it in mine]
+
+    def kept_here(i, j):
+        return (i * settings.n_samples + j) % tp == rank % tp
+
+    aligner = None
+    if tokenizers.teacher is not None:
+        aligner = align_tokens.Aligner([it['messages'] for it in mine], tokenizers.student, tokenizers.teacher,
+                                       settings.align_whitespace, settings.enable_thinking, kept_here)
+    samples = []
+    if mine:
+        samples = sampler.generate([it['prompt'] for it in mine], n=settings.n_samples,
+                                   temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                                   max_new_tokens=settings.max_new_tokens, stop_ids=tokenizers.student.eos_ids,
+                                   seed=settings.seed * 1_000_003 + step * (world // tp) + group,
+                                   logprobs=settings.logprobs, on_sample=aligner)
     sampler.sleep()
-    kept = [(i, j, it, s) for i, (it, ss) in enumerate(zip(mine, samples)) for j, s in enumerate(ss)][rank % tp::tp]
-    return [(it['prompt'], s.tokens, s.finish, s.logprobs, it['messages'], *([aligner.view(i, j)] if aligner else []))
-            for i, j, it, s in kept]
-
-
-def micro_batch(seqs, plan, toks, dev, gen=None, n_check=0):
-    """One micro-batch with what it supervises (losses.supervise); across tokenizers also the teacher's own reading
-    of it (b['teacher']), OPRD's states and opd_chunk's spans at the chunks of text both have read (align.py)."""
-    b = supervise(collate(seqs, toks[0].pad_id, dev), plan, gen, n_check)
-    if toks[1] is not None:
-        b['teacher'], b['oprd'], b['spans'] = align_tokens.teacher_batch(seqs, *toks, plan, dev, align_whitespace,
-                                                                         enable_thinking)
-    return b
-
-
-def micro_batches(seqs, plan, toks, dev, step):
-    """This rank's micro-batches, the step's supervised counts summed over ranks (output-space positions or
-    chunks, OPRD positions: every loss is divided by them, so sharding does not change it), and how many micro-batches
-    the busiest rank has (every rank runs as many: FSDP2's collectives pair up only if the counts match)."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    n_check = -(-check_tokens // max(1, -(-len(seqs) // micro_batch_size)))  # spread over the micro-batches
-    batches = [micro_batch(seqs[i:i + micro_batch_size], plan, toks, dev, gen, n_check)
-               for i in range(0, len(seqs), micro_batch_size)]
-    n_out = all_reduce_sum(sum(len(b['spans'][0]) if plan.out_kind == 'opd_chunk' else b['out_mask'].sum().item()
-                               for b in batches)).item()
-    n_rep = all_reduce_sum(sum(b['oprd'].sum().item() for b in batches)).item()
-    return batches, n_out, n_rep, int(all_reduce_max(len(batches)))
-
-
-def add_micro_batch(totals, loss, stats, b, gap):
-    """One real micro-batch's figures added to the step's totals on this rank (log_record reduces them)."""
-    totals['loss'] += loss.item()
-    totals['kl'] += stats['kl']
-    totals['tokens'] += b['attn'].sum().item()
-    totals['gap'] = [totals['gap'][0] + gap[0], totals['gap'][1] + gap[1]]
-    for key in ('layer_loss', 'layer_cos'):
-        totals[key] = [x + y for x, y in zip(totals[key], stats[key])]
-
-
-def log_record(step, totals, lr_now, grad_norm, loss, seqs, n_out, n_rep, mem, plan, sampler, clock):
-    """The step's figures, reduced over ranks: what is printed and appended to log.jsonl."""
-    n_seqs = all_reduce_sum(len(seqs)).item()
-    gen = all_reduce_sum(sum(len(s[1]) for s in seqs)).item()
-    rec = {'step': step, 'loss': loss, 'grad_norm': grad_norm, 'lr': lr_now,
-           'sequences': n_seqs, 'mean_response_len': gen / max(n_seqs, 1),
-           'trunc_rate': all_reduce_sum(sum(s[2] == 'length' for s in seqs)).item() / max(n_seqs, 1),
-           'update_tok_s': all_reduce_sum(totals['tokens']).item() /
-           max(all_reduce_max(clock.parts['teacher'] + clock.parts['student'] + clock.parts['optimizer']), 1e-9),
-           'update_transient_mem_mb': mem / 2**20}
-    if sampler is not None:
-        rec['rollout_tok_s'] = gen / max(all_reduce_max(clock.parts['rollout']), 1e-9)
-        rec['load_max_over_mean'] = totals['load']
-        if check_tokens:
-            rec['sampler_logp_gap'] = totals['gap']
-        if totals['reserved_at_wake']:  # GPU: what the trainer still holds when the engine wakes
-            rec['reserved_mb_at_wake'] = totals['reserved_at_wake'] / 2**20
-    for j, l in enumerate(plan.s_layers):
-        rec[f'oprd_loss/{l}'] = all_reduce_sum(totals['layer_loss'][j]).item() / max(n_rep, 1)
-        rec[f'cos/{l}'] = all_reduce_sum(totals['layer_cos'][j]).item() / max(n_rep, 1)
-    if plan.out_kind:
-        rec['kl'] = all_reduce_sum(totals['kl']).item() / max(n_out, 1)
-    return rec
-
-
-def write_record(rec, plan):
-    """Rank 0: the step's line on stdout, its record in log.jsonl (and wandb)."""
-    extra = f" | kl {rec['kl']:.4f}" if plan.out_kind else ''
-    if plan.s_layers:
-        extra += f" | cos {sum(rec[f'cos/{l}'] for l in plan.s_layers) / len(plan.s_layers):.4f}"
-    if 'rollout_tok_s' in rec:
-        extra += f" | rollout {rec['rollout_tok_s']:.0f} tok/s"
-    if 'sampler_logp_gap' in rec:
-        extra += f" | dlogp {rec['sampler_logp_gap']:.4f}"
-    times = ' '.join(f"{k} {rec[f'time/{k}']:.2f}" for k in StepClock.PARTS if rec.get(f'time/{k}', 0) >= 0.005)
-    print(f"step {rec['step']}: loss {rec['loss']:.6f} | grad {rec['grad_norm']:.3f} | lr {rec['lr']:.2e} | "
-          f"len {rec['mean_response_len']:.1f} | trunc {rec['trunc_rate']:.2f}{extra} | "
-          f"update {rec['update_tok_s']:.0f} tok/s | mem +{rec['update_transient_mem_mb']:.1f} MB | "
-          f"{rec.get('time/step', 0):.2f} s ({times})", flush=True)
-    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
-        f.write(json.dumps(rec) + '\n')
-    if wandb_log:
-        import wandb
-        wandb.log(rec, step=rec['step'])
+    every = [(i, j, it, s) for i, (it, ss) in enumerate(zip(mine, samples)) for j, s in enumerate(ss)]
+    out = []
+    for i, j, it, s in every[rank % tp::tp]:
+        view = aligner.view(i, j) if aligner is not None else None
+        out.append(Rollout(it['prompt'], s.tokens, s.finish, s.logprobs, it['messages'], view))
+    return out
 
 
 # ----------------------------------------------------------------------------- OPRD-Bridge stage 1
 
-def bridge_batches(sampler, items, rank, world, toks, dev, plan):
+def bridge_batches(sampler, items, rank, world, tokenizers, dev, plan):
     """Stage 1's input, one rollout step at a time: the student's rollouts of the training prompts (the training
     steps' order and seeds, one pass at most) as micro-batches, each with the positions stage 2 supervises."""
+    settings = rollout_settings()
     for step in range(max(1, len(items) // prompts_per_step)):
-        seqs = rollouts(sampler, items, step, rank, world, toks)
-        batches = [micro_batch(seqs[i:i + micro_batch_size], plan, toks, dev)
+        seqs = rollouts(sampler, items, step, rank, world, tokenizers, settings)
+        batches = [micro_batch(seqs[i:i + micro_batch_size], plan, tokenizers, dev)
                    for i in range(0, len(seqs), micro_batch_size)]
-        yield [(b, b['oprd']) for b in batches]
+        yield [(b, b.oprd_mask) for b in batches]
 
 
 def fit_bridge(cfg):
     """OPRD-Bridge stage 1 (method=bridge_fit): both models frozen and replicated, no optimizer; the bridge is
     fit on the student's rollouts and written to bridge_path (bridge.fit_stage1)."""
     rank, world, dev = setup_distributed(device, dist_timeout_min)
-    stu, tea, toks, plan, items, sampler, paths = start(cfg, dev, None, None)
-    cfg['bridge_rank'] = bridge_rank or (8 if toks[1] is None else 4)  # the authors' settings
-    width_maps(plan, stu, tea, dev, cfg['bridge_rank'])  # the rank check
-    stu = stu.to(next(tea.parameters()).dtype).eval().requires_grad_(False)  # the compute dtype
-    fit_stage1(stu, tea, bridge_batches(sampler, items, rank, world, toks, dev, plan), plan, cfg, paths, dev)
+    stu, tea, tokenizers, plan, items, sampler, paths = start(cfg, dev, None, None)
+    # the authors' settings
+    cfg['bridge_rank'] = bridge_rank or (8 if tokenizers.teacher is None else 4)
+    # the rank check
+    width_maps(plan, stu, tea, dev, cfg['bridge_rank'])
+    # the compute dtype
+    stu = stu.to(next(tea.parameters()).dtype).eval().requires_grad_(False)
+    steps = bridge_batches(sampler, items, rank, world, tokenizers, dev, plan)
+    fit_stage1(stu, tea, steps, plan, cfg, paths, dev)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -442,14 +476,17 @@ def announce(plan, stu, student_path, bridge_meta, world, n_prompts):
     print(f"method {method} | student {student_path} ({plan.L_s} layers, d={stu.config.hidden_size}) | "
           f"teacher {teacher or '-'} | world {world} | {n_prompts} prompts")
     if plan.s_layers:
-        print(f"OPRD layers {plan.s_layers} -> teacher {plan.t_layers}; positions {positions}"
-              f"{'' if positions == 'all' else f' (k={k_positions})'}; distance {distance}; align {align}")
+        k_shown = '' if positions == 'all' else f' (k={k_positions})'
+        print(f"OPRD layers {plan.s_layers} -> teacher {plan.t_layers}; positions {positions}{k_shown}; "
+              f"distance {distance}; align {align}")
     if bridge_meta is not None:
         cos = bridge_meta['heldout_cos']
         print(f"through the frozen bridge {bridge_path}: rank {bridge_meta['rank']}, held-out cosine "
               f"{sum(cos.values()) / len(cos):.4f} (mean)")
-    per_step = f"{prompts_per_step} reference solutions" if method == 'sft' else \
-        f"{prompts_per_step} prompts x {n_samples} samples = {prompts_per_step * n_samples} sequences"
+    if method == 'sft':
+        per_step = f"{prompts_per_step} reference solutions"
+    else:
+        per_step = f"{prompts_per_step} prompts x {n_samples} samples = {prompts_per_step * n_samples} sequences"
     print(f"{per_step} per step, {max_steps} steps")
 
 
@@ -460,17 +497,20 @@ def train(cfg):
     rank, world, dev = setup_distributed(device, dist_timeout_min)
     resume_path = checkpoints_in(out_dir)[-1] if init_from == 'resume' else None
     state = read_resume(resume_path, DistillError) if resume_path else None
-    stu, tea, toks, plan, items, sampler, (student_path, _) = start(cfg, dev, resume_path, state)
-    tok = toks[0]
+    stu, tea, tokenizers, plan, items, sampler, (student_path, _) = start(cfg, dev, resume_path, state)
     proj, bridge, bridge_meta = width_maps(plan, stu, tea, dev)
     archs = {'student_arch': arch(stu.config), 'teacher_arch': arch(tea.config) if tea is not None else None}
-    if proj is not None and state is None and projector_init == 'lstsq':  # on step 0's rollouts, replicated
-        init_projector(proj, stu, tea, next(bridge_batches(sampler, items, rank, world, toks, dev, plan)), plan)
+    settings = rollout_settings()
+    # least squares on step 0's rollouts, replicated
+    if proj is not None and state is None and projector_init == 'lstsq':
+        step0 = next(bridge_batches(sampler, items, rank, world, tokenizers, dev, plan))
+        init_projector(proj, stu, tea, step0, plan)
         sampler.wake()
 
     # the student (and projector) under FSDP2, the optimizer, resumed state
     stu.activation_checkpointing = activation_checkpointing
-    raw_stu, stu = stu, shard(stu, dev, torch.bfloat16 if dev.type == 'cuda' else torch.float32)
+    raw_stu = stu
+    stu = shard(stu, dev, torch.bfloat16 if dev.type == 'cuda' else torch.float32)
     if tea is not None and teacher_fsdp:
         tea = shard(tea, dev, next(tea.parameters()).dtype)
     proj = shard_projector(proj, dev) if proj is not None else None
@@ -478,11 +518,11 @@ def train(cfg):
     start_step = state['step'] if state is not None else 0
     if state is not None:
         load_training_state(stu, proj, opt, state)
-    filler = micro_batch([(items[0]['prompt'], tok.encode(' 1'), 'length', None, items[0]['messages'])], plan, toks,
-                         dev)  # a zero-weight micro-batch, for ranks with fewer
+    filler = filler_batch(items[0], plan, tokenizers, dev, align_whitespace, enable_thinking)
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
-        if state is not None:  # steps logged after the checkpoint ran again: their records go
+        if state is not None:
+            # steps logged after the checkpoint ran again: their records go
             print(f"resuming from {resume_path} at step {start_step}")
             drop_logged_steps_from(out_dir, start_step)
         announce(plan, stu, student_path, bridge_meta, world, len(items))
@@ -490,19 +530,24 @@ def train(cfg):
             import wandb
             wandb.init(project=wandb_project, config=cfg)
 
-    mem, clock, bad_steps, first_gap, reserved = MemoryMeter(dev), StepClock(dev), 0, None, 0
+    mem = MemoryMeter(dev)
+    clock = StepClock(dev)
+    bad_steps = 0
+    first_gap = None
+    reserved = 0
     for step in range(start_step, max_steps):
-        # 1. rollouts of this rank's prompts with the current weights (reference solutions under sft), dealt by length
-        seqs = rollouts(sampler, items, step, rank, world, toks)
+        # 1. rollouts of this rank's prompts with the current weights (reference solutions under sft), dealt by
+        # length
+        seqs = rollouts(sampler, items, step, rank, world, tokenizers, settings)
         clock.lap('rollout')
         seqs, load = balance(seqs, world)
         mem.start()
         lr_now = lr_at(step)
         for group in opt.param_groups:
             group['lr'] = lr_now
-        batches, n_out, n_rep, n_micro = micro_batches(seqs, plan, toks, dev, step)
-        totals = {'loss': 0.0, 'kl': 0.0, 'tokens': 0, 'layer_loss': [0.0] * len(plan.s_layers),
-                  'layer_cos': [0.0] * len(plan.s_layers), 'gap': [0.0, 0], 'load': load, 'reserved_at_wake': reserved}
+        batches, counts, n_micro = micro_batches(seqs, plan, tokenizers, dev, micro_batch_size, check_tokens,
+                                                 seed * 1_000_003 + step)
+        totals = StepTotals.start(len(plan.s_layers), load, reserved)
         stu.train()
         clock.lap('rest')
 
@@ -511,28 +556,33 @@ def train(cfg):
         # zero-weight copies of `filler`. FSDP2 averages gradients over ranks, and the loss is already divided
         # by the global counts: times world makes the reduced gradient that of the step's token mean.
         for i in range(n_micro):
-            b, weight = (batches[i], 1.0) if i < len(batches) else (filler, 0.0)
+            real = i < len(batches)
+            b = batches[i] if real else filler
+            weight = 1.0 if real else 0.0
             stu.set_requires_gradient_sync(i == n_micro - 1)
-            with torch.no_grad():  # the teacher reads its own tokens; only the rows a loss reads are kept
-                t_in = b.get('teacher', b)
-                rows_t = tea(t_in['idx'], attention_mask=t_in['attn'], taps=plan.t_taps, rows=t_in['keep']) \
-                    if tea is not None else None
+            # the teacher reads its own tokens; only the rows a loss reads are kept
+            rows_t = None
+            with torch.no_grad():
+                if tea is not None:
+                    t_in = b.for_teacher
+                    rows_t = tea(t_in.ids, attention_mask=t_in.attention_mask, taps=plan.t_taps, rows=t_in.keep)
             clock.lap('teacher')
-            hs_s = stu(b['idx'], attention_mask=b['attn'], taps=plan.s_taps)
-            loss, stats = micro_batch_loss(plan, hs_s, rows_t, b, n_out, n_rep, stu.lm_head.weight,
-                                           tea.lm_head.weight if tea is not None else None, proj, bridge)
-            gap = sampler_gap(hs_s[plan.L_s], stu.lm_head.weight, b, stats['target_logp']) \
-                if weight and b['check'].any() else (0.0, 0)
+            hs_s = stu(b.ids, attention_mask=b.attention_mask, taps=plan.s_taps)
+            # read each micro-batch, after the forward: FSDP2 may swap a parameter for its gathered copy
+            maps = Maps(stu.lm_head.weight, tea.lm_head.weight if tea is not None else None, proj, bridge)
+            loss, stats = micro_batch_loss(plan, b, hs_s, rows_t, counts, maps)
+            gap = (0.0, 0)
+            if weight and b.check.any():
+                gap = sampler_gap(hs_s[plan.L_s], stu.lm_head.weight, b, stats.target_logp)
             (loss * (world * weight)).backward()
             clock.lap('student')
             if weight:
-                add_micro_batch(totals, loss, stats, b, gap)
-        gap_sum, gap_n = all_reduce_sum(totals['gap']).tolist()
-        totals['gap'] = gap_sum / max(gap_n, 1)
+                totals.add(loss, stats, b, gap)
+        totals.reduce_gap()
 
         # 4. optimizer step, skipped when the loss or the gradient is not finite
         grad_norm = clip_grad_norm(params, grad_clip)
-        loss = all_reduce_sum(totals['loss']).item()
+        loss = all_reduce_sum(totals.loss).item()
         bad_steps = 0 if math.isfinite(loss) and math.isfinite(grad_norm) else bad_steps + 1
         if bad_steps == 0:
             opt.step()
@@ -540,7 +590,10 @@ def train(cfg):
             print(f"step {step}: non-finite loss {loss} or grad norm {grad_norm}: step skipped "
                   f"({bad_steps} in a row)")
         opt.zero_grad(set_to_none=True)
-        peak = all_reduce_max(mem.transient())
+        totals.step_loss = loss
+        totals.lr = lr_now
+        totals.grad_norm = grad_norm
+        totals.transient_mem = all_reduce_max(mem.transient())
         clock.lap('optimizer')
 
         # 5. push the new weights to the sampler (streamed one parameter at a time); the trainer's cached blocks
@@ -555,23 +608,30 @@ def train(cfg):
 
         # 6. log (after the checkpoint, so the record carries its time) and checkpoint
         logged = step % log_every == 0 or step == max_steps - 1
-        rec = log_record(step, totals, lr_now, grad_norm, loss, seqs, n_out, n_rep, peak, plan, sampler, clock) \
-            if logged else None
-        stale = stale_sampler(step, totals['gap'], first_gap, stale_factor) if sampler and check_tokens else None
-        first_gap = totals['gap'] if first_gap is None else first_gap
-        if bad_steps >= max_bad_steps or stale:  # after the step's log line, so the log shows why the run stopped
+        rec = None
+        if logged:
+            rec = step_record(step, totals, seqs, counts, plan, clock, sampler is not None, check_tokens > 0)
+        stale = None
+        if sampler and check_tokens:
+            stale = stale_sampler(step, totals.gap, first_gap, stale_factor)
+        if first_gap is None:
+            first_gap = totals.gap
+        # after the step's log line, so the log shows why the run stopped
+        if bad_steps >= max_bad_steps or stale:
             if rank == 0 and logged:
-                write_record(rec, plan)
+                write_record(rec, plan, out_dir, wandb_log)
             raise DistillError(stale or f"{bad_steps} non-finite steps in a row: stopping")
         if (step + 1) % save_every == 0 or step == max_steps - 1:
             save_checkpoint(out_dir, keep_checkpoints, raw_stu, stu, opt, proj, step + 1, dict(archs, config=cfg))
         clock.lap('log_ckpt')
-        times = clock.split()  # a collective: every rank, every step
+        # a collective: every rank, every step
+        times = clock.split()
         if rank == 0 and logged:
-            write_record(dict(rec, **times), plan)
+            write_record(dict(rec, **times), plan, out_dir, wandb_log)
         if stop_step and step + 1 >= stop_step:
             break
-    dist.barrier()  # every rank's collectives (FSDP2's asynchronous reduce-scatters too) end before teardown
+    # every rank's collectives (FSDP2's asynchronous reduce-scatters too) end before teardown
+    dist.barrier()
     if rank == 0:
         print(f"done: {(checkpoints_in(out_dir) or [out_dir])[-1]}")
 

@@ -110,7 +110,7 @@ def deal(lengths, world):
 
 
 def balance(seqs, world):
-    """The step's rollouts (prompt ids, response ids, ...) of every rank, dealt again so that ranks carry about
+    """The step's rollouts (batch.Rollout) of every rank, dealt again so that ranks carry about
     the same tokens. Without it both samples of a prompt stay on one rank, and the update waits for the rank that
     drew the longest responses. Returns this rank's share and the max/mean token load over ranks."""
     if world == 1:
@@ -118,7 +118,7 @@ def balance(seqs, world):
     shares = [None] * world
     dist.all_gather_object(shares, seqs)
     pool = [s for share in shares for s in share]
-    lengths = [len(s[0]) + len(s[1]) for s in pool]
+    lengths = [len(r.prompt) + len(r.response) for r in pool]
     owner = deal(lengths, world)
     load = [sum(n for n, r in zip(lengths, owner) if r == k) for k in range(world)]
     return [s for s, r in zip(pool, owner) if r == dist.get_rank()], max(load) / max(sum(load) / world, 1)

@@ -1,21 +1,22 @@
 """
-The objectives (METHOD.md §2-3): which layers and positions OPRD aligns, the OPRD loss on hidden states, and the
+The objectives (METHOD.md §2-3): which layers OPRD aligns (the Plan), the OPRD loss on hidden states, and the
 output-space OPD losses (sampled-token, top-k, full-vocabulary KL), computed in chunks of positions so no
-(tokens x vocabulary) tensor of a batch ever exists. Every loss is a sum over supervised positions; at the bottom,
-micro_batch_loss composes them for one micro-batch (the Plan says which), divided by the step's global counts.
+(tokens x vocabulary) tensor of a batch ever exists. Every loss is a sum over supervised positions; at the
+bottom, micro_batch_loss composes them for one micro-batch (batch.Batch), divided by the step's global counts.
+
+    plan = make_plan('oprd', student.config, teacher.config, layers='all', positions='last_k')
+    loss, stats = micro_batch_loss(plan, batch, student_taps, teacher_rows, counts, Maps(...))
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-
-class DistillError(ValueError):
-    """A setting or input that cannot work; raised before any work is done."""
+from batch import DistillError
 
 
-# ----------------------------------------------------------------------------- layer and position sets
+# ----------------------------------------------------------------------------- which layers
 
 def parse_layers(spec, num_layers):
     """Student layers to align, as output_hidden_states indices (1..L; 0 = embeddings is allowed if listed)."""
@@ -43,63 +44,41 @@ def depth_map(layer, L_s, L_t):
     return math.floor((layer - 1) * (L_t - 1) / (L_s - 1) + 0.5) + 1
 
 
-def response_masks(resp_mask, positions, k, align):
-    """resp_mask (B, T) bool: response tokens. Returns the positions whose states are supervised.
-
-    positions selects response tokens (all, the first k, the last k of each row, EOS included); align picks
-    the position that carries token t: 'predict' = t-1 (the state that predicts t, as output-space OPD),
-    'token' = t itself.
-    """
-    idx = resp_mask.long().cumsum(-1) - 1           # index of each response token within its row
-    n = resp_mask.long().sum(-1, keepdim=True)      # response length per row
-    keep = resp_mask  # positions == 'all'; the settings were checked where they are read (distill.check_settings)
-    if positions == 'first_k':
-        keep = resp_mask & (idx < k)
-    elif positions == 'last_k':
-        keep = resp_mask & (idx >= n - k)
-    if align == 'predict':
-        keep = torch.cat([keep[:, 1:], torch.zeros_like(keep[:, :1])], dim=1)
-    return keep
-
-
-def collate(seqs, pad_id, device):
-    """Right-padded (B, T) ids + masks. resp marks response tokens; out_mask the positions that predict them;
-    logp_next the sampler's log-probability of the token each position predicts (NaN where there is none).
-    seqs: (prompt ids, response ids, finish[, sampler log-probs or None])."""
-    T = max(len(s[0]) + len(s[1]) for s in seqs)
-    B = len(seqs)
-    idx = torch.full((B, T), pad_id, dtype=torch.long)
-    attn = torch.zeros(B, T, dtype=torch.bool)
-    resp = torch.zeros(B, T, dtype=torch.bool)
-    logp_next = torch.full((B, T), float('nan'))
-    for i, (p, r, *rest) in enumerate(seqs):
-        idx[i, :len(p) + len(r)] = torch.tensor(list(p) + list(r), dtype=torch.long)
-        attn[i, :len(p) + len(r)] = True
-        resp[i, len(p):len(p) + len(r)] = True
-        if len(rest) > 1 and rest[1] is not None:
-            logp_next[i, len(p) - 1:len(p) + len(r) - 1] = torch.tensor(rest[1], dtype=torch.float32)
-    out_mask = torch.cat([resp[:, 1:], torch.zeros(B, 1, dtype=torch.bool)], dim=1)
-    return {'idx': idx.to(device), 'attn': attn.to(device), 'resp': resp.to(device), 'out_mask': out_mask.to(device),
-            'logp_next': logp_next.to(device)}
+@dataclass
+class Plan:
+    """What an update computes, fixed once from the config and the two models."""
+    method: str
+    out_kind: str | None          # output-space loss: opd | opd_topk | opd_full | opd_chunk | None
+    s_layers: list                # student layers aligned by OPRD (empty without OPRD)
+    t_layers: list                # phi(l) for each
+    s_taps: list                  # what each forward computes: OPRD layers, plus the final norm for logits
+    t_taps: list
+    L_s: int
+    L_t: int
+    vocab: int                    # common vocabulary prefix
+    positions: str = 'last_k'
+    k_positions: int = 2000
+    align: str = 'predict'
+    distance: str = 'mse'
+    oprd_weight: float = 1.0      # oprd_coef, times mu in the combined objectives
+    topk: int = 16
+    chunk: int = 1024
 
 
-def supervise(b, plan, check_gen=None, n_check=0):
-    """Marks on micro-batch b what the step supervises: 'oprd' the positions OPRD aligns, 'keep' every position
-    whose teacher state a loss reads (the only teacher rows kept), 'check' up to n_check random positions
-    whose sampled token the student re-scores (the sampler check), and under opd_chunk 'spans', its chunks on
-    each side: with one tokenizer, each response token is one (align.teacher_batch replaces them across
-    tokenizers). Returns b."""
-    b['oprd'] = response_masks(b['resp'], plan.positions, plan.k_positions, plan.align) if plan.s_layers else \
-        torch.zeros_like(b['resp'])
-    b['keep'] = b['oprd'] | (b['out_mask'] if plan.out_kind else torch.zeros_like(b['resp']))
-    candidates = (b['out_mask'] & ~b['logp_next'].isnan()).flatten().nonzero()[:, 0]
-    picked = candidates[torch.randperm(len(candidates), generator=check_gen)[:n_check].to(candidates.device)] \
-        if check_gen is not None else candidates[:0]
-    b['check'] = torch.zeros_like(b['resp']).flatten().index_fill_(0, picked, True).view_as(b['resp'])
-    if plan.out_kind == 'opd_chunk':
-        n = int(b['out_mask'].sum())
-        b['spans'] = (torch.stack([torch.arange(n), torch.arange(1, n + 1)], 1),) * 2
-    return b
+def make_plan(method, stu_cfg, tea_cfg, layers='all', positions='last_k', k_positions=2000, align='predict',
+              distance='mse', oprd_coef=1.0, mu=1.0, topk=16, chunk=1024):
+    out_kind = {'opd': 'opd', 'opd_topk': 'opd_topk', 'opd_full': 'opd_full', 'opd+oprd': 'opd',
+                'opd_topk+oprd': 'opd_topk'}.get(method, 'opd_chunk' if method.startswith('opd_chunk') else None)
+    L_s = stu_cfg.num_hidden_layers
+    L_t = tea_cfg.num_hidden_layers if tea_cfg is not None else 0
+    s_layers = parse_layers(layers, L_s) if 'oprd' in method or method == 'bridge_fit' else []
+    t_layers = [depth_map(l, L_s, L_t) for l in s_layers]
+    # the student's final norm is always tapped (logits for output losses, sft and the sampler check)
+    s_taps = sorted(set(s_layers) | ({L_s} if method != 'bridge_fit' else set()))
+    t_taps = sorted(set(t_layers) | ({L_t} if out_kind else set()))
+    vocab = min(stu_cfg.vocab_size, tea_cfg.vocab_size) if tea_cfg is not None else stu_cfg.vocab_size
+    return Plan(method, out_kind, s_layers, t_layers, s_taps, t_taps, L_s, L_t, vocab, positions, k_positions,
+                align, distance, oprd_coef * (mu if out_kind else 1.0), topk, chunk)
 
 
 # ----------------------------------------------------------------------------- losses (sums; divided by a global count)
@@ -146,10 +125,10 @@ def output_loss_chunk(kind, h_s, h_t, targets, w_s, w_t, vocab, k):
 
 def log_softmax_(z):
     """F.log_softmax over the last dim, bit for bit, written over z where it can be: a contiguous CPU tensor. On a
-    CPU the first touch of a fresh (rows, V) buffer's pages costs several times the pass itself; on a GPU the caching
-    allocator has one ready."""
+    CPU the first touch of a fresh (rows, V) buffer's pages costs several times the pass itself; on a GPU the
+    caching allocator has one ready."""
     if z.is_cpu and z.is_contiguous():
-        return torch.ops.aten._log_softmax.out(z, -1, False, out=z)
+        return torch.log_softmax(z, -1, out=z)
     return F.log_softmax(z, dim=-1)
 
 
@@ -252,109 +231,88 @@ def sft_loss(logits, targets):
 # ----------------------------------------------------------------------------- one micro-batch
 
 @dataclass
-class Plan:
-    """What an update computes, fixed once from the config and the two models."""
-    method: str
-    out_kind: str | None          # output-space loss: opd | opd_topk | opd_full | opd_chunk | None
-    s_layers: list                # student layers aligned by OPRD (empty without OPRD)
-    t_layers: list                # phi(l) for each
-    s_taps: list                  # what each forward computes: OPRD layers, plus the final norm for logits
-    t_taps: list
-    L_s: int
-    L_t: int
-    vocab: int                    # common vocabulary prefix
-    positions: str = 'last_k'
-    k_positions: int = 2000
-    align: str = 'predict'
-    distance: str = 'mse'
-    oprd_weight: float = 1.0      # oprd_coef, times mu in the combined objectives
-    topk: int = 16
-    chunk: int = 1024
+class Maps:
+    """What turns states into what the losses compare: the LM heads' weights (output-space losses and sft) and,
+    across widths, the learned projector or the frozen OPRD-Bridge (each None when unused)."""
+    student_head: torch.Tensor | None = None
+    teacher_head: torch.Tensor | None = None
+    projector: torch.nn.ModuleDict | None = None
+    bridge: torch.nn.Module | None = None
 
 
-def make_plan(method, stu_cfg, tea_cfg, layers='all', positions='last_k', k_positions=2000, align='predict',
-              distance='mse', oprd_coef=1.0, mu=1.0, topk=16, chunk=1024):
-    out_kind = {'opd': 'opd', 'opd_topk': 'opd_topk', 'opd_full': 'opd_full', 'opd+oprd': 'opd',
-                'opd_topk+oprd': 'opd_topk'}.get(method, 'opd_chunk' if method.startswith('opd_chunk') else None)
-    L_s = stu_cfg.num_hidden_layers
-    L_t = tea_cfg.num_hidden_layers if tea_cfg is not None else 0
-    s_layers = parse_layers(layers, L_s) if 'oprd' in method or method == 'bridge_fit' else []
-    t_layers = [depth_map(l, L_s, L_t) for l in s_layers]
-    # the student's final norm is always tapped (logits for output losses, sft and the sampler check)
-    s_taps = sorted(set(s_layers) | ({L_s} if method != 'bridge_fit' else set()))
-    t_taps = sorted(set(t_layers) | ({L_t} if out_kind else set()))
-    vocab = min(stu_cfg.vocab_size, tea_cfg.vocab_size) if tea_cfg is not None else stu_cfg.vocab_size
-    return Plan(method, out_kind, s_layers, t_layers, s_taps, t_taps, L_s, L_t, vocab, positions, k_positions,
-                align, distance, oprd_coef * (mu if out_kind else 1.0), topk, chunk)
+@dataclass
+class LossStats:
+    """Sums over one micro-batch, for the step's log."""
+    kl: float = 0.0
+    layer_loss: list = field(default_factory=list)    # OPRD's loss sum of each aligned layer
+    layer_cos: list = field(default_factory=list)     # and its sum of cosines
+    # opd_full: the student's log-probability of each supervised token (for the sampler check)
+    target_logp: torch.Tensor | None = None
 
 
-def micro_batch_loss(plan, hs_s, rows_t, b, n_out, n_rep, w_s=None, w_t=None, proj=None, bridge=None):
-    """The loss of one micro-batch, already divided by the global supervised counts n_out (output-space
-    positions, or chunks under opd_chunk) and n_rep (OPRD positions), so that summing it over micro-batches and
-    ranks gives the step's mean. hs_s: the student's taps {layer: (B, T, d)}; rows_t: the teacher's taps at the
-    positions its batch marks 'keep' only {layer: (N, d)} (distill.py keeps no other teacher rows). b: a
-    micro-batch (collate, with 'oprd' and 'keep' masks; under opd_chunk 'spans', the chunks); across tokenizers
-    b['teacher'] is the teacher's batch (align.teacher_batch). w_s, w_t: the LM heads' weights (output-space
-    losses and sft only); proj: the learned projector (or None); bridge: the frozen OPRD-Bridge (or None).
-    Returns (loss, stats): stats holds sums over this micro-batch for the log, and under opd_full the student's
-    log-probability of each supervised token (target_logp, for sampler_gap)."""
-    loss = hs_s[plan.s_taps[-1]].new_zeros((), dtype=torch.float32)
-    stats = {'kl': 0.0, 'layer_loss': [], 'layer_cos': [], 'target_logp': None}
-    t_b = b.get('teacher', b)  # the teacher's own reading of the micro-batch when the tokenizers differ
-    if plan.out_kind == 'opd_chunk':  # each model scores its own tokens; summed over the chunks both have read
-        vocab = plan.vocab if t_b is b else None  # another tokenizer: each model its whole head
-        own = lambda batch: batch['idx'][:, 1:][batch['out_mask'][:, :-1]]  # the tokens each side's rows predict
-        lp_s = token_logprobs(hs_s[plan.L_s][b['out_mask']], w_s, own(b), vocab, plan.chunk)
-        with torch.no_grad():
-            lp_t = token_logprobs(rows_t[plan.L_t][t_b['out_mask'][t_b['keep']]], w_t, own(t_b), vocab, plan.chunk)
-        out, stats['kl'] = chunk_opd_loss(lp_s, lp_t, *b['spans'])
-        loss = loss + out / max(n_out, 1)
-    elif plan.out_kind or plan.method == 'sft':
-        predicts = b['out_mask']  # positions whose next token is a response token
-        rows_s = hs_s[plan.L_s][predicts]
-        targets = b['idx'][:, 1:][predicts[:, :-1]]  # the token each of those positions predicts
-        if plan.method == 'sft':
-            out = sft_loss(F.linear(rows_s, w_s)[:, :plan.vocab], targets)
-        else:
-            out, stats['kl'], stats['target_logp'] = output_loss(
-                plan.out_kind, rows_s, rows_t[plan.L_t][predicts[b['keep']]], targets, w_s, w_t, plan.vocab, plan.topk,
-                plan.chunk)
-        loss = loss + out / max(n_out, 1)
-    if plan.s_layers:
-        supervised, of_kept = b['oprd'], t_b['oprd'][t_b['keep']]
-        rep = 0.0
-        for ls, lt in zip(plan.s_layers, plan.t_layers):
-            key = str(ls)  # through the frozen bridge (both sides mapped), the learned projector, or as they are
-            maps = (bridge.student[key], bridge.teacher[key]) if bridge is not None else (proj and proj[key], None)
-            l_sum, cos = oprd_loss(hs_s[ls][supervised], rows_t[lt][of_kept], plan.distance, *maps)
-            rep = rep + l_sum / len(plan.s_layers)
-            stats['layer_loss'].append(l_sum.item())
-            stats['layer_cos'].append(cos.item())
-        loss = loss + plan.oprd_weight * rep / max(n_rep, 1)
-    return loss, stats
+def oprd_term(plan, batch, student_taps, teacher_rows, maps):
+    """OPRD's sum over the supervised states, averaged over the aligned layers; and each layer's loss and cosine
+    sums. The i-th teacher row marked oprd_mask among the kept ones pairs with the i-th student row."""
+    teacher_side = batch.for_teacher
+    teacher_of_kept = teacher_side.oprd_mask[teacher_side.keep]
+    total = 0.0
+    layer_loss = []
+    layer_cos = []
+    for ls, lt in zip(plan.s_layers, plan.t_layers):
+        # through the frozen bridge (both sides mapped), the learned projector, or as they are
+        key = str(ls)
+        student_map = maps.projector[key] if maps.projector is not None else None
+        teacher_map = None
+        if maps.bridge is not None:
+            student_map = maps.bridge.student[key]
+            teacher_map = maps.bridge.teacher[key]
+        l_sum, cos = oprd_loss(student_taps[ls][batch.oprd_mask], teacher_rows[lt][teacher_of_kept],
+                               plan.distance, student_map, teacher_map)
+        total = total + l_sum / len(plan.s_layers)
+        layer_loss.append(l_sum.item())
+        layer_cos.append(cos.item())
+    return total, layer_loss, layer_cos
 
 
-def sampler_gap(h_final, w, b, target_logp=None):
-    """Sum and count of |log p_student - log p_sampler| of the sampled tokens at the positions b['check'] (a
-    few hundred per step): h_final the student's final-norm states (B, T, d), w its LM head, b['logp_next'] the
-    sampler's raw log-probability of the token each position predicts. A gap far above its first step's level
-    means the sampler no longer serves the trained weights. target_logp: the student's log-probability of the token
-    at every b['out_mask'] position, when the loss computed them (opd_full): read there, not computed again."""
-    rows = b['check']
+def chunk_term(plan, batch, student_taps, teacher_rows, maps):
+    """opd_chunk: each model scores its own tokens, summed over the chunks both have read (chunk_opd_loss)."""
+    teacher_side = batch.for_teacher
+    # another tokenizer: each model over its whole head
+    vocab = plan.vocab if batch.teacher is None else None
+    student_states = student_taps[plan.L_s][batch.out_mask]
+    lp_s = token_logprobs(student_states, maps.student_head, batch.targets, vocab, plan.chunk)
     with torch.no_grad():
-        if target_logp is not None:  # the check's positions are among the loss's (supervise picks them so)
-            mine = target_logp[rows[b['out_mask']]]
-        else:
-            logits = F.linear(h_final[rows].float(), w.float())  # log p = logit - logsumexp: no (rows, V) log-softmax
-            mine = logits.gather(1, b['idx'][:, 1:][rows[:, :-1]][:, None])[:, 0] - logits.logsumexp(-1)
-        return (mine - b['logp_next'][rows]).abs().sum().item(), rows.sum().item()
+        teacher_states = teacher_rows[plan.L_t][teacher_side.out_mask[teacher_side.keep]]
+        lp_t = token_logprobs(teacher_states, maps.teacher_head, teacher_side.targets, vocab, plan.chunk)
+    return chunk_opd_loss(lp_s, lp_t, *batch.chunk_spans)
 
 
-def stale_sampler(step, gap, first_gap, factor):
-    """After the first step rollouts come from synced weights: a sampler whose log-probs drift far from the
-    student's missed the sync (TRL #5312). Returns the reason to stop, or None."""
-    if first_gap is None or gap <= factor * max(first_gap, 0.01):
-        return None
-    return (f"step {step}: stale sampler weights: the sampler's log-probs of its own tokens differ from the "
-            f"student's by {gap:.4f} nats on average ({first_gap:.4f} at the first step); the weight sync did not "
-            "reach the engine")
+def output_term(plan, batch, student_taps, teacher_rows, maps):
+    """The output-space loss (or sft's cross-entropy) summed over the positions that predict a response token.
+    Returns (loss sum, KL-estimate sum, target_logp or None)."""
+    if plan.out_kind == 'opd_chunk':
+        out, kl = chunk_term(plan, batch, student_taps, teacher_rows, maps)
+        return out, kl, None
+    rows_s = student_taps[plan.L_s][batch.out_mask]
+    if plan.method == 'sft':
+        logits = F.linear(rows_s, maps.student_head)[:, :plan.vocab]
+        return sft_loss(logits, batch.targets), 0.0, None
+    rows_t = teacher_rows[plan.L_t][batch.out_mask[batch.keep]]
+    return output_loss(plan.out_kind, rows_s, rows_t, batch.targets, maps.student_head, maps.teacher_head,
+                       plan.vocab, plan.topk, plan.chunk)
+
+
+def micro_batch_loss(plan, batch, student_taps, teacher_rows, counts, maps):
+    """The loss of one micro-batch, already divided by the step's global supervised counts (batch.StepCounts),
+    so that summing it over micro-batches and ranks gives the step's mean. student_taps: the student's taps
+    {layer: (B, T, d)}; teacher_rows: the teacher's taps at the positions its batch marks keep only
+    {layer: (N, d)} (distill.py keeps no other teacher rows). Returns (loss, LossStats)."""
+    loss = student_taps[plan.s_taps[-1]].new_zeros((), dtype=torch.float32)
+    stats = LossStats()
+    if plan.out_kind or plan.method == 'sft':
+        out, stats.kl, stats.target_logp = output_term(plan, batch, student_taps, teacher_rows, maps)
+        loss = loss + out / max(counts.outputs, 1)
+    if plan.s_layers:
+        oprd, stats.layer_loss, stats.layer_cos = oprd_term(plan, batch, student_taps, teacher_rows, maps)
+        loss = loss + plan.oprd_weight * oprd / max(counts.states, 1)
+    return loss, stats

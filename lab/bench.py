@@ -21,7 +21,7 @@ $ python -m lab.bench --sections=peer --threads=1         # against TRL (pip ins
   1.5B shape in bf16, 4 x 4096 tokens; CPU: the tiny Qwen3 in fp32, 8 x 256.
 - variance (CPU): each method's gradient over repeated rollouts of tiny.py's student: relative variance, SNR.
 - align: re-tokenization and alignment across tokenizers of one `response_len`-token rollout (align.rollout_view,
-  which distill.py runs beside the sampler), and what is left before the step's first forward (align.teacher_batch
+  which distill.py runs beside the sampler), and what is left before the step's first forward (batch.teacher_batch
   with that view), as fractions of one OPRD update of tiny.py's cross-tokenizer pair (byte student, BPE Llama
   teacher) on it.
 - peer (CPU): distill.py's opd_full and oprd against TRL's DistillationTrainer (on-policy, full-vocabulary reverse KL)
@@ -50,7 +50,8 @@ import torch.distributed as dist
 import data
 from configurator import configure
 from fsdp import MemoryMeter, setup_distributed, shard
-from losses import collate, make_plan, micro_batch_loss, supervise
+from batch import Rollout, StepCounts, collate, supervise, teacher_batch
+from losses import Maps, make_plan, micro_batch_loss
 from model import ModelConfig, Transformer
 from rollout import VLLMSampler, vllm_available
 from sampler import TorchSampler
@@ -84,10 +85,10 @@ def update_loss(student, teacher, batch, plan):
     forward, the loss to backpropagate (this batch's token mean)."""
     b = supervise(batch, plan)
     with torch.no_grad():
-        rows_t = {l: h[b["keep"]] for l, h in teacher(b["idx"], attention_mask=b["attn"], taps=plan.t_taps).items()}
-    hs_s = student(b["idx"], attention_mask=b["attn"], taps=plan.s_taps)
-    return micro_batch_loss(plan, hs_s, rows_t, b, b["out_mask"].sum().item(), b["oprd"].sum().item(),
-                            student.lm_head.weight, teacher.lm_head.weight)[0]
+        rows_t = {l: h[b.keep] for l, h in teacher(b.ids, attention_mask=b.attention_mask, taps=plan.t_taps).items()}
+    hs_s = student(b.ids, attention_mask=b.attention_mask, taps=plan.s_taps)
+    counts = StepCounts(b.out_mask.sum().item(), b.oprd_mask.sum().item())
+    return micro_batch_loss(plan, b, hs_s, rows_t, counts, Maps(student.lm_head.weight, teacher.lm_head.weight))[0]
 
 def update_table(shape, sequences, prompt_len, response_len, device, methods=UPDATE_METHODS, chunks=(1024, 0),
                  repeats=3, peak_tflops=0.0):
@@ -100,8 +101,8 @@ def update_table(shape, sequences, prompt_len, response_len, device, methods=UPD
     student.activation_checkpointing = True
     g = torch.Generator().manual_seed(1)
     ids = lambda n: torch.randint(0, min(shape["vocab_size"], 151665), (n,), generator=g).tolist()  # noqa: E731
-    batch = collate([(ids(prompt_len), ids(response_len), "stop") for _ in range(sequences)], 0, device)
-    T, rows, tokens = batch["idx"].shape[1], batch["out_mask"].sum().item(), batch["attn"].sum().item()
+    batch = collate([Rollout(ids(prompt_len), ids(response_len), "stop") for _ in range(sequences)], 0, device)
+    T, rows, tokens = batch.ids.shape[1], batch.out_mask.sum().item(), batch.attention_mask.sum().item()
     res = dict(shape=shape, sequences=sequences, prompt_len=prompt_len, response_len=response_len,
                body_to_head=body_to_head(shape), body_to_head_with_attention=body_to_head(shape, T), methods={})
     mem, peaks = MemoryMeter(device), []
@@ -269,21 +270,25 @@ def bench_variance(cfg, device):
     from the same weights, its relative variance E||g - mean g||^2 / ||mean g||^2 (SNR = its inverse). The rollouts
     are common to all; OPRD's and full-KL's gradients are exact given one, sampled-token OPD's a REINFORCE estimate."""
     R, n_prompts = cfg["variance_rollouts"], 8
-    if not all(os.path.isfile(f"tiny/{who}/config.json") for who in ("teacher", "student")):
-        raise FileNotFoundError("the variance section measures tiny.py's pair: make it first (python tiny.py)")
-    student, teacher = Transformer.from_pretrained("tiny/student"), Transformer.from_pretrained("tiny/teacher")
-    tok = load_tokenizer("tiny/student")
+    import tiny
+    paths = {who: os.path.join(tiny.MODELS, who) for who in ("teacher", "student")}
+    if not all(os.path.isfile(os.path.join(path, "config.json")) for path in paths.values()):
+        raise FileNotFoundError(f"the variance section measures tiny.py's pair, shipped in {tiny.MODELS}: "
+                                "restore it from git, or make it (python tiny.py --remake=True)")
+    student = Transformer.from_pretrained(paths["student"])
+    teacher = Transformer.from_pretrained(paths["teacher"])
+    tok = load_tokenizer(paths["student"])
     prompts = [tok.chat(data.build_prompt(p)) for p in data.load_problems("tiny_train")[:n_prompts]]
     sampler, grads = TorchSampler(model=student), {m: [] for m in VARIANCE_METHODS}
     for r in range(R):
         samples = sampler.generate(prompts, n=2, max_new_tokens=48, stop_ids=tok.eos_ids, seed=1000 + r)  # T = 1
-        batch = collate([(p, s.tokens, s.finish) for p, ss in zip(prompts, samples) for s in ss], 0, CPU)
+        batch = collate([Rollout(p, s.tokens, s.finish) for p, ss in zip(prompts, samples) for s in ss], 0, CPU)
         for m in VARIANCE_METHODS:
             plan = make_plan(m, student.config, teacher.config, layers="all", positions="all", topk=16)
             update_loss(student, teacher.requires_grad_(False), batch, plan).backward()
             grads[m].append(torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None]))
             student.zero_grad(set_to_none=True)
-    res = dict(rollouts=R, prompts=n_prompts, models=["tiny/teacher", "tiny/student"], methods={})
+    res = dict(rollouts=R, prompts=n_prompts, models=[tiny.model_path("teacher"), tiny.model_path("student")], methods={})
     for m, gs in grads.items():
         G = torch.stack(gs).double()
         rel_var = ((G - G.mean(0)).pow(2).sum(1).mean() / G.mean(0).pow(2).sum()).item()
@@ -311,29 +316,32 @@ def bench_align(cfg, device):
         s_tok, t_tok = ByteTokenizer(), load_tokenizer(root)
         problems = data.load_problems("tiny_train")
         text = "\n".join(p["solution"] for p in problems[:cfg["response_len"] // 20])
-        seq = (s_tok.chat(problems[0]["prompt"]), s_tok.encode(text)[:cfg["response_len"]], "length", None,
-               problems[0]["prompt"])
+        seq = Rollout(s_tok.chat(problems[0]["prompt"]), s_tok.encode(text)[:cfg["response_len"]], "length", None,
+                      problems[0]["prompt"])
         stu = random_model(dict(tiny.SHAPES["student"], model_type="qwen3", vocab_size=s_tok.vocab_size, head_dim=32),
                            device, torch.float32, seed=0)
         xt = {k: v for k, v in tiny.SHAPES["xteacher"].items() if k != "tokenizer"}
         tea = random_model(dict(xt, vocab_size=t_tok.vocab_size, head_dim=64), device, torch.float32, seed=1)
         plan = make_plan("oprd", stu.config, tea.config, positions="all")
-        beside = best_time(lambda: align.rollout_view(seq, s_tok, t_tok), cfg["repeats"], device)
-        aligned = seq + (align.rollout_view(seq, s_tok, t_tok),)  # as distill.py carries a rollout
-        t_b, s_mask, _ = align.teacher_batch([aligned], s_tok, t_tok, plan, device)
-        seconds = best_time(lambda: align.teacher_batch([aligned], s_tok, t_tok, plan, device), cfg["repeats"], device)
-        b = dict(collate([seq], s_tok.pad_id, device), oprd=s_mask, teacher=t_b)
+        view = lambda: align.rollout_view(seq.messages, seq.response, seq.finish, s_tok, t_tok)  # noqa: E731
+        beside = best_time(view, cfg["repeats"], device)
+        seq.view = view()  # as distill.py carries a rollout
+        t_b, s_mask, _ = teacher_batch([seq], t_tok, plan, device)
+        seconds = best_time(lambda: teacher_batch([seq], t_tok, plan, device), cfg["repeats"], device)
+        b = collate([seq], s_tok.pad_id, device)
+        b.oprd_mask, b.teacher = s_mask, t_b
         proj = torch.nn.ModuleDict({str(l): torch.nn.Linear(stu.config.hidden_size, tea.config.hidden_size)
                                     for l in plan.s_layers})
         def update():
             with torch.no_grad():
-                rows_t = tea(t_b["idx"], attention_mask=t_b["attn"], taps=plan.t_taps, rows=t_b["keep"])
-            hs_s = stu(b["idx"], attention_mask=b["attn"], taps=plan.s_taps)
-            micro_batch_loss(plan, hs_s, rows_t, b, 0, int(s_mask.sum()), proj=proj)[0].backward()
+                rows_t = tea(t_b.ids, attention_mask=t_b.attention_mask, taps=plan.t_taps, rows=t_b.keep)
+            hs_s = stu(b.ids, attention_mask=b.attention_mask, taps=plan.s_taps)
+            counts = StepCounts(0, int(s_mask.sum()))
+            micro_batch_loss(plan, b, hs_s, rows_t, counts, Maps(projector=proj))[0].backward()
         step = best_time(update, cfg["repeats"], device)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    res = dict(response_tokens=len(seq[1]), chunks=int(s_mask.sum()), beside_seconds=beside, align_seconds=seconds,
+    res = dict(response_tokens=len(seq.response), chunks=int(s_mask.sum()), beside_seconds=beside, align_seconds=seconds,
                update_seconds=step, beside_fraction=beside / step, fraction_of_update=seconds / step)
     print(f"align: {res['response_tokens']:,}-token rollout, {res['chunks']:,} chunks: re-tokenization and alignment "
           f"{beside * 1e3:.1f} ms beside the sampler ({res['beside_fraction']:.1%} of one OPRD update of tiny.py's "

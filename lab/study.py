@@ -1,7 +1,7 @@
 """
 The small-scale study behind RESULTS.md: every method at its own learning rate, the paper's ablations of OPRD,
-and a student of another width and depth, on the built-in tiny task. It trains from tiny.py's models (made, or
-reused, in work_dir first) through tiny.py's runner and evaluation.
+and a student of another width and depth, on the built-in tiny task. It trains from the models tiny.py ships
+(models/tiny: the pair and the small student, used as they are) through tiny.py's runner and evaluation.
 
 $ python -m lab.study            # 41 minutes on 2 CPU cores; finished runs and evaluations are reused
 $ python -m lab.study --jobs=1   # one run at a time (each run uses one thread)
@@ -38,7 +38,7 @@ import tiny
 from lab import plot
 
 # -----------------------------------------------------------------------------
-work_dir = 'tiny'              # tiny.py's folder: its models are made (or reused) there, the runs go to work_dir/study
+work_dir = 'tiny'              # tiny.py's work folder: the runs go to work_dir/study
 jobs = 2                       # runs at a time, one thread each
 seeds = 3                      # seeds per row and per ablation on the test problems
 xtok = False                   # the cross-tokenizer block instead of the main study
@@ -151,8 +151,9 @@ def fit_bridge(rank, student='small', teacher='teacher'):
     path = study_path('bridges', f'r{rank}')
     if not os.path.isfile(os.path.join(path, 'bridge.json')):
         run_quietly(['distill.py', 'config/tiny_bridge.py', '--method=bridge_fit', '--seed=0',
-                     f'--bridge_rank={rank}', f'--bridge_path={path}', f'--student={tiny.work_dir}/{student}',
-                     f'--teacher={tiny.work_dir}/{teacher}', '--backend=torch',
+                     f'--bridge_rank={rank}', f'--bridge_path={path}',
+                     f'--student={tiny.model_path(student)}', f'--teacher={tiny.model_path(teacher)}',
+                     '--backend=torch',
                      f"--out_dir={study_path('runs', f'fit_r{rank}')}"],
                     study_path('logs', f'fit_r{rank}.log'))
     with open(os.path.join(path, 'bridge.json')) as f:
@@ -168,8 +169,8 @@ def train(row, lr, seed, splits):
         shutil.rmtree(out, ignore_errors=True)
         bridge = (f"--bridge_path={study_path('bridges', f'r{row.bridge}')}",) if row.bridge else ()
         run_quietly(['distill.py', row.config, f'--method={row.method}', f'--seed={seed}', f'--lr={lr}',
-                     f'--out_dir={out}', f'--student={tiny.work_dir}/{row.who}',
-                     f'--teacher={tiny.work_dir}/{row.teacher}',
+                     f'--out_dir={out}', f'--student={tiny.model_path(row.who)}',
+                     f'--teacher={tiny.model_path(row.teacher)}',
                      f'--max_steps={steps}', '--backend=torch', f'--save_every={EVAL_EVERY}',
                      f'--keep_checkpoints={steps // EVAL_EVERY}', *row.args, *bridge],
                     study_path('logs', f'{name}.log'))
@@ -272,21 +273,25 @@ def bridge_figures(bridges):
                         'cos_by_rank_mean': b['cos_by_rank_mean']} for rank, b in bridges.items()}
 
 
-def prepare(who, make):
-    """The models (made or reused), the study's folders, the validation split, and the base accuracies."""
-    for m in make:
-        m()
+def prepare(who, shipped, make=()):
+    """The models (the shipped ones as they are, the others made by their recipe or reused), the
+    study's folders, the validation split, and the base accuracies."""
+    for models in shipped:
+        tiny.check_shipped(models())
+    for make_models in make:
+        make_models()
     for folder in ('runs', 'eval', 'logs', 'bridges'):
         os.makedirs(study_path(folder), exist_ok=True)
     tiny.write_val(study_path('val.jsonl'))
-    return {w: {split: score(f'{tiny.work_dir}/{w}', f'{w}-{split}', split) for split in ('val', 'test')} for w in who}
+    return {w: {split: score(tiny.model_path(w), f'{w}-{split}', split) for split in ('val', 'test')}
+            for w in who}
 
 
 def run_study():
     """The models, the rates (validation), the seeds and ablations (test), then every figure the tables and the
     plot need, as the dict that study.json keeps."""
     since = time.time()
-    base = prepare(('student', 'small', 'teacher'), (tiny.make_pair, tiny.make_small))
+    base = prepare(('student', 'small', 'teacher'), (tiny.pair_models, tiny.small_models))
     ranks = sorted({row.bridge for row in SMALL if row.bridge})
     bridges = dict(zip(ranks, parallel(fit_bridge, ranks, lambda rank, _: f"bridge r = {rank} fitted")))
     rows = MAIN + SMALL
@@ -311,7 +316,7 @@ def run_study():
 def run_xtok():
     """The cross-tokenizer block: the rates (validation) and the seeds (test) of XTOK, as the dict study.json keeps."""
     since = time.time()
-    base = prepare(('student', 'xteacher'), (tiny.make_pair, tiny.make_xteacher))
+    base = prepare(('student', 'xteacher'), (tiny.pair_models,), (tiny.make_xteacher,))
     ranks = sorted({row.bridge for row in XTOK if row.bridge})
     bridges = dict(zip(ranks, parallel(lambda rank: fit_bridge(rank, 'student', 'xteacher'), ranks,
                                        lambda rank, _: f"bridge r = {rank} fitted")))
@@ -492,6 +497,7 @@ if __name__ == '__main__':
     for begin, end, doc in markers:  # before any work
         with open(os.path.join(tiny.ROOT, doc)) as f:
             replace_block(f.read(), begin, end, '', doc)
-    tiny.work_dir = work_dir  # the models' folder: tiny.py's makers and runners look there
+    # tiny.py's runners and the cross-tokenizer teacher's maker work there
+    tiny.work_dir = work_dir
     os.makedirs(os.path.join(work_dir, 'xstudy' if xtok else 'study'), exist_ok=True)
     write_outputs(run_xtok() if xtok else run_study())

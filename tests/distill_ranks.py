@@ -29,6 +29,8 @@ def local(t):
 def install(patch, record):
     """Wrap distill's micro_batches, micro_batch_loss, shard_projector, save_checkpoint and load_training_state
     (patch(distill, name, wrapper): setattr or monkeypatch.setattr); what they see goes into record (a dict)."""
+    import dataclasses
+
     import torch
     import distill
     from fsdp import trained_modules
@@ -36,27 +38,31 @@ def install(patch, record):
     real = {k: getattr(distill, k) for k in ('micro_batches', 'micro_batch_loss', 'shard_projector',
                                              'save_checkpoint', 'load_training_state')}
 
-    def micro_batches(seqs, *args):  # (seqs, plan, tokenizers, device, step)
-        batches, n_out, n_rep, n_micro = real['micro_batches'](seqs, *args)
-        record['steps'].append(dict(step=args[-1], seqs=[(list(s[0]), list(s[1])) for s in seqs], n_out=n_out,
-                                    n_rep=n_rep, local_out=sum(b['out_mask'].sum().item() for b in batches),
-                                    local_rep=sum(b['oprd'].sum().item() for b in batches),
+    def micro_batches(seqs, *args):
+        batches, counts, n_micro = real['micro_batches'](seqs, *args)
+        record['steps'].append(dict(seqs=[(list(r.prompt), list(r.response)) for r in seqs],
+                                    n_out=counts.outputs, n_rep=counts.states,
+                                    local_out=sum(b.out_mask.sum().item() for b in batches),
+                                    local_rep=sum(b.oprd_mask.sum().item() for b in batches),
                                     local_micro=len(batches), n_micro=n_micro, calls=0))
         record['proj_grad'].append(None)
-        return batches, n_out, n_rep, n_micro
+        return batches, counts, n_micro
 
-    def micro_batch_loss(plan, hs_s, rows_t, b, n_out, n_rep, w_s=None, w_t=None, proj=None, bridge=None):
-        out = real['micro_batch_loss'](plan, hs_s, rows_t, b, n_out, n_rep, w_s, w_t, proj, bridge)
+    def micro_batch_loss(plan, b, hs_s, rows_t, counts, maps):
+        out = real['micro_batch_loss'](plan, b, hs_s, rows_t, counts, maps)
         step = record['steps'][-1]
         step['calls'] += 1
-        if proj is not None:  # this rank's own projector gradient: the same loss through a plain copy
-            plain = {k: full(lin.weight).to(b['idx'].device).requires_grad_(True) for k, lin in proj.items()}
+        proj = maps.projector
+        # this rank's own projector gradient: the same loss through a plain copy
+        if proj is not None:
+            plain = {k: full(lin.weight).to(b.ids.device).requires_grad_(True) for k, lin in proj.items()}
             copy = torch.nn.ModuleDict({k: torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
                                         for k, w in plain.items()})
             for k, w in plain.items():
                 copy[k].weight = torch.nn.Parameter(w)
-            again, _ = real['micro_batch_loss'](plan, {l: h.detach() for l, h in hs_s.items()}, rows_t, b, n_out,
-                                                n_rep, w_s, w_t, copy.to(b['idx'].device), bridge)
+            detached = {layer: h.detach() for layer, h in hs_s.items()}
+            copy_maps = dataclasses.replace(maps, projector=copy.to(b.ids.device))
+            again, _ = real['micro_batch_loss'](plan, b, detached, rows_t, counts, copy_maps)
             if step['calls'] <= step['local_micro']:  # the zero-weight filler micro-batches come last
                 grads = dict(zip(plain, torch.autograd.grad(again, [copy[k].weight for k in plain])))
                 acc = record['proj_grad'][-1] or {}

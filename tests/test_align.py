@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from align import (align_chunks, align_rollout, byte_ends, check_tokenizers, end_of_turn,
                    state_positions, teacher_view, token_bytes)
 from conftest import build_tokenizer
-from losses import chunk_opd_loss, output_loss_chunk, response_masks
+from batch import response_masks
+from losses import chunk_opd_loss, output_loss_chunk
 from tokenizer import ByteTokenizer, load_tokenizer
 
 PHI_SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"]

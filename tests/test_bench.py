@@ -153,11 +153,11 @@ def test_variance_runs_on_a_tiny_pair(tmp_path, monkeypatch, one_thread):
     """The variance section on a pair shaped like tiny.py's (random weights, the byte tokenizer): every method's
     relative variance is a finite positive number; without the pair it is one clear error."""
     import tiny
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match="python tiny.py"):
+    monkeypatch.setattr(tiny, "MODELS", str(tmp_path / "models"))
+    with pytest.raises(FileNotFoundError, match="python tiny.py --remake=True"):
         bench.bench_variance(dict(bench.CONFIG, variance_rollouts=2), torch.device("cpu"))
     for seed, who in enumerate(("teacher", "student")):
-        tiny.make_init(str(tmp_path / "tiny" / who), seed=seed, **tiny.SHAPES["student"])
+        tiny.make_init(str(tmp_path / "models" / who), seed=seed, **tiny.SHAPES["student"])
     res = bench.bench_variance(dict(bench.CONFIG, variance_rollouts=3), torch.device("cpu"))
     assert set(res["methods"]) == set(bench.VARIANCE_METHODS)
     for r in res["methods"].values():

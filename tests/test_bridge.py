@@ -158,20 +158,25 @@ def test_projector_least_squares_start_equals_lstsq(wide_pair):
     (Across ranks, test_scale.py checks that two ranks' start equals one process's.)"""
     from transformers import AutoModelForCausalLM
     from bridge import init_projector
-    from losses import collate, make_plan
+    from batch import Rollout, collate
+    from losses import make_plan
     from model import Transformer
     teacher, student = (Transformer.from_pretrained(p) for p in wide_pair)
     plan = make_plan("oprd", student.config, teacher.config, positions="all")
     g = torch.Generator().manual_seed(0)
-    seqs = [(torch.randint(0, 300, (5,), generator=g).tolist(), torch.randint(0, 300, (n,), generator=g).tolist(),
-             "stop") for n in (70, 90, 50)]
+    seqs = [Rollout(torch.randint(0, 300, (5,), generator=g).tolist(),
+                    torch.randint(0, 300, (n,), generator=g).tolist(), "stop") for n in (70, 90, 50)]
     b = collate(seqs, 0, "cpu")
     proj = torch.nn.ModuleDict({str(l): torch.nn.Linear(64, 128, bias=False) for l in plan.s_layers})
-    init_projector(proj, student, teacher, [(b, b["resp"])], plan)
+    init_projector(proj, student, teacher, [(b, b.response_mask)], plan)
     hf_s, hf_t = (AutoModelForCausalLM.from_pretrained(p, dtype=torch.float64) for p in (wide_pair[1], wide_pair[0]))
+    hs = []
     with torch.no_grad():
-        hs = [(hf_s(torch.tensor([p + r]), output_hidden_states=True).hidden_states,
-               hf_t(torch.tensor([p + r]), output_hidden_states=True).hidden_states, len(p)) for p, r, _ in seqs]
+        for r in seqs:
+            ids = torch.tensor([r.prompt + r.response])
+            h_s = hf_s(ids, output_hidden_states=True).hidden_states
+            h_t = hf_t(ids, output_hidden_states=True).hidden_states
+            hs.append((h_s, h_t, len(r.prompt)))
     for ls, lt in ((1, 1), (2, 3), (3, 4)):  # phi for 3 -> 4 layers, written out
         x = torch.cat([s[ls][0, n:] for s, _, n in hs])  # (210, 64): every response position
         y = torch.cat([t[lt][0, n:] for _, t, n in hs])  # (210, 128)

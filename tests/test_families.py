@@ -11,7 +11,8 @@ import shutil
 import pytest
 import torch
 from conftest import ROOT, build_tokenizer, save_perturbed
-from model import SUPPORTED, CheckpointError, KVCache, ModelConfig, Transformer, check_checkpoint
+from kvcache import KVCache
+from model import SUPPORTED, CheckpointError, ModelConfig, Transformer, check_checkpoint
 
 SWITCH = 16  # original_max_position_embeddings of the tiny configs
 TOL = 1e-5  # fp32 logits and taps against transformers (measured: 0, the same kernels in the same order)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from losses import (DistillError, depth_map, log_softmax_, oprd_loss, output_loss, output_loss_chunk,
-                     parse_layers, response_masks)
+from batch import DistillError, response_masks
+from losses import depth_map, log_softmax_, oprd_loss, output_loss, output_loss_chunk, parse_layers
 from model import Transformer
 
 

@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 from conftest import make_checkpoint
-from model import CheckpointError, KVCache, Transformer
+from kvcache import KVCache
+from model import CheckpointError, Transformer
 
 CONFIGS = {
     "qwen2_bias_untied": dict(model_type="qwen2", tied=False),

@@ -1,9 +1,12 @@
 """The torch sampler's static-shape decode (sampler.StaticDecoder) against the eager one, on CPU where the same
 code runs without CUDA graphs; on a CUDA device, graph replay against the same steps run eagerly."""
 
+import contextlib
+
 import pytest
 import torch
-from model import KVCache, Transformer
+from kvcache import KVCache, StaticStep
+from model import Transformer
 from rollout import fsdp_named_tensors
 from sampler import StaticDecoder, TorchSampler
 
@@ -133,28 +136,35 @@ def test_update_weights_reach_a_kept_decoder(model, tiny_qwen3, tiny_qwen3_b):
 
 
 def test_static_cache_step_equals_eager_cache_step(model):
-    """model.py's static-shape step (KVCache.narrow with a window) = its eager cached step, on the logits."""
+    """kvcache.py's static-shape step (StaticStep over a window) = its eager cached step, on the
+    logits."""
     T, steps = 6, 5
     idx = torch.tensor([[0, 0, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]).bool()
-    eager, static = KVCache(model, 2, T + steps), KVCache(model, 4, 16)  # static: spare rows and slots
+    eager = KVCache(model, 2, T + steps)
+    # spare rows and slots
+    static = KVCache(model, 4, 16)
+    slot = torch.tensor([T])
     with torch.no_grad():
         a = model(idx, attention_mask=mask, cache=eager, last_only=True)
         b = model(idx, attention_mask=mask, cache=static.narrow(2), last_only=True)
-        static.slot.fill_(T)
         for _ in range(steps):
             nxt = a[:, -1].argmax(-1)[:, None]
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
             a = model(nxt, cache=eager)
-            b = model(nxt, cache=static.narrow(2, window=16))
-    assert static.slot.item() == T + steps and static.next_pos[:2].tolist() == [4 + steps, 6 + steps]
-    assert static.len == 0 and eager.len == T + steps
+            b = model(nxt, cache=StaticStep(static, 2, window=16, slot=slot))
+    assert slot.item() == T + steps
+    assert static.next_pos[:2].tolist() == [4 + steps, 6 + steps]
+    assert static.len == 0
+    assert eager.len == T + steps
+    with pytest.raises(ValueError, match="one token per row"):
+        model(idx, cache=StaticStep(static, 2, window=16, slot=slot))
 
 
 def test_static_step_has_no_host_sync():
-    """What a CUDA graph records must not read data on the host (.item(), .tolist(), nonzero(), a data-dependent
-    shape): under fake tensors, which hold no data, any such op raises. Checked on CPU for the CUDA path; top-p
-    is left out (on CPU it sorts with numpy; on CUDA with torch.sort, which records fine)."""
+    """What a CUDA graph records must not read data on the host (.item(), .tolist(), nonzero(), a
+    data-dependent shape): under fake tensors, which hold no data, any such op raises. Checked on
+    CPU for the CUDA path, top-p included: the CPU runs the GPU's code."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
     from model import ModelConfig
     cfg = ModelConfig(model_type="qwen2", vocab_size=100, hidden_size=64, intermediate_size=128,
@@ -162,11 +172,83 @@ def test_static_step_has_no_host_sync():
     with torch.inference_mode(), FakeTensorMode():
         dec = StaticDecoder(Transformer(cfg).eval(), 8, 512, graphs=False)
         dec.start((0, -1, 1.0, False), torch.tensor([5]), key=1, place=list(range(8)))
-        for settings in [(0, -1, 1.0, False), (1.0, -1, 1.0, True), (0.7, 10, 1.0, True)]:
+        for settings in [(0, -1, 1.0, False), (1.0, -1, 1.0, True), (0.7, 10, 0.9, True)]:
             dec.settings = settings
             dec.forward_and_sample(4, 256)
         with pytest.raises(DataDependentOutputException):
             dec.done[:4].tolist()  # the host sync retire() does between steps
+
+
+class FakeCuda:
+    """Stand-ins for torch.cuda's stream and graph calls, on a CPU: each logs (call, device it acts on),
+    the device it was given or else the current one, as torch.cuda takes it. torch.cuda.device(d)
+    sets the current device; cuda:0 when none is set."""
+
+    def __init__(self, monkeypatch):
+        self.log = []
+        self.current = [torch.device("cuda", 0)]
+        fake = self
+
+        class Stream:
+            def __init__(self, device=None):
+                self.device = torch.device(device) if device is not None else fake.current[-1]
+                fake.log.append(("Stream", self.device))
+
+            def wait_stream(self, other):
+                fake.log.append(("wait_stream", self.device))
+                fake.log.append(("wait_stream", other.device))
+
+        class CUDAGraph:
+            def replay(self):
+                fake.log.append(("replay", fake.current[-1]))
+
+        @contextlib.contextmanager
+        def device(d):
+            self.current.append(torch.device(d))
+            yield
+            self.current.pop()
+
+        @contextlib.contextmanager
+        def stream(s):
+            self.log.append(("stream", s.device))
+            yield
+
+        @contextlib.contextmanager
+        def graph(cuda_graph, pool=None, stream=None):
+            # without a stream, torch.cuda.graph captures on a side stream of the current device
+            self.log.append(("graph", stream.device if stream is not None else self.current[-1]))
+            self.log.append(("capture", self.current[-1]))
+            yield
+
+        def current_stream(device=None):
+            s = Stream.__new__(Stream)
+            s.device = torch.device(device) if device is not None else self.current[-1]
+            self.log.append(("current_stream", s.device))
+            return s
+
+        for name, f in dict(Stream=Stream, CUDAGraph=CUDAGraph, device=device, stream=stream,
+                            graph=graph, current_stream=current_stream,
+                            graph_pool_handle=lambda: object()).items():
+            monkeypatch.setattr(torch.cuda, name, f)
+
+
+def test_graphs_are_recorded_and_replayed_on_the_models_device(model, monkeypatch):
+    """With the model on cuda:1 and cuda:0 current (a rank before set_device), every stream, capture
+    and replay must act on cuda:1: captured on the current device, a graph records none of the
+    model's kernels and replays nothing, silently. Checked with fake CUDA calls; the step itself
+    runs on the CPU."""
+    fake = FakeCuda(monkeypatch)
+    decoder = StaticDecoder(model, 4, 16, graphs=True)
+    # the model's device as the CUDA calls see it (the buffers stay on the CPU)
+    decoder.device = torch.device("cuda", 1)
+    decoder.start((1.0, -1, 1.0, False), torch.tensor([5]), key=1, place=list(range(4)))
+    decoder.step(2, 16)
+    decoder.step(2, 16)
+    calls = [call for call, _ in fake.log]
+    assert "capture" in calls and "replay" in calls and "Stream" in calls
+    assert len(decoder.recorded) == 1
+    wrong = [(call, d) for call, d in fake.log if d != torch.device("cuda", 1)]
+    assert not wrong, f"CUDA calls made off the model's device: {wrong}"
 
 
 def test_decode_argument(model):

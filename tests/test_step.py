@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from conftest import make_checkpoint
 
 from bridge import Bridge
-from losses import collate, make_plan, micro_batch_loss, supervise
+from batch import Rollout, StepCounts, collate, supervise
+from losses import Maps, make_plan, micro_batch_loss
 from model import Transformer
 
 # three rollouts of different lengths in one micro-batch: a per-sequence mean and a token mean differ
@@ -138,23 +139,25 @@ def reference(c, rollouts, stu, tea, proj=None, bridge=None):
 # ----------------------------------------------------------------------------- the code under test
 
 def code_path(plan, batches, stu, tea, n_out, n_rep, proj, bridge):
-    """distill.train's micro-batch loop without the process group: teacher rows at b['keep'], student taps,
+    """distill.train's micro-batch loop without the process group: teacher rows at b.keep, student taps,
     micro_batch_loss, backward. Returns the summed loss and stats."""
     loss_sum, stats_sum = 0.0, {"kl": 0.0, "layer_loss": [0.0] * len(plan.s_layers),
                                 "layer_cos": [0.0] * len(plan.s_layers)}
     for b in batches:
         with torch.no_grad():
-            rows_t = {l: h[b["keep"]] for l, h in tea(b["idx"], attention_mask=b["attn"],
-                                                        taps=plan.t_taps).items()} if tea is not None else None
-        hs_s = stu(b["idx"], attention_mask=b["attn"], taps=plan.s_taps)
-        loss, stats = micro_batch_loss(plan, hs_s, rows_t, b, n_out, n_rep, stu.lm_head.weight,
-                                       tea.lm_head.weight if tea is not None else None, proj, bridge)
+            rows_t = None
+            if tea is not None:
+                taps = tea(b.ids, attention_mask=b.attention_mask, taps=plan.t_taps)
+                rows_t = {layer: h[b.keep] for layer, h in taps.items()}
+        hs_s = stu(b.ids, attention_mask=b.attention_mask, taps=plan.s_taps)
+        maps = Maps(stu.lm_head.weight, tea.lm_head.weight if tea is not None else None, proj, bridge)
+        loss, stats = micro_batch_loss(plan, b, hs_s, rows_t, StepCounts(n_out, n_rep), maps)
         loss.backward()
         loss_sum += loss.item()
-        stats_sum["kl"] += stats["kl"]
+        stats_sum["kl"] += stats.kl
         for j in range(len(plan.s_layers)):
-            stats_sum["layer_loss"][j] += stats["layer_loss"][j]
-            stats_sum["layer_cos"][j] += stats["layer_cos"][j]
+            stats_sum["layer_loss"][j] += stats.layer_loss[j]
+            stats_sum["layer_cos"][j] += stats.layer_cos[j]
     return loss_sum, stats_sum
 
 
@@ -185,9 +188,10 @@ def test_micro_batch_loss_by_hand(ckpts, name):
         plan = make_plan(c["method"], stu.config, tea.config if tea else None, c["layers"] or "all", c["positions"],
                          c["k"], c["align"], c["distance"], c["coef"], c["mu"], c["topk"], c["chunk"])
         assert plan.s_layers == c["layers"] and plan.t_layers == c["t_layers"]
-        batches = [supervise(collate([(p, r, "stop") for p, r in part], 0, "cpu"), plan) for part in split]
-        assert sum(b["out_mask"].sum().item() for b in batches) == n_out
-        assert sum(b["oprd"].sum().item() for b in batches) == (n_rep if c["layers"] else 0)
+        batches = [supervise(collate([Rollout(p, r, "stop") for p, r in part], 0, "cpu"), plan)
+                   for part in split]
+        assert sum(b.out_mask.sum().item() for b in batches) == n_out
+        assert sum(b.oprd_mask.sum().item() for b in batches) == (n_rep if c["layers"] else 0)
         proj = torch.nn.ModuleDict({str(l): torch.nn.Linear(d_s, d_t, bias=False) for l in c["layers"]}) \
             if proj_w else None
         if proj is not None:
@@ -223,9 +227,9 @@ def test_opd_chunk_is_opd_bit_for_bit_with_one_tokenizer(ckpts):
         stu = Transformer.from_pretrained(ckpts["student"])
         tea = Transformer.from_pretrained(ckpts["deep"]).requires_grad_(False)
         plan = make_plan(method, stu.config, tea.config)
-        batches = [supervise(collate([(p, r, "stop") for p, r in part], 0, "cpu"), plan)
+        batches = [supervise(collate([Rollout(p, r, "stop") for p, r in part], 0, "cpu"), plan)
                    for part in ([ROLLOUTS[:2], ROLLOUTS[2:]])]
-        n_out = sum(b["out_mask"].sum().item() for b in batches)
+        n_out = sum(b.out_mask.sum().item() for b in batches)
         loss, stats = code_path(plan, batches, stu, tea, n_out, 0, None, None)
         out[method] = loss, stats["kl"], {n: p.grad for n, p in stu.named_parameters()}
     assert out["opd_chunk"][:2] == out["opd"][:2] and out["opd"][0] != 0

@@ -41,15 +41,19 @@ def fake_accuracy(ckpt, bench):
     return acc - (0.05 if bench == 'tiny' else 0.0)
 
 
+# the models a test's study made (tiny.make_pair, make_small, make_xteacher)
+MADE = []
+
+
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
     """lab/study.py in a temporary work_dir; distill.py and eval.py replaced by writers of what they would leave."""
     monkeypatch.setattr(tiny, 'work_dir', str(tmp_path / 'tiny'))
     monkeypatch.setattr(study, 'jobs', 2)
     monkeypatch.setattr(study, 'seeds', 3)
-    monkeypatch.setattr(tiny, 'make_pair', lambda: None)
-    monkeypatch.setattr(tiny, 'make_small', lambda: None)
-    monkeypatch.setattr(tiny, 'make_xteacher', lambda: None)
+    MADE.clear()
+    for name in ('make_pair', 'make_small', 'make_xteacher'):
+        monkeypatch.setattr(tiny, name, lambda name=name: MADE.append(name))
     calls = []
 
     def run_script(args, log, every=1, echo=True, threads=None):
@@ -82,6 +86,8 @@ def fake(tmp_path, monkeypatch):
 
 def test_the_schedule_chooses_rates_on_validation_and_reports_seeds_on_test(fake, capsys):
     res = study.run_study()
+    # the study trains from the shipped models, never remade
+    assert MADE == []
     runs = [a for a in fake if a[0] == 'distill.py' and '--method=bridge_fit' not in a]
     fits = [a for a in fake if '--method=bridge_fit' in a]
     assert len(fits) == 3
@@ -118,7 +124,9 @@ def test_the_cross_tokenizer_block_trains_toward_its_own_teacher_and_writes_its_
     res = study.run_xtok()
     runs = [dict(a[2:].split('=', 1) for a in args[1:] if a.startswith('--')) for args in fake if args[0] == 'distill.py']
     assert {r['teacher'] for r in runs} == {f'{tiny.work_dir}/xteacher'}
-    assert {r['student'] for r in runs} == {f'{tiny.work_dir}/student'}
+    assert {r['student'] for r in runs} == {'models/tiny/student'}
+    # the cross-tokenizer teacher is made by its recipe; the shipped student is used as it is
+    assert MADE == ['make_xteacher']
     assert all('/xstudy/' in r.get('out_dir', '') + r.get('bridge_path', '') for r in runs)
     fits = [r for r in runs if r['method'] == 'bridge_fit']
     assert sorted(r['bridge_rank'] for r in fits) == ['4', '8']
