@@ -4,6 +4,9 @@
 #   make test    the test suite
 # Each first runs setup.sh once, which makes a project-local .venv; nothing is installed outside this
 # folder.
+# On a GPU node, after `python3 -m venv .venv && .venv/bin/pip install -r requirements-gpu.txt`:
+#   make gpu     the first-run check (lab/gpu_check.py): the weight sync, CUDA graphs, distill.py
+#                and eval.py on one rank and on two, for each sampler backend
 PY := .venv/bin/python
 
 tiny: .venv/ready
@@ -12,8 +15,13 @@ tiny: .venv/ready
 test: .venv/ready
 	$(PY) -m pytest -q
 
+# not through setup.sh, which makes the CPU environment
+gpu:
+	@test -x $(PY) || { echo "error: no $(PY): make it with requirements-gpu.txt"; exit 1; }
+	HF_HUB_OFFLINE=1 $(PY) -m lab.gpu_check
+
 .venv/ready: setup.sh requirements.txt
 	bash setup.sh
 	touch $@
 
-.PHONY: tiny test
+.PHONY: tiny test gpu

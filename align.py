@@ -1,21 +1,25 @@
 """
-Distillation across tokenizers (METHOD.md §4b). Each rollout reaches the teacher as the teacher's own encoding of
-the same conversation: the prompt through its chat template, the student's response text re-encoded by its
-tokenizer and closed by its end-of-turn token when the student stopped (a truncated response gets no end). The
-two models are compared only where both have read exactly the same bytes of the response: a chunk closes where
-both tokenizations reach the same byte offset (TRL GOLD's grouping rule) and the pair supervised is the last token
-of each chunk on both sides. With identical tokenizers every chunk is one token and nothing changes.
+Distillation across tokenizers (METHOD.md §4b). Each rollout reaches the teacher as the teacher's
+own encoding of the same conversation: the prompt through its chat template, the student's response
+text re-encoded by its tokenizer and closed by its end-of-turn token when the student stopped (a
+truncated response gets no end). The two models are compared only where both have read exactly the
+same bytes of the response: a chunk closes where both tokenizations reach the same byte offset (TRL
+GOLD's grouping rule) and the pair supervised is the last token of each chunk on both sides. With
+identical tokenizers every chunk is one token and nothing changes.
 
-    check_tokenizers(student_tok, teacher_tok)       # once, before any work: ValueError naming what cannot work
-    view = align_rollout(student_tok, teacher_tok, messages, response_ids, finished=(finish == 'stop'),
-                         name=f"rollout {i} of step {step}")
-    view.prompt_ids, view.response_ids                # what the teacher reads
-    view.pairs                                        # (C, 2) response positions (student, teacher) compared
-    # chunk-level sampled-token OPD on those chunks: losses.chunk_opd_loss(lp_s, lp_t, view.s_spans, view.t_spans)
+    # once, before any work: ValueError naming what cannot work
+    check_tokenizers(student_tok, teacher_tok)
+    view = align_rollout(student_tok, teacher_tok, messages, response_ids,
+                         finished=(finish == 'stop'), name=f"rollout {i} of step {step}")
+    view.prompt_ids, view.response_ids      # what the teacher reads
+    view.pairs                              # (C, 2) response positions (student, teacher) compared
+    # chunk-level sampled-token OPD on those chunks:
+    #   losses.chunk_opd_loss(lp_s, lp_t, view.s_spans, view.t_spans)
 
-Bytes, not characters: a token may hold part of a multi-byte character (byte-level BPE, the byte tokenizer), so
-every offset here counts UTF-8 bytes, from a table of each token id's bytes built once per tokenizer. A stop token
-counts as one byte past the text, whatever its spelling: both models' ends of turn close the last chunk together.
+Bytes, not characters: a token may hold part of a multi-byte character (byte-level BPE, the byte
+tokenizer), so every offset here counts UTF-8 bytes, from a table of each token id's bytes built
+once per tokenizer. A stop token counts as one byte past the text, whatever its spelling: both
+models' ends of turn close the last chunk together.
 """
 import functools
 from concurrent.futures import ThreadPoolExecutor
@@ -28,12 +32,15 @@ from tokenizer import PROBE_TEXTS
 WHITESPACE = np.frombuffer(b" \t\n\r\x0b\x0c", np.uint8)
 
 
-# ----------------------------------------------------------------------------- what each token spells
+# --------------------------------------------------------------------------- what each token spells
 
 def _byte_level_alphabet():
-    """Byte-level BPE (GPT-2, Qwen, Llama 3, Phi-4) spells every byte as one printable character: the printable
-    Latin-1 bytes as themselves, the other 68 bytes as chr(256), chr(257), ... in byte order. Returns char -> byte."""
-    printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+    """Byte-level BPE (GPT-2, Qwen, Llama 3, Phi-4) spells every byte as one printable character:
+    the printable Latin-1 bytes as themselves, the other 68 bytes as chr(256), chr(257), ... in byte
+    order. Returns char -> byte."""
+    printable = [*range(ord('!'), ord('~') + 1),
+                 *range(ord('¡'), ord('¬') + 1),
+                 *range(ord('®'), ord('ÿ') + 1)]
     others = [b for b in range(256) if b not in printable]
     return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
 
@@ -44,16 +51,20 @@ def tokenizer_name(tok):
 
 @functools.cache
 def token_bytes(tok):
-    """(bytes of each token id, their lengths as an int64 array). A special token spells its text, as decode does."""
-    if hasattr(tok, 'enc'):  # tiktoken (the byte tokenizer) knows each token's bytes
+    """(bytes of each token id, their lengths as an int64 array). A special token spells its text,
+    as decode does."""
+    if hasattr(tok, 'enc'):
+        # tiktoken (the byte tokenizer) knows each token's bytes
         table = [tok.enc.decode_single_token_bytes(i) for i in range(tok.enc.n_vocab)]
-    elif hasattr(tok, 'tok'):  # Hugging Face: only byte-level BPE spells tokens in bytes we can read back
+    elif hasattr(tok, 'tok'):
+        # Hugging Face: only byte-level BPE spells tokens in bytes we can read back
         from tokenizers import decoders
         hf = tok.tok
         decoder = getattr(getattr(hf, 'backend_tokenizer', None), 'decoder', None)
         if not isinstance(decoder, decoders.ByteLevel):
-            raise ValueError(f"tokenizer {tokenizer_name(tok)!r} is not byte-level BPE (its decoder is "
-                             f"{type(decoder).__name__}): cross-tokenizer alignment needs each token's bytes")
+            raise ValueError(f"tokenizer {tokenizer_name(tok)!r} is not byte-level BPE "
+                             f"(its decoder is {type(decoder).__name__}): "
+                             "cross-tokenizer alignment needs each token's bytes")
         alphabet = _byte_level_alphabet()
         added = {i: t.content.encode() for i, t in hf.added_tokens_decoder.items()}
         pieces = hf.convert_ids_to_tokens(list(range(len(hf))))
@@ -65,7 +76,8 @@ def token_bytes(tok):
 
 
 def byte_ends(tok, ids):
-    """The UTF-8 byte offset where each token of ids ends, counted from the first; a stop token is one byte."""
+    """The UTF-8 byte offset where each token of ids ends, counted from the first; a stop token is
+    one byte."""
     ids = np.asarray(ids, dtype=np.int64)
     lengths = token_bytes(tok)[1][ids]
     lengths[np.isin(ids, tok.eos_ids)] = 1
@@ -79,43 +91,48 @@ def spelled(tok, ids):
 
 @functools.cache
 def end_of_turn(tok):
-    """The stop token that closes an assistant turn in tok's chat template: the first stop token after the content,
-    found by rendering two conversations that differ only in the assistant's reply."""
+    """The stop token that closes an assistant turn in tok's chat template: the first stop token
+    after the content, found by rendering two conversations that differ only in the assistant's
+    reply."""
     if hasattr(tok, 'tok') and not tok.tok.chat_template:
-        raise ValueError(f"teacher tokenizer {tokenizer_name(tok)!r} has no chat template: the teacher must read "
-                         "the prompt through its own template")
+        raise ValueError(f"teacher tokenizer {tokenizer_name(tok)!r} has no chat template: "
+                         "the teacher must read the prompt through its own template")
     a, b = (tok.chat([{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': reply}])
             for reply in ('yes', 'no'))
     start = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
     eot = next((t for t in a[start:] if t in tok.eos_ids), None) if start is not None else None
     if eot is None:
-        raise ValueError(f"teacher tokenizer {tokenizer_name(tok)!r}: its chat template closes an assistant turn "
-                         f"with none of its stop tokens {tok.eos_ids}")
+        raise ValueError(f"teacher tokenizer {tokenizer_name(tok)!r}: its chat template closes "
+                         f"an assistant turn with none of its stop tokens {tok.eos_ids}")
     return eot
 
 
 def check_tokenizers(student_tok, teacher_tok):
-    """Everything that can be known before the first rollout: both tokenizers' token bytes spell what they encode
-    (on tokenizer.PROBE_TEXTS), and the teacher has a chat template that ends a turn with a stop token."""
+    """Everything that can be known before the first rollout: both tokenizers' token bytes spell
+    what they encode (on tokenizer.PROBE_TEXTS), and the teacher has a chat template that ends a
+    turn with a stop token."""
     for tok in (student_tok, teacher_tok):
         for text in PROBE_TEXTS:
             if spelled(tok, tok.encode(text)) != text.encode():
-                raise ValueError(f"tokenizer {tokenizer_name(tok)!r}: its tokens' bytes do not spell the text they "
-                                 f"encode ({text!r}); cross-tokenizer alignment needs byte-level tokens")
+                raise ValueError(f"tokenizer {tokenizer_name(tok)!r}: its tokens' bytes do not "
+                                 f"spell the text they encode ({text!r}); "
+                                 "cross-tokenizer alignment needs byte-level tokens")
     end_of_turn(teacher_tok)
 
 
-# ----------------------------------------------------------------------------- the teacher's view of one rollout
+# ---------------------------------------------------------------- the teacher's view of one rollout
 
 def response_text(student_tok, response_ids, finished, name='rollout'):
-    """The text (UTF-8 bytes) of a student response, without its stop token, and whether the teacher reads all of
-    it (then its end of turn closes it when the student stopped). Bytes that are not UTF-8 (a cut-off character
-    of a truncated response, a stray byte of a byte-level student) end the text before them: no teacher token can
-    read them, so the chunks both models read stop there and the rest of the response is not compared."""
+    """The text (UTF-8 bytes) of a student response, without its stop token, and whether the teacher
+    reads all of it (then its end of turn closes it when the student stopped). Bytes that are not
+    UTF-8 (a cut-off character of a truncated response, a stray byte of a byte-level student) end
+    the text before them: no teacher token can read them, so the chunks both models read stop there
+    and the rest of the response is not compared."""
     ids = list(response_ids)
     if finished:
         if not ids or ids[-1] not in student_tok.eos_ids:
-            raise ValueError(f"{name}: finished, but it does not end with a student stop token {student_tok.eos_ids}")
+            raise ValueError(f"{name}: finished, but it does not end with a student stop token "
+                             f"{student_tok.eos_ids}")
         ids = ids[:-1]
     early = [i for i, t in enumerate(ids) if t in student_tok.eos_ids]
     if early:
@@ -129,42 +146,48 @@ def response_text(student_tok, response_ids, finished, name='rollout'):
 
 
 def teacher_response(teacher_tok, text, finished, name='rollout'):
-    """The response text re-encoded by the teacher, closed by its end of turn when the student stopped; refused
-    unless the teacher's tokens spell exactly that text (the round trip decode(encode(text)) == text, on bytes)."""
+    """The response text re-encoded by the teacher, closed by its end of turn when the student
+    stopped; refused unless the teacher's tokens spell exactly that text (the round trip
+    decode(encode(text)) == text, on bytes)."""
     ids = teacher_tok.encode(text.decode('utf-8'))
     back = spelled(teacher_tok, ids)
     if back != text:
-        k = next((i for i, (x, y) in enumerate(zip(back, text)) if x != y), min(len(back), len(text)))
+        k = next((i for i, (x, y) in enumerate(zip(back, text)) if x != y),
+                 min(len(back), len(text)))
         raise ValueError(f"{name}: the response text does not survive the teacher tokenizer "
                          f"{tokenizer_name(teacher_tok)!r} (first difference at byte {k}: "
                          f"{text[k:k + 12]!r} read back as {back[k:k + 12]!r})")
     stops = [t for t in ids if t in teacher_tok.eos_ids]
     if stops:
-        raise ValueError(f"{name}: the response text contains {teacher_tok.decode(stops[:1])!r}, a stop token of "
-                         "the teacher")
+        raise ValueError(f"{name}: the response text contains {teacher_tok.decode(stops[:1])!r}, "
+                         "a stop token of the teacher")
     return ids + [end_of_turn(teacher_tok)] if finished else ids
 
 
-def teacher_view(student_tok, teacher_tok, messages, response_ids, finished, name='rollout', enable_thinking=False):
-    """The teacher's (prompt ids, response ids) for one rollout. messages: the conversation the student's prompt
-    was rendered from; finished: the response ended with the student's stop token (finish == 'stop')."""
+def teacher_view(student_tok, teacher_tok, messages, response_ids, finished, name='rollout',
+                 enable_thinking=False):
+    """The teacher's (prompt ids, response ids) for one rollout. messages: the conversation the
+    student's prompt was rendered from; finished: the response ended with the student's stop token
+    (finish == 'stop')."""
     text, whole = response_text(student_tok, response_ids, finished, name)
     return (teacher_tok.chat(messages, enable_thinking=enable_thinking),
             teacher_response(teacher_tok, text, whole, name))
 
 
-# ----------------------------------------------------------------------------- chunks both models have read
+# --------------------------------------------------------------------- chunks both models have read
 
 def align_chunks(s_ends, t_ends, whitespace_only=False, text=None):
-    """Chunks of the response that both tokenizations read exactly: one closes at each byte offset where a token
-    ends on both sides. Returns (pairs, s_spans, t_spans): pairs (C, 2) the response positions (student, teacher)
-    of each chunk's last token; spans (C, 2) each chunk's [start, end) token range on each side. Tokens after the
-    last common offset (an incomplete character of a truncated response) are in no chunk.
+    """Chunks of the response that both tokenizations read exactly: one closes at each byte offset
+    where a token ends on both sides. Returns (pairs, s_spans, t_spans): pairs (C, 2) the response
+    positions (student, teacher) of each chunk's last token; spans (C, 2) each chunk's [start, end)
+    token range on each side. Tokens after the last common offset (an incomplete character of a
+    truncated response) are in no chunk.
 
     whitespace_only: a chunk closes only where the text next holds whitespace, or at its end (ALM,
-    arXiv 2503.20083: chunks ending mid-word are biased); the chunks in between merge into it. Needs text
-    (the response's UTF-8 bytes, or str)."""
-    s_ends, t_ends = np.asarray(s_ends, dtype=np.int64), np.asarray(t_ends, dtype=np.int64)
+    arXiv 2503.20083: chunks ending mid-word are biased); the chunks in between merge into it. Needs
+    text (the response's UTF-8 bytes, or str)."""
+    s_ends = np.asarray(s_ends, dtype=np.int64)
+    t_ends = np.asarray(t_ends, dtype=np.int64)
     closes = np.intersect1d(s_ends, t_ends)  # sorted, unique
     if whitespace_only:
         if text is None:
@@ -186,8 +209,10 @@ def align_chunks(s_ends, t_ends, whitespace_only=False, text=None):
 @dataclass
 class TeacherView:
     """What one rollout means to the teacher: its ids and the chunks both models read."""
-    prompt_ids: list       # the conversation through the teacher's chat template
-    response_ids: list     # the response text in the teacher's tokens (+ its end of turn if the student stopped)
+    # the conversation through the teacher's chat template
+    prompt_ids: list
+    # the response text in the teacher's tokens (+ its end of turn if the student stopped)
+    response_ids: list
     pairs: np.ndarray      # (C, 2) response positions (student, teacher) of each chunk's last token
     s_spans: np.ndarray    # (C, 2) each chunk's [start, end) student tokens
     t_spans: np.ndarray    # (C, 2) each chunk's [start, end) teacher tokens
@@ -195,31 +220,35 @@ class TeacherView:
 
 def align_rollout(student_tok, teacher_tok, messages, response_ids, finished, whitespace_only=False,
                   name='rollout', enable_thinking=False):
-    """teacher_view and align_chunks for one rollout: the per-rollout work beside the sampler (lab/bench.py times it)."""
+    """teacher_view and align_chunks for one rollout: the per-rollout work beside the sampler
+    (lab/bench.py times it)."""
     text, whole = response_text(student_tok, response_ids, finished, name)
     t_response = teacher_response(teacher_tok, text, whole, name)
-    pairs, s_spans, t_spans = align_chunks(byte_ends(student_tok, response_ids), byte_ends(teacher_tok, t_response),
-                                           whitespace_only, text)
-    return TeacherView(teacher_tok.chat(messages, enable_thinking=enable_thinking), t_response, pairs, s_spans,
-                       t_spans)
+    s_ends = byte_ends(student_tok, response_ids)
+    t_ends = byte_ends(teacher_tok, t_response)
+    pairs, s_spans, t_spans = align_chunks(s_ends, t_ends, whitespace_only, text)
+    t_prompt = teacher_tok.chat(messages, enable_thinking=enable_thinking)
+    return TeacherView(t_prompt, t_response, pairs, s_spans, t_spans)
 
 
 def rollout_view(messages, response_ids, finish, student_tok, teacher_tok, whitespace_only=False,
                  enable_thinking=False):
-    """align_rollout of one rollout as distill.py holds it (batch.Rollout's messages, response and finish)."""
-    return align_rollout(student_tok, teacher_tok, messages, response_ids, finish == 'stop', whitespace_only,
-                         f"a rollout of prompt {messages[:40]!r}", enable_thinking)
+    """align_rollout of one rollout as distill.py holds it (batch.Rollout's messages, response and
+    finish)."""
+    return align_rollout(student_tok, teacher_tok, messages, response_ids, finish == 'stop',
+                         whitespace_only, f"a rollout of prompt {messages[:40]!r}", enable_thinking)
 
 
 class Aligner:
-    """Beside the sampler: passed as generate()'s on_sample(i, j, sample), it starts the rollout_view of prompt i's
-    j-th sample on a worker thread as soon as the sampler hands it over (vLLM: as its request finishes, while the
-    engine samples the rest); view(i, j) waits for it. distill.py carries it as the rollout's view.
-    keep(i, j): the samples to align (default all; under tensor parallelism a rank trains on every tp-th)."""
+    """Beside the sampler: passed as generate()'s on_sample(i, j, sample), it starts the
+    rollout_view of prompt i's j-th sample on a worker thread as soon as the sampler hands it over
+    (vLLM: as its request finishes, while the engine samples the rest); view(i, j) waits for it.
+    distill.py carries it as the rollout's view. keep(i, j): the samples to align (default all;
+    under tensor parallelism a rank trains on every tp-th)."""
     pool = None  # one worker thread for the process, made on first use
 
-    def __init__(self, messages, student_tok, teacher_tok, whitespace_only=False, enable_thinking=False,
-                 keep=None):
+    def __init__(self, messages, student_tok, teacher_tok, whitespace_only=False,
+                 enable_thinking=False, keep=None):
         self.messages = messages
         self.views = {}
         self.keep = keep or (lambda i, j: True)
@@ -228,18 +257,19 @@ class Aligner:
 
     def __call__(self, i, j, sample):
         if self.keep(i, j):
-            self.views[i, j] = self.pool.submit(rollout_view, self.messages[i], sample.tokens, sample.finish,
-                                                *self.args)
+            self.views[i, j] = self.pool.submit(rollout_view, self.messages[i], sample.tokens,
+                                                sample.finish, *self.args)
 
     def view(self, i, j):
         return self.views[i, j].result()
 
 
 def state_positions(view, s_prompt_len, t_prompt_len, align='predict'):
-    """Sequence positions (student, teacher), each (C,), of the hidden states OPRD compares: states where both
-    models have read the same text. 'token': each chunk's last token; 'predict': the state just before each chunk
-    (the previous chunk's last token; the prompt's last for the first chunk). Identical tokenizers: the positions
-    losses.response_masks picks with positions='all'."""
-    # the column of each chunk's span that holds the state: its end ('token') or its start ('predict')
+    """Sequence positions (student, teacher), each (C,), of the hidden states OPRD compares: states
+    where both models have read the same text. 'token': each chunk's last token; 'predict': the
+    state just before each chunk (the previous chunk's last token; the prompt's last for the first
+    chunk). Identical tokenizers: the positions losses.response_masks picks with positions='all'."""
+    # the column of each chunk's span that holds the state:
+    # its end ('token') or its start ('predict')
     edge = 1 if align == 'token' else 0
     return s_prompt_len + view.s_spans[:, edge] - 1, t_prompt_len + view.t_spans[:, edge] - 1

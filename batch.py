@@ -1,13 +1,19 @@
 """
-What one update reads (distill.py): the rollouts, and the micro-batches made of them with what each supervises.
+What one update reads (distill.py): the rollouts, and the micro-batches made of them with what each
+supervises.
 
-    rollout = Rollout(prompt_ids, response_ids, finish, logprobs, messages)   # view: the teacher's, across tokenizers
-    batch = supervise(collate([rollout, ...], pad_id, device), plan)          # one tokenizer
-    batch = micro_batch([rollout, ...], plan, Tokenizers(student, teacher), device)   # any two
-    batches, counts, n_micro = micro_batches(rollouts, plan, tokenizers, device, size, check_tokens, check_seed)
+    # view: the teacher's, across tokenizers
+    rollout = Rollout(prompt_ids, response_ids, finish, logprobs, messages)
+    # one tokenizer
+    batch = supervise(collate([rollout, ...], pad_id, device), plan)
+    # any two
+    batch = micro_batch([rollout, ...], plan, Tokenizers(student, teacher), device)
+    batches, counts, n_micro = micro_batches(rollouts, plan, tokenizers, device, size,
+                                             check_tokens, check_seed)
 
-Every (B, T) mask is over the right-padded ids. Across tokenizers batch.teacher is the teacher's own batch of the
-same rollouts (align.py), and the OPRD mask and the chunks are those both models have read.
+Every (B, T) mask is over the right-padded ids. Across tokenizers batch.teacher is the teacher's own
+batch of the same rollouts (align.py), and the OPRD mask and the chunks are those both models have
+read.
 """
 from dataclasses import dataclass
 
@@ -23,6 +29,7 @@ class DistillError(ValueError):
 
 
 def ceil_div(a, b):
+    """a / b rounded up, in integers."""
     return -(-a // b)
 
 
@@ -46,16 +53,19 @@ class Rollout:
 
 @dataclass
 class Batch:
-    """One micro-batch, (B, T) each: the ids and masks of collate, then what supervise marks on it."""
+    """One micro-batch, (B, T) each: the ids and masks of collate, then what supervise marks on
+    it."""
     ids: torch.Tensor             # long, right-padded
     attention_mask: torch.Tensor  # bool: real tokens
     response_mask: torch.Tensor   # bool: response tokens
     out_mask: torch.Tensor        # bool: the positions that predict a response token
-    logp_next: torch.Tensor       # the sampler's log-probability of the token each position predicts, or NaN
+    # the sampler's log-probability of the token each position predicts, or NaN
+    logp_next: torch.Tensor
     oprd_mask: torch.Tensor | None = None  # the states OPRD aligns
     keep: torch.Tensor | None = None       # every position whose teacher state a loss reads
     check: torch.Tensor | None = None      # the positions whose sampled token the student re-scores
-    chunk_spans: tuple | None = None       # opd_chunk: (student, teacher) (C, 2) [start, end) token spans
+    # opd_chunk: (student, teacher) (C, 2) [start, end) token spans
+    chunk_spans: tuple | None = None
     teacher: 'Batch | None' = None         # the teacher's own batch, when its tokenizer differs
 
     @property
@@ -70,7 +80,8 @@ class Batch:
 
 
 def next_tokens(ids, mask):
-    """The token after each position of mask (B, T): ids (B, T) shifted by one, read where mask is set."""
+    """The token after each position of mask (B, T): ids (B, T) shifted by one, read where mask is
+    set."""
     return ids[:, 1:][mask[:, :-1]]
 
 
@@ -79,9 +90,9 @@ def next_tokens(ids, mask):
 def response_masks(resp_mask, positions, k, align):
     """resp_mask (B, T) bool: response tokens. Returns the positions whose states are supervised.
 
-    positions selects response tokens (all, the first k, the last k of each row, EOS included); align picks
-    the position that carries token t: 'predict' = t-1 (the state that predicts t, as output-space OPD),
-    'token' = t itself.
+    positions selects response tokens (all, the first k, the last k of each row, EOS included);
+    align picks the position that carries token t: 'predict' = t-1 (the state that predicts t, as
+    output-space OPD), 'token' = t itself.
     """
     # index of each response token within its row, and each row's response length
     idx = resp_mask.long().cumsum(-1) - 1
@@ -97,7 +108,8 @@ def response_masks(resp_mask, positions, k, align):
 
 
 def collate(rollouts, pad_id, device):
-    """Right-padded (B, T) ids and masks of rollouts (Rollout each). Returns a Batch with nothing supervised."""
+    """Right-padded (B, T) ids and masks of rollouts (Rollout each). Returns a Batch with nothing
+    supervised."""
     T = max(len(r.prompt) + len(r.response) for r in rollouts)
     B = len(rollouts)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -113,19 +125,21 @@ def collate(rollouts, pad_id, device):
         if r.logprobs is not None:
             logp_next[i, P - 1:end - 1] = torch.tensor(r.logprobs, dtype=torch.float32)
     out_mask = torch.cat([response_mask[:, 1:], torch.zeros(B, 1, dtype=torch.bool)], dim=1)
-    return Batch(ids.to(device), attention_mask.to(device), response_mask.to(device), out_mask.to(device),
-                 logp_next.to(device))
+    return Batch(ids.to(device), attention_mask.to(device), response_mask.to(device),
+                 out_mask.to(device), logp_next.to(device))
 
 
 def supervise(batch, plan, check_gen=None, n_check=0):
-    """Marks on batch what the step supervises: oprd_mask, the positions OPRD aligns; keep, every position whose
-    teacher state a loss reads (the only teacher rows kept); check, up to n_check random positions whose sampled
-    token the student re-scores (the sampler check); under opd_chunk chunk_spans, its chunks on each side: with
-    one tokenizer each response token is one (teacher_batch replaces them across tokenizers). Returns batch."""
+    """Marks on batch what the step supervises: oprd_mask, the positions OPRD aligns; keep, every
+    position whose teacher state a loss reads (the only teacher rows kept); check, up to n_check
+    random positions whose sampled token the student re-scores (the sampler check); under opd_chunk
+    chunk_spans, its chunks on each side: with one tokenizer each response token is one
+    (teacher_batch replaces them across tokenizers). Returns batch."""
     nothing = torch.zeros_like(batch.response_mask)
     batch.oprd_mask = nothing
     if plan.s_layers:
-        batch.oprd_mask = response_masks(batch.response_mask, plan.positions, plan.k_positions, plan.align)
+        batch.oprd_mask = response_masks(batch.response_mask, plan.positions, plan.k_positions,
+                                         plan.align)
     batch.keep = batch.oprd_mask | (batch.out_mask if plan.out_kind else nothing)
     candidates = (batch.out_mask & ~batch.logp_next.isnan()).flatten().nonzero()[:, 0]
     picked = candidates[:0]
@@ -151,16 +165,18 @@ def chosen_chunks(positions, k):
 
 
 def teacher_batch(rollouts, teacher_tok, plan, device):
-    """One micro-batch as the teacher reads it; each rollout carries its view (align.rollout_view). Returns
-    the teacher's Batch with oprd_mask = the states OPRD compares and keep = every row a loss reads (those,
-    plus the positions predicting its response tokens under opd_chunk); the student's (B, T) mask of the states
-    OPRD compares, in the same row-major order, so the i-th teacher OPRD row pairs with the i-th student row;
-    and the chunks (s_spans, t_spans) (C, 2), offset into each side's response tokens in row-major order (the
-    rows of the out_mask positions). plan.positions picks chunks for OPRD (all, the first or the last
-    plan.k_positions); chunk-level OPD reads them all."""
+    """One micro-batch as the teacher reads it; each rollout carries its view (align.rollout_view).
+    Returns the teacher's Batch with oprd_mask = the states OPRD compares and keep = every row a
+    loss reads (those, plus the positions predicting its response tokens under opd_chunk); the
+    student's (B, T) mask of the states OPRD compares, in the same row-major order, so the i-th
+    teacher OPRD row pairs with the i-th student row; and the chunks (s_spans, t_spans) (C, 2),
+    offset into each side's response tokens in row-major order (the rows of the out_mask positions).
+    plan.positions picks chunks for OPRD (all, the first or the last plan.k_positions); chunk-level
+    OPD reads them all."""
     views = [r.view for r in rollouts]
-    teacher = collate([Rollout(v.prompt_ids, v.response_ids, r.finish) for v, r in zip(views, rollouts)],
-                      teacher_tok.pad_id, device)
+    teacher_rollouts = [Rollout(v.prompt_ids, v.response_ids, r.finish)
+                        for v, r in zip(views, rollouts)]
+    teacher = collate(teacher_rollouts, teacher_tok.pad_id, device)
     T = max(len(r.prompt) + len(r.response) for r in rollouts)
     s_mask = torch.zeros(len(rollouts), T, dtype=torch.bool)
     t_mask = torch.zeros(teacher.ids.shape, dtype=torch.bool)
@@ -187,39 +203,43 @@ def teacher_batch(rollouts, teacher_tok, plan, device):
 
 
 def micro_batch(rollouts, plan, tokenizers, device, check_gen=None, n_check=0):
-    """One micro-batch with what it supervises (supervise); across tokenizers also the teacher's own reading
-    of it (batch.teacher), OPRD's states and opd_chunk's spans at the chunks of text both have read."""
-    batch = supervise(collate(rollouts, tokenizers.student.pad_id, device), plan, check_gen, n_check)
+    """One micro-batch with what it supervises (supervise); across tokenizers also the teacher's own
+    reading of it (batch.teacher), OPRD's states and opd_chunk's spans at the chunks of text both
+    have read."""
+    batch = supervise(collate(rollouts, tokenizers.student.pad_id, device), plan, check_gen,
+                      n_check)
     if tokenizers.teacher is not None:
-        batch.teacher, batch.oprd_mask, batch.chunk_spans = teacher_batch(rollouts, tokenizers.teacher, plan,
-                                                                          device)
+        batch.teacher, batch.oprd_mask, batch.chunk_spans = teacher_batch(
+            rollouts, tokenizers.teacher, plan, device)
     return batch
 
 
 def filler_batch(item, plan, tokenizers, device, whitespace_only=False, enable_thinking=False):
-    """A one-rollout micro-batch (item: a training prompt) that a rank with fewer micro-batches than the busiest
-    runs at weight zero: FSDP2's collectives pair up only if every rank runs as many."""
-    rollout = Rollout(item['prompt'], tokenizers.student.encode(' 1'), 'length', None, item['messages'])
+    """A one-rollout micro-batch (item: a training prompt) that a rank with fewer micro-batches than
+    the busiest runs at weight zero: FSDP2's collectives pair up only if every rank runs as many."""
+    rollout = Rollout(item['prompt'], tokenizers.student.encode(' 1'), 'length', None,
+                      item['messages'])
     if tokenizers.teacher is not None:
-        rollout.view = align.rollout_view(rollout.messages, rollout.response, rollout.finish, tokenizers.student,
-                                          tokenizers.teacher, whitespace_only, enable_thinking)
+        rollout.view = align.rollout_view(rollout.messages, rollout.response, rollout.finish,
+                                          tokenizers.student, tokenizers.teacher, whitespace_only,
+                                          enable_thinking)
     return micro_batch([rollout], plan, tokenizers, device)
 
 
-# ----------------------------------------------------------------------------- the step's micro-batches
+# ------------------------------------------------------------------------- the step's micro-batches
 
 @dataclass
 class StepCounts:
-    """The step's supervised counts summed over ranks: every loss is divided by them, so sharding changes
-    nothing."""
+    """The step's supervised counts summed over ranks: every loss is divided by them, so sharding
+    changes nothing."""
     outputs: float    # output-space positions, or chunks under opd_chunk
     states: float     # OPRD positions
 
 
 def micro_batches(rollouts, plan, tokenizers, device, size, check_tokens, check_seed):
-    """This rank's micro-batches of at most size rollouts, the step's StepCounts, and how many micro-batches
-    the busiest rank has (every rank runs as many). check_tokens sampled tokens are re-scored, spread over the
-    micro-batches, drawn with a generator seeded by check_seed."""
+    """This rank's micro-batches of at most size rollouts, the step's StepCounts, and how many
+    micro-batches the busiest rank has (every rank runs as many). check_tokens sampled tokens are
+    re-scored, spread over the micro-batches, drawn with a generator seeded by check_seed."""
     gen = torch.Generator().manual_seed(check_seed)
     n_batches = ceil_div(len(rollouts), size)
     n_check = ceil_div(check_tokens, max(1, n_batches))

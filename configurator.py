@@ -1,20 +1,22 @@
 """
-nanoGPT's configurator, with clear errors. A script keeps its settings as plain module globals (lower-case names
-of ints, floats, bools, strings, lists, tuples or None) and, in main(), calls
+nanoGPT's configurator, with clear errors. A script keeps its settings as plain module globals
+(lower-case names of ints, floats, bools, strings, lists, tuples or None) and, in main(), calls
 
-    cfg = configure(globals(), __file__)     # applies sys.argv, updates the globals, returns the settings
+    # applies sys.argv, updates the globals, returns the settings
+    cfg = configure(globals(), __file__)
 
 so that, e.g., `python distill.py config/tiny.py --method=opd --max_steps 20` runs.
 
-Arguments apply left to right. A bare argument is a python config file, exec'd in a fresh namespace seeded with
-the current values; it may only assign known keys (helpers start with '_'). `--key=value` and `--key value`
-override one key; the value is read with ast.literal_eval, else kept as the raw string, then checked against the
-default's type (int is accepted for float; a str default keeps the raw string; a list/tuple default also takes
-`1,2,3`; a None default takes anything). A bool key alone (`--wandb_log`) means True, and takes a following word
-only if it is true/false/1/0, so `--wandb_log config/x.py` still reads config/x.py. Every value applied is printed
-once (rank 0 only under torchrun). Any mistake (a config file that does not parse or raises included) is one line
-on stderr and exit status 2. `-h` / `--help` prints the script's docstring and every key with its default and the
-comment beside it in the script, and exits 0.
+Arguments apply left to right. A bare argument is a python config file, exec'd in a fresh namespace
+seeded with the current values; it may only assign known keys (helpers start with '_').
+`--key=value` and `--key value` override one key; the value is read with ast.literal_eval, else kept
+as the raw string, then checked against the default's type (int is accepted for float; a str default
+keeps the raw string; a list/tuple default also takes `1,2,3`; a None default takes anything). A
+bool key alone (`--wandb_log`) means True, and takes a following word only if it is true/false/1/0,
+so `--wandb_log config/x.py` still reads config/x.py. Every value applied is printed once (rank 0
+only under torchrun). Any mistake (a config file that does not parse or raises included) is one line
+on stderr and exit status 2. `-h` / `--help` prints the script's docstring and every key with its
+default and the comment beside it in the script, and exits 0.
 """
 import ast
 import difflib
@@ -61,16 +63,20 @@ def _convert(key, val, default, raw=None):
     elif isinstance(default, int):
         if isinstance(val, int) and not isinstance(val, bool):
             return val
-    raise ConfigError(f"config key '{key}' expects {type(default).__name__}, got {type(val).__name__} {raw if raw is not None else val!r}")
+    shown = raw if raw is not None else val
+    raise ConfigError(f"config key '{key}' expects {type(default).__name__}, "
+                      f"got {type(val).__name__} {shown!r}")
 
 def print_help(source, defaults):
-    """The docstring of the script at path `source`, then each key, its default and its comment there."""
+    """The docstring of the script at path `source`, then each key, its default and its comment
+    there."""
     text = open(source).read()
     doc = ast.get_docstring(ast.parse(text)) or ''
     lines = text.splitlines()
     print(doc.strip() + '\n\nsettings (config files and --key=value override them, left to right):')
     for key, val in defaults.items():
-        at = next((i for i, l in enumerate(lines) if l.lstrip().startswith((f'{key} =', f'{key}='))), None)
+        starts = (f'{key} =', f'{key}=')
+        at = next((i for i, l in enumerate(lines) if l.lstrip().startswith(starts)), None)
         notes = []
         if at is not None:  # the comment on the key's line, and comment-only lines under it
             notes.append(lines[at].partition('#')[2].strip() if '#' in lines[at] else '')
@@ -95,7 +101,8 @@ def apply_config(args, defaults, verbose=True, help_source=None):
         cfg[key] = val
     i = 0
     while i < len(args):
-        arg, i = args[i], i + 1
+        arg = args[i]
+        i += 1
         if not arg.startswith('--'):  # a config file
             if not os.path.isfile(arg):
                 raise ConfigError(f"config file not found: {arg}")
@@ -103,16 +110,17 @@ def apply_config(args, defaults, verbose=True, help_source=None):
             try:
                 with open(arg) as f:
                     exec(compile(f.read(), arg, 'exec'), ns)
-            except Exception as e:  # a syntax error, or the file raised: one line, as for any other mistake
+            except Exception as e:
+                # a syntax error, or the file raised: one line, as for any other mistake
                 where = f" (line {e.lineno})" if isinstance(e, SyntaxError) else ''
-                raise ConfigError(f"{arg}{where}: {type(e).__name__}: {e.msg if isinstance(e, SyntaxError) else e}") \
-                    from None
+                what = e.msg if isinstance(e, SyntaxError) else e
+                raise ConfigError(f"{arg}{where}: {type(e).__name__}: {what}") from None
             for k, v in ns.items():
                 if k.startswith('_') or callable(v) or type(v) is type(os):
                     continue  # helpers and imports a config file may use, not settings
                 if k not in cfg:
-                    raise ConfigError(f"{arg}: {_unknown(k, cfg)} (a helper variable in a config file must start "
-                                      "with '_')")
+                    raise ConfigError(f"{arg}: {_unknown(k, cfg)} "
+                                      "(a helper variable in a config file must start with '_')")
                 if v is not cfg[k]:
                     put(k, _convert(k, v, cfg[k]), f" from {arg}")
             continue
@@ -126,23 +134,26 @@ def apply_config(args, defaults, verbose=True, help_source=None):
             elif nxt is None or nxt.startswith('--'):
                 raise ConfigError(f"--{key} needs a value")
             else:
-                raw, i = nxt, i + 1
+                raw = nxt
+                i += 1
         put(key, _convert(key, _literal(raw), cfg[key], raw))
     return cfg
 
 
 def settings(namespace):
-    """A script's settings: the lower-case names of plain values in its globals (modules and functions are not)."""
+    """A script's settings: the lower-case names of plain values in its globals (modules and
+    functions are not)."""
     return {k: v for k, v in namespace.items() if not k.startswith('_') and k.islower()
             and isinstance(v, (int, float, bool, str, list, tuple, type(None)))}
 
 
 def configure(namespace, script_path, argv=None):
-    """Apply argv (sys.argv[1:] by default) to the settings of namespace (a script's globals(), or a dict of
-    defaults), update namespace with the result and return it as a dict. A mistake is one line on stderr and
-    exit status 2; -h / --help prints script_path's docstring and settings."""
+    """Apply argv (sys.argv[1:] by default) to the settings of namespace (a script's globals(), or a
+    dict of defaults), update namespace with the result and return it as a dict. A mistake is one
+    line on stderr and exit status 2; -h / --help prints script_path's docstring and settings."""
     try:
-        cfg = apply_config(sys.argv[1:] if argv is None else argv, settings(namespace), help_source=script_path)
+        args = sys.argv[1:] if argv is None else argv
+        cfg = apply_config(args, settings(namespace), help_source=script_path)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

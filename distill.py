@@ -1,5 +1,6 @@
 """
-On-policy distillation: OPRD (hidden states), the output-space OPD baselines, and SFT, in one explicit loop.
+On-policy distillation: OPRD (hidden states), the output-space OPD baselines, and SFT, in one
+explicit loop.
 
 One node of 8 GPUs (the paper's main setting, METHOD.md §5):
 $ torchrun --standalone --nproc_per_node=8 distill.py config/qwen.py
@@ -7,18 +8,20 @@ A baseline on the same setting:
 $ torchrun --standalone --nproc_per_node=8 distill.py config/qwen_opd_topk.py
 One process (CPU or one GPU), overrides on the command line:
 $ python distill.py config/tiny.py --method=opd --max_steps=20
-OPRD-Bridge (METHOD.md §4, a teacher of another width): stage 1 fits the frozen bridge, stage 2 distills through it:
+OPRD-Bridge (METHOD.md §4, a teacher of another width): stage 1 fits the frozen bridge, stage 2
+distills through it:
 $ torchrun --standalone --nproc_per_node=8 distill.py config/qwen_bridge.py --method=bridge_fit
 $ torchrun --standalone --nproc_per_node=8 distill.py config/qwen_bridge.py
-A teacher of another tokenizer (METHOD.md §4b) reads its own encoding of each rollout (align.py): the same two
-commands with config/phi4_qwen3.py.
+A teacher of another tokenizer (METHOD.md §4b) reads its own encoding of each rollout (align.py):
+the same two commands with config/phi4_qwen3.py.
 
-Per step (train() at the bottom reads as the paper's algorithm box): this rank's share of the step's prompts ->
-rollouts of the current student (rollout.py), dealt across ranks by length -> per micro-batch, teacher forward (no
-grad), student forward + backward -> optimizer step -> new weights pushed to the sampler -> log -> checkpoint.
-Under `oprd` alone the teacher computes no logits and runs only up to its deepest tapped layer, and the student's
-head sees only the few hundred positions where it re-scores the sampler's tokens (check_tokens). Every process,
-one or many, trains in a process group with the student under FSDP2, so one GPU trains as a one-rank torchrun.
+Per step (train() at the bottom reads as the paper's algorithm box): this rank's share of the
+step's prompts -> rollouts of the current student (rollout.py), dealt across ranks by length -> per
+micro-batch, teacher forward (no grad), student forward + backward -> optimizer step -> new weights
+pushed to the sampler -> log -> checkpoint. Under `oprd` alone the teacher computes no logits and
+runs only up to its deepest tapped layer, and the student's head sees only the few hundred
+positions where it re-scores the sampler's tokens (check_tokens). Every process, one or many,
+trains in a process group with the student under FSDP2, so one GPU trains as a one-rank torchrun.
 """
 import math
 import os
@@ -35,9 +38,9 @@ import data
 from batch import DistillError, Rollout, Tokenizers, filler_batch, micro_batch, micro_batches
 from bridge import arch, check_bridge, fit_stage1, init_projector, load_bridge
 from configurator import configure
-from fsdp import (MemoryMeter, StepClock, all_reduce_max, all_reduce_sum, balance, clip_grad_norm,
-                  drop_logged_steps_from, is_dist, load_training_state, read_resume, save_checkpoint,
-                  setup_distributed, shard, shard_projector)
+from fsdp import (MemoryMeter, StepClock, all_reduce_max, all_reduce_sum, balance,
+                  clip_grad_norm, drop_logged_steps_from, is_dist, load_training_state,
+                  read_resume, save_checkpoint, setup_distributed, shard, shard_projector)
 from losses import Maps, make_plan, micro_batch_loss
 from model import CheckpointError, Transformer, checkpoints_in, resolve_checkpoint
 from steplog import StepTotals, sampler_gap, stale_sampler, step_record, write_record
@@ -46,14 +49,17 @@ from tokenizer import load_tokenizer, same_tokenization
 # -----------------------------------------------------------------------------
 # default config values, overridden by config/*.py and --key=value
 out_dir = 'out'
-init_from = 'scratch'         # 'scratch' (student from `student`) | 'resume' (newest checkpoint in out_dir)
+init_from = 'scratch'         # 'scratch' (student from `student`)
+                              # | 'resume' (newest checkpoint in out_dir)
 student = ''                  # HF checkpoint folder of the student
 teacher = ''                  # HF checkpoint folder of the frozen teacher
 method = 'oprd'               # oprd | opd | opd_topk | opd_full | opd+oprd | opd_topk+oprd | sft
                               # | bridge_fit (OPRD-Bridge stage 1) | oprd_bridge (stage 2)
-                              # | opd_chunk | opd_chunk+oprd | opd_chunk+oprd_bridge (chunk-level OPD, any tokenizers)
+                              # | opd_chunk | opd_chunk+oprd | opd_chunk+oprd_bridge
+                              # (chunk-level OPD, any tokenizers)
 # data
-prompts = 'dapo17k'           # benchmark name, builtin task name, or a .jsonl file (data.load_problems)
+prompts = 'dapo17k'           # benchmark name, builtin task name, or a .jsonl file
+                              # (data.load_problems)
 data_dir = ''                 # folder of <name>.jsonl when offline
 max_prompt_len = 2048         # prompts longer than this (in tokens) are dropped
 enable_thinking = False       # chat template flag (the paper trains with thinking disabled)
@@ -66,32 +72,49 @@ top_p = 1.0
 top_k = -1
 max_new_tokens = 16384
 gpu_memory_utilization = 0.3  # vLLM's share of the accelerator
-tensor_parallel_size = 1      # vLLM tensor parallelism: a group's ranks share prompts, then split the rollouts
+max_num_seqs = 64             # vLLM's most concurrent sequences: enough for one training step's
+                              # rollouts; fewer CUDA graphs to capture and less memory. An engine
+                              # gets prompts_per_step / (ranks / tensor_parallel_size) prompts
+                              # (rounded up) x n_samples a step: 2 for config/qwen.py on 8 GPUs,
+                              # 16 on one. More is fine: vLLM queues what does not fit
+tensor_parallel_size = 1      # vLLM tensor parallelism: a group's ranks share prompts, then split
+                              # the rollouts
 # OPRD (METHOD.md §2)
-layers = 'all'                # last | all | even | odd | '4,8,12' (student layers, output_hidden_states indices)
+layers = 'all'                # last | all | even | odd | '4,8,12'
+                              # (student layers, output_hidden_states indices)
 positions = 'last_k'          # all | first_k | last_k
 k_positions = 2000
 distance = 'mse'              # mse (raw MSE / d) | normalized_mse (MSE of L2-normalised states)
-align = 'predict'             # 'predict': the state that predicts token t (position t-1); 'token': the state at t
-align_whitespace = False      # across tokenizers (align.py): compare only chunks that end at whitespace (ALM)
+align = 'predict'             # 'predict': the state that predicts token t (position t-1);
+                              # 'token': the state at t
+align_whitespace = False      # across tokenizers (align.py): compare only chunks that end at
+                              # whitespace (ALM)
 oprd_coef = 1.0
 mu = 1.0                      # weight of OPRD in the combined objectives opd+oprd, opd_topk+oprd
 projector = False             # learn a linear map d_S -> d_T per layer when the widths differ
-projector_init = 'random'     # its start: nn.Linear's init (the paper) | lstsq (least squares on step 0's rollouts)
-# OPRD-Bridge (METHOD.md §4): a frozen rank-r bridge per layer, fit by method=bridge_fit, used by oprd_bridge
+projector_init = 'random'     # its start: nn.Linear's init (the paper)
+                              # | lstsq (least squares on step 0's rollouts)
+# OPRD-Bridge (METHOD.md §4): a frozen rank-r bridge per layer, fit by method=bridge_fit, used by
+# oprd_bridge
 bridge_path = ''              # folder: bridge.safetensors + bridge.json
-bridge_rank = 0               # r: the teacher's top-r principal directions; 0: 8, or 4 when the tokenizers differ
-bridge_rows = 16384           # at most this many rows per layer (gathered over ranks) for the PCA and P_S
-bridge_lr = 1e-4              # P_S: AdamW, weight decay 0, 10% of the rows held out, best held-out cosine kept
+bridge_rank = 0               # r: the teacher's top-r principal directions; 0: 8, or 4 when the
+                              # tokenizers differ
+bridge_rows = 16384           # at most this many rows per layer (gathered over ranks) for the PCA
+                              # and P_S
+bridge_lr = 1e-4              # P_S: AdamW, weight decay 0, 10% of the rows held out, best
+                              # held-out cosine kept
 bridge_epochs = 20
 bridge_batch_size = 256
-bridge_init = 'random'        # P_S starts from nn.Linear's init (the paper) or 'lstsq' (the closed-form solution)
+bridge_init = 'random'        # P_S starts from nn.Linear's init (the paper) or 'lstsq'
+                              # (the closed-form solution)
 # output-space OPD (METHOD.md §3)
 topk = 16
-vocab_chunk_tokens = 1024     # output losses run over this many positions at a time: no [B, T, V] tensor
+vocab_chunk_tokens = 1024     # output losses run over this many positions at a time:
+                              # no [B, T, V] tensor
 # optimization
 max_steps = 500
-micro_batch_size = 4          # sequences per forward/backward; the step accumulates over the rank's rollouts
+micro_batch_size = 4          # sequences per forward/backward; the step accumulates over the
+                              # rank's rollouts
 lr = 1e-5
 min_lr = 0.0
 warmup_frac = 0.03
@@ -101,13 +124,17 @@ beta2 = 0.999
 grad_clip = 1.0
 activation_checkpointing = False
 device = 'auto'               # auto (cuda if there is one) | cpu | cuda
-dist_timeout_min = 120        # collectives wait this long (rank 0 writing a many-GB checkpoint while others wait)
+dist_timeout_min = 120        # collectives wait this long (rank 0 writing a many-GB checkpoint
+                              # while others wait)
 teacher_fsdp = False          # shard the teacher with FSDP2 too (when it does not fit replicated)
 max_bad_steps = 3             # consecutive NaN/inf steps before the run stops
-check_tokens = 256            # per step and rank: sampled tokens whose log-probs the student recomputes (0 = off)
-stale_factor = 10.0           # stop when that gap (mean |d log p|) exceeds this many times its first step's
-                              # (at least 0.01 nats): the sampler is not serving the trained weights
-stop_step = 0                 # >0: stop after this many steps as if preempted (the schedule still spans max_steps)
+check_tokens = 256            # per step and rank: sampled tokens whose log-probs the student
+                              # recomputes (0 = off)
+stale_factor = 10.0           # stop when that gap (mean |d log p|) exceeds this many times its
+                              # first step's (at least 0.01 nats): the sampler is not serving the
+                              # trained weights
+stop_step = 0                 # >0: stop after this many steps as if preempted (the schedule
+                              # still spans max_steps)
 # io
 seed = 0
 log_every = 1
@@ -117,13 +144,16 @@ wandb_log = False
 wandb_project = 'oprd'
 # -----------------------------------------------------------------------------
 
-METHODS = ('oprd', 'opd', 'opd_topk', 'opd_full', 'opd+oprd', 'opd_topk+oprd', 'sft', 'bridge_fit', 'oprd_bridge',
-           'opd_chunk', 'opd_chunk+oprd', 'opd_chunk+oprd_bridge')
-THROUGH_BRIDGE = ('oprd_bridge', 'opd_chunk+oprd_bridge')  # stage 2 of OPRD-Bridge, alone or with chunk-level OPD
-ONE_VOCABULARY = ('opd', 'opd_topk', 'opd_full', 'opd+oprd', 'opd_topk+oprd')  # token-level output losses
-_samplers = []  # started samplers, closed by main() before the process group goes (vLLM's teardown needs it)
+METHODS = ('oprd', 'opd', 'opd_topk', 'opd_full', 'opd+oprd', 'opd_topk+oprd', 'sft',
+           'bridge_fit', 'oprd_bridge', 'opd_chunk', 'opd_chunk+oprd', 'opd_chunk+oprd_bridge')
+# stage 2 of OPRD-Bridge, alone or with chunk-level OPD
+THROUGH_BRIDGE = ('oprd_bridge', 'opd_chunk+oprd_bridge')
+# token-level output losses
+ONE_VOCABULARY = ('opd', 'opd_topk', 'opd_full', 'opd+oprd', 'opd_topk+oprd')
+# started samplers, closed by main() before the process group goes (vLLM's teardown needs it)
+_samplers = []
 
-# ----------------------------------------------------------------------------- one update
+# ---------------------------------------------------------------------- one update
 
 def lr_at(step):
     """Linear warm-up over warmup_frac of the run, then cosine decay to min_lr."""
@@ -134,7 +164,7 @@ def lr_at(step):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-# ----------------------------------------------------------------------------- set-up, before any work
+# ---------------------------------------------------------------------- set-up, before any work
 
 def bad_setting(key, value, allowed):
     """The one-line error for a setting outside what it allows."""
@@ -142,8 +172,9 @@ def bad_setting(key, value, allowed):
 
 
 def check_settings():
-    """One DistillError for the first setting or input that cannot work, before any model loads or any folder
-    is made. Checks that need the models (layers in range, widths, tokenizers) come right after loading."""
+    """One DistillError for the first setting or input that cannot work, before any model loads or
+    any folder is made. Checks that need the models (layers in range, widths, tokenizers) come right
+    after loading."""
     if method not in METHODS:
         raise DistillError(f"method={method!r} does not exist: choose one of {', '.join(METHODS)}")
     if init_from not in ('scratch', 'resume'):
@@ -190,6 +221,9 @@ def check_settings():
         raise bad_setting('keep_checkpoints', keep_checkpoints, '>= 1')
     if not tensor_parallel_size >= 1:
         raise bad_setting('tensor_parallel_size', tensor_parallel_size, '>= 1')
+    # the configurator has already refused a value that is not an int (max_num_seqs's default is)
+    if not max_num_seqs >= 1:
+        raise bad_setting('max_num_seqs', max_num_seqs, '>= 1')
     if not bridge_rows >= 1:
         raise bad_setting('bridge_rows', bridge_rows, '>= 1')
     if not bridge_epochs >= 1:
@@ -234,13 +268,15 @@ def check_settings():
         raise DistillError("device='cuda' but torch sees no GPU: use device=cpu (or auto)")
     world = int(os.environ.get('WORLD_SIZE', 1))
     if world % tensor_parallel_size:
-        raise DistillError(f"tensor_parallel_size={tensor_parallel_size} does not divide the {world} ranks")
+        raise DistillError(f"tensor_parallel_size={tensor_parallel_size} does not divide the "
+                           f"{world} ranks")
     if init_from == 'scratch' and not student:
         raise DistillError("no student checkpoint: set student=<HF folder or hub id>")
     if method != 'sft' and not teacher:
         raise DistillError(f"method={method} needs a teacher: set teacher=<HF folder or hub id>")
     if method in ('bridge_fit', *THROUGH_BRIDGE) and projector:
-        raise DistillError(f"method={method} with projector=True: the bridge replaces the projector")
+        raise DistillError(f"method={method} with projector=True: the bridge replaces the "
+                           "projector")
     if method in ('bridge_fit', *THROUGH_BRIDGE) and not bridge_path:
         raise DistillError(f"method={method} needs bridge_path=<folder of the bridge>")
     used = []
@@ -250,34 +286,39 @@ def check_settings():
         used.append('log.jsonl')
     # stage 1 writes bridge_path, not out_dir
     if init_from == 'scratch' and used and method != 'bridge_fit':
-        raise DistillError(f"out_dir {out_dir!r} holds another run ({' and '.join(used)}): continue it with "
-                           "--init_from=resume, or choose another --out_dir")
+        raise DistillError(f"out_dir {out_dir!r} holds another run ({' and '.join(used)}): "
+                           "continue it with --init_from=resume, or choose another --out_dir")
     if init_from == 'resume' and not checkpoints_in(out_dir):
         raise DistillError(f"init_from='resume' but {out_dir!r} has no step_* checkpoint")
 
 
 def check_resume(saved, cfg, world, stu_cfg, tea_cfg):
-    """A resumed run must be the same experiment: refuse another method, layer or position set, teacher or
-    world size; print any other setting that changed."""
-    now = dict(cfg, world=world, student_arch=arch(stu_cfg), teacher_arch=arch(tea_cfg) if tea_cfg else None)
+    """A resumed run must be the same experiment: refuse another method, layer or position set,
+    teacher or world size; print any other setting that changed."""
+    now = dict(cfg, world=world, student_arch=arch(stu_cfg),
+               teacher_arch=arch(tea_cfg) if tea_cfg else None)
     then = dict(saved['config'], world=saved.get('world'), student_arch=saved.get('student_arch'),
                 teacher_arch=saved.get('teacher_arch'))
     for k in ('method', 'layers', 'positions', 'world', 'student_arch', 'teacher_arch'):
         if then.get(k) != now[k]:
-            raise DistillError(f"cannot resume {out_dir!r} with {k}={now[k]!r}: the run was started with "
-                               f"{then.get(k)!r} (continue it as it was, or start another out_dir)")
-    changed = [f"{k} {then[k]!r} -> {now[k]!r}" for k in now if k in then and then[k] != now[k] and k != 'init_from']
+            raise DistillError(f"cannot resume {out_dir!r} with {k}={now[k]!r}: the run was "
+                               f"started with {then.get(k)!r} (continue it as it was, or start "
+                               "another out_dir)")
+    changed = [f"{k} {then[k]!r} -> {now[k]!r}" for k in now
+               if k in then and then[k] != now[k] and k != 'init_from']
     if changed and dist.get_rank() == 0:
         print(f"resuming with changed settings: {', '.join(changed)}")
 
 
 def load_models(student_path, dev):
-    """The student (fp32 master weights) and the frozen teacher (compute dtype; None under sft), with their
-    local folders, the student's tokenizer, and the teacher's when it tokenizes differently (else None): then
-    each rollout reaches the teacher as its own encoding of the same text (align.py)."""
+    """The student (fp32 master weights) and the frozen teacher (compute dtype; None under sft),
+    with their local folders, the student's tokenizer, and the teacher's when it tokenizes
+    differently (else None): then each rollout reaches the teacher as its own encoding of the same
+    text (align.py)."""
     compute_dtype = torch.bfloat16 if dev.type == 'cuda' else torch.float32
     try:
-        student_path = resolve_checkpoint(student_path)  # a hub id is downloaded once, then used as a folder
+        # a hub id is downloaded once, then used as a folder
+        student_path = resolve_checkpoint(student_path)
         stu = Transformer.from_pretrained(student_path, dtype=torch.float32, device=dev)
         tea, teacher_path = None, teacher
         if method != 'sft':
@@ -291,9 +332,10 @@ def load_models(student_path, dev):
     if t_tok is None or same_tokenization(tok, t_tok):
         return stu, tea, tok, None, student_path, teacher_path
     if method in ONE_VOCABULARY:
-        raise DistillError(f"method={method} compares the two models' next-token distributions over one "
-                           f"vocabulary, but teacher {teacher!r} tokenizes differently from the student: across "
-                           "tokenizers use opd_chunk (chunk-level OPD), oprd, oprd_bridge or their sums")
+        raise DistillError(f"method={method} compares the two models' next-token distributions "
+                           f"over one vocabulary, but teacher {teacher!r} tokenizes differently "
+                           "from the student: across tokenizers use opd_chunk (chunk-level OPD), "
+                           "oprd, oprd_bridge or their sums")
     try:
         align_tokens.check_tokenizers(tok, t_tok)
     except ValueError as e:
@@ -302,13 +344,14 @@ def load_models(student_path, dev):
 
 
 def width_maps(plan, stu, tea, dev, rank=None):
-    """What spans two widths: (the learned projector, the frozen bridge, its metadata), each None when unused."""
+    """What spans two widths: (the learned projector, the frozen bridge, its metadata), each None
+    when unused."""
     if tea is None:
         return None, None, None
     d_s, d_t = stu.config.hidden_size, tea.config.hidden_size
     if method == 'bridge_fit' and rank > min(d_s, d_t):
-        raise DistillError(f"bridge_rank={rank} is above the width: it must be 1..{min(d_s, d_t)} "
-                           f"(student width {d_s}, teacher width {d_t})")
+        raise DistillError(f"bridge_rank={rank} is above the width: it must be "
+                           f"1..{min(d_s, d_t)} (student width {d_s}, teacher width {d_t})")
     if method in THROUGH_BRIDGE:
         bridge, meta = load_bridge(bridge_path)
         check_bridge(meta, bridge_path, plan, stu.config, tea.config)
@@ -318,15 +361,16 @@ def width_maps(plan, stu, tea, dev, rank=None):
               f"comparing the common prefix of {plan.vocab}")
     if plan.s_layers and d_s != d_t and method != 'bridge_fit':
         if not projector:
-            raise DistillError(f"teacher width {d_t} != student width {d_s}: set projector=True, or fit a "
-                               "bridge (method=bridge_fit) and use method=oprd_bridge")
-        return nn.ModuleDict({str(l): nn.Linear(d_s, d_t, bias=False) for l in plan.s_layers}).to(dev), None, None
+            raise DistillError(f"teacher width {d_t} != student width {d_s}: set projector=True, "
+                               "or fit a bridge (method=bridge_fit) and use method=oprd_bridge")
+        proj = nn.ModuleDict({str(l): nn.Linear(d_s, d_t, bias=False) for l in plan.s_layers})
+        return proj.to(dev), None, None
     return None, None, None
 
 
 def load_prompts(tok):
-    """The training prompts as token ids (the paper's prompt through the chat template), too-long ones dropped;
-    under sft each with its reference solution as the response."""
+    """The training prompts as token ids (the paper's prompt through the chat template), too-long
+    ones dropped; under sft each with its reference solution as the response."""
     items = []
     for p in data.load_problems(prompts, data_dir or None):
         ids = data.encode_prompt(p, tok, enable_thinking)
@@ -335,7 +379,8 @@ def load_prompts(tok):
         item = {'id': p['id'], 'prompt': ids, 'messages': data.build_prompt(p)}
         if method == 'sft':
             if not p.get('solution'):
-                raise DistillError(f"method=sft needs reference solutions; {prompts!r} has none for {p['id']!r}")
+                raise DistillError(f"method=sft needs reference solutions; {prompts!r} has none "
+                                   f"for {p['id']!r}")
             item['response'] = tok.encode(p['solution']) + tok.eos_ids[:1]
         items.append(item)
     if not items:
@@ -344,35 +389,45 @@ def load_prompts(tok):
 
 
 def start(cfg, dev, resume_path, state):
-    """Everything both stages need, checked before the sampler starts or out_dir is made: the models, the
-    tokenizer, the plan, the prompts; then the sampler of the student's rollouts (None under sft)."""
+    """Everything both stages need, checked before the sampler starts or out_dir is made: the
+    models, the tokenizer, the plan, the prompts; then the sampler of the student's rollouts (None
+    under sft)."""
     import rollout
     stu, tea, tok, t_tok, student_path, teacher_path = load_models(resume_path or student, dev)
-    plan = make_plan(method, stu.config, tea.config if tea is not None else None, layers, positions, k_positions,
-                     align, distance, oprd_coef, mu, topk, vocab_chunk_tokens)
+    tea_config = tea.config if tea is not None else None
+    plan = make_plan(method, stu.config, tea_config, layers, positions, k_positions, align,
+                     distance, oprd_coef, mu, topk, vocab_chunk_tokens)
     if state is not None:
-        check_resume(state, cfg, dist.get_world_size(), stu.config, tea.config if tea is not None else None)
+        check_resume(state, cfg, dist.get_world_size(), stu.config, tea_config)
     items = load_prompts(tok)
-    sampler = None if method == 'sft' else rollout.make_sampler(
-        backend, student_path, gpu_memory_utilization=gpu_memory_utilization, device=dev,
-        tensor_parallel_size=tensor_parallel_size, seed=seed, max_model_len=max_prompt_len + max_new_tokens,
-        enable_sleep_mode=dev.type == 'cuda' and method != 'bridge_fit',
-        enforce_eager=dev.type == 'cpu')  # vLLM's CPU build compiles the model at every start: ~30 s for nothing
+    sampler = None
+    if method != 'sft':
+        # max_num_seqs, like the other vLLM-only options, reaches only a vLLM engine: make_sampler
+        # leaves it out for the torch backend. enforce_eager on a CPU: vLLM's CPU build compiles
+        # the model at every start, ~30 s for nothing
+        sampler = rollout.make_sampler(
+            backend, student_path, gpu_memory_utilization=gpu_memory_utilization, device=dev,
+            tensor_parallel_size=tensor_parallel_size, seed=seed,
+            max_model_len=max_prompt_len + max_new_tokens, max_num_seqs=max_num_seqs,
+            enable_sleep_mode=dev.type == 'cuda' and method != 'bridge_fit',
+            enforce_eager=dev.type == 'cpu')
     _samplers.append(sampler)
     return stu, tea, Tokenizers(tok, t_tok), plan, items, sampler, (student_path, teacher_path)
 
 
 def make_optimizer(stu, proj):
-    """AdamW over the student (and projector), weight decay on matrices only; fused on a GPU. On a CPU foreach: bit
-    for bit the per-parameter loop, with each operation sent through FSDP2's DTensor once for all parameters."""
+    """AdamW over the student (and projector), weight decay on matrices only; fused on a GPU. On a
+    CPU foreach: bit for bit the per-parameter loop, with each operation sent through FSDP2's
+    DTensor once for all parameters."""
     params = list(stu.parameters()) + (list(proj.parameters()) if proj is not None else [])
     groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
     on_gpu = next(stu.parameters()).device.type == 'cuda'
-    return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=on_gpu, foreach=not on_gpu), params
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=on_gpu, foreach=not on_gpu)
+    return opt, params
 
 
-# ----------------------------------------------------------------------------- the step's pieces
+# ---------------------------------------------------------------------- the step's pieces
 
 @dataclass
 class RolloutSettings:
@@ -393,26 +448,27 @@ class RolloutSettings:
 
 def rollout_settings():
     reference = method == 'sft'
-    return RolloutSettings(prompts_per_step, n_samples, temperature, top_p, top_k, max_new_tokens, seed,
-                           check_tokens > 0, 1 if reference else tensor_parallel_size, reference,
-                           align_whitespace, enable_thinking)
+    return RolloutSettings(prompts_per_step, n_samples, temperature, top_p, top_k, max_new_tokens,
+                           seed, check_tokens > 0, 1 if reference else tensor_parallel_size,
+                           reference, align_whitespace, enable_thinking)
 
 
 def step_prompts(items, step, rank, world, settings):
-    """This rank's prompts of a step: a seeded permutation per epoch, the step's slice, every world-th item.
-    Shares may differ by one (or be empty): the micro-batch loop pads them."""
+    """This rank's prompts of a step: a seeded permutation per epoch, the step's slice, every
+    world-th item. Shares may differ by one (or be empty): the micro-batch loop pads them."""
     per_step = settings.prompts_per_step
     per_epoch = max(1, len(items) // per_step)
     epoch, pos = divmod(step, per_epoch)
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(settings.seed + epoch)).tolist()
+    epoch_order = torch.Generator().manual_seed(settings.seed + epoch)
+    order = torch.randperm(len(items), generator=epoch_order).tolist()
     return [items[i] for i in order[pos * per_step:(pos + 1) * per_step]][rank::world]
 
 
 def rollouts(sampler, items, step, rank, world, tokenizers, settings):
-    """This rank's Rollouts of a step. The ranks of one tensor-parallel group share prompts and seed (vLLM's
-    external launcher serves them together), then each keeps every tp-th sequence, so each rollout is trained
-    on once. Across tokenizers each rollout's alignment runs on a thread from when the sampler hands it over,
-    beside the sampling (align.Aligner)."""
+    """This rank's Rollouts of a step. The ranks of one tensor-parallel group share prompts and seed
+    (vLLM's external launcher serves them together), then each keeps every tp-th sequence, so each
+    rollout is trained on once. Across tokenizers each rollout's alignment runs on a thread from
+    when the sampler hands it over, beside the sampling (align.Aligner)."""
     tp = settings.tensor_parallel_size
     group = rank // tp
     mine = step_prompts(items, step, group, world // tp, settings)
@@ -424,17 +480,22 @@ def rollouts(sampler, items, step, rank, world, tokenizers, settings):
 
     aligner = None
     if tokenizers.teacher is not None:
-        aligner = align_tokens.Aligner([it['messages'] for it in mine], tokenizers.student, tokenizers.teacher,
-                                       settings.align_whitespace, settings.enable_thinking, kept_here)
+        aligner = align_tokens.Aligner([it['messages'] for it in mine], tokenizers.student,
+                                       tokenizers.teacher, settings.align_whitespace,
+                                       settings.enable_thinking, kept_here)
     samples = []
     if mine:
         samples = sampler.generate([it['prompt'] for it in mine], n=settings.n_samples,
-                                   temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                                   max_new_tokens=settings.max_new_tokens, stop_ids=tokenizers.student.eos_ids,
+                                   temperature=settings.temperature, top_p=settings.top_p,
+                                   top_k=settings.top_k, max_new_tokens=settings.max_new_tokens,
+                                   stop_ids=tokenizers.student.eos_ids,
                                    seed=settings.seed * 1_000_003 + step * (world // tp) + group,
                                    logprobs=settings.logprobs, on_sample=aligner)
+    # the rollouts are in: the engine sleeps (weights offloaded, KV cache freed) through the
+    # training step, until update_weights wakes it (no-ops without sleep mode: CPU, bridge_fit)
     sampler.sleep()
-    every = [(i, j, it, s) for i, (it, ss) in enumerate(zip(mine, samples)) for j, s in enumerate(ss)]
+    every = [(i, j, it, s) for i, (it, ss) in enumerate(zip(mine, samples))
+             for j, s in enumerate(ss)]
     out = []
     for i, j, it, s in every[rank % tp::tp]:
         view = aligner.view(i, j) if aligner is not None else None
@@ -442,11 +503,12 @@ def rollouts(sampler, items, step, rank, world, tokenizers, settings):
     return out
 
 
-# ----------------------------------------------------------------------------- OPRD-Bridge stage 1
+# ---------------------------------------------------------------------- OPRD-Bridge stage 1
 
 def bridge_batches(sampler, items, rank, world, tokenizers, dev, plan):
-    """Stage 1's input, one rollout step at a time: the student's rollouts of the training prompts (the training
-    steps' order and seeds, one pass at most) as micro-batches, each with the positions stage 2 supervises."""
+    """Stage 1's input, one rollout step at a time: the student's rollouts of the training prompts
+    (the training steps' order and seeds, one pass at most) as micro-batches, each with the
+    positions stage 2 supervises."""
     settings = rollout_settings()
     for step in range(max(1, len(items) // prompts_per_step)):
         seqs = rollouts(sampler, items, step, rank, world, tokenizers, settings)
@@ -456,8 +518,8 @@ def bridge_batches(sampler, items, rank, world, tokenizers, dev, plan):
 
 
 def fit_bridge(cfg):
-    """OPRD-Bridge stage 1 (method=bridge_fit): both models frozen and replicated, no optimizer; the bridge is
-    fit on the student's rollouts and written to bridge_path (bridge.fit_stage1)."""
+    """OPRD-Bridge stage 1 (method=bridge_fit): both models frozen and replicated, no optimizer;
+    the bridge is fit on the student's rollouts and written to bridge_path (bridge.fit_stage1)."""
     rank, world, dev = setup_distributed(device, dist_timeout_min)
     stu, tea, tokenizers, plan, items, sampler, paths = start(cfg, dev, None, None)
     # the authors' settings
@@ -470,41 +532,47 @@ def fit_bridge(cfg):
     fit_stage1(stu, tea, steps, plan, cfg, paths, dev)
 
 
-# ----------------------------------------------------------------------------- the run
+# ---------------------------------------------------------------------- the run
 
 def announce(plan, stu, student_path, bridge_meta, world, n_prompts):
-    print(f"method {method} | student {student_path} ({plan.L_s} layers, d={stu.config.hidden_size}) | "
-          f"teacher {teacher or '-'} | world {world} | {n_prompts} prompts")
+    print(f"method {method} | student {student_path} ({plan.L_s} layers, "
+          f"d={stu.config.hidden_size}) | teacher {teacher or '-'} | world {world} | "
+          f"{n_prompts} prompts")
     if plan.s_layers:
         k_shown = '' if positions == 'all' else f' (k={k_positions})'
-        print(f"OPRD layers {plan.s_layers} -> teacher {plan.t_layers}; positions {positions}{k_shown}; "
-              f"distance {distance}; align {align}")
+        print(f"OPRD layers {plan.s_layers} -> teacher {plan.t_layers}; positions "
+              f"{positions}{k_shown}; distance {distance}; align {align}")
     if bridge_meta is not None:
         cos = bridge_meta['heldout_cos']
-        print(f"through the frozen bridge {bridge_path}: rank {bridge_meta['rank']}, held-out cosine "
-              f"{sum(cos.values()) / len(cos):.4f} (mean)")
+        print(f"through the frozen bridge {bridge_path}: rank {bridge_meta['rank']}, held-out "
+              f"cosine {sum(cos.values()) / len(cos):.4f} (mean)")
     if method == 'sft':
         per_step = f"{prompts_per_step} reference solutions"
     else:
-        per_step = f"{prompts_per_step} prompts x {n_samples} samples = {prompts_per_step * n_samples} sequences"
+        per_step = (f"{prompts_per_step} prompts x {n_samples} samples = "
+                    f"{prompts_per_step * n_samples} sequences")
     print(f"{per_step} per step, {max_steps} steps")
 
 
 def train(cfg):
-    """The algorithm box: per step, rollouts -> teacher forward -> student forward/backward -> optimizer step
-    -> weight sync -> log -> checkpoint."""
+    """The algorithm box: per step, rollouts -> teacher forward -> student forward/backward ->
+    optimizer step -> weight sync -> log -> checkpoint."""
     from rollout import fsdp_named_tensors
     rank, world, dev = setup_distributed(device, dist_timeout_min)
     resume_path = checkpoints_in(out_dir)[-1] if init_from == 'resume' else None
     state = read_resume(resume_path, DistillError) if resume_path else None
-    stu, tea, tokenizers, plan, items, sampler, (student_path, _) = start(cfg, dev, resume_path, state)
+    stu, tea, tokenizers, plan, items, sampler, paths = start(cfg, dev, resume_path, state)
+    student_path, _ = paths
     proj, bridge, bridge_meta = width_maps(plan, stu, tea, dev)
-    archs = {'student_arch': arch(stu.config), 'teacher_arch': arch(tea.config) if tea is not None else None}
+    archs = {'student_arch': arch(stu.config),
+             'teacher_arch': arch(tea.config) if tea is not None else None}
     settings = rollout_settings()
     # least squares on step 0's rollouts, replicated
     if proj is not None and state is None and projector_init == 'lstsq':
         step0 = next(bridge_batches(sampler, items, rank, world, tokenizers, dev, plan))
         init_projector(proj, stu, tea, step0, plan)
+        # those rollouts left the engine asleep and no update_weights follows them (the student
+        # has not changed), so it is woken here: the one wake that update_weights does not do
         sampler.wake()
 
     # the student (and projector) under FSDP2, the optimizer, resumed state
@@ -536,8 +604,8 @@ def train(cfg):
     first_gap = None
     reserved = 0
     for step in range(start_step, max_steps):
-        # 1. rollouts of this rank's prompts with the current weights (reference solutions under sft), dealt by
-        # length
+        # 1. rollouts of this rank's prompts with the current weights (reference solutions under
+        # sft), dealt by length; the sampler is asleep once they are in
         seqs = rollouts(sampler, items, step, rank, world, tokenizers, settings)
         clock.lap('rollout')
         seqs, load = balance(seqs, world)
@@ -545,16 +613,17 @@ def train(cfg):
         lr_now = lr_at(step)
         for group in opt.param_groups:
             group['lr'] = lr_now
-        batches, counts, n_micro = micro_batches(seqs, plan, tokenizers, dev, micro_batch_size, check_tokens,
-                                                 seed * 1_000_003 + step)
+        batches, counts, n_micro = micro_batches(seqs, plan, tokenizers, dev, micro_batch_size,
+                                                 check_tokens, seed * 1_000_003 + step)
         totals = StepTotals.start(len(plan.s_layers), load, reserved)
         stu.train()
         clock.lap('rest')
 
-        # 2-3. per micro-batch: teacher forward (no grad), student forward, loss, backward; the gradients
-        # accumulate and are reduced across ranks after the last one. A rank with fewer micro-batches runs
-        # zero-weight copies of `filler`. FSDP2 averages gradients over ranks, and the loss is already divided
-        # by the global counts: times world makes the reduced gradient that of the step's token mean.
+        # 2-3. per micro-batch: teacher forward (no grad), student forward, loss, backward; the
+        # gradients accumulate and are reduced across ranks after the last one. A rank with fewer
+        # micro-batches runs zero-weight copies of `filler`. FSDP2 averages gradients over ranks,
+        # and the loss is already divided by the global counts: times world makes the reduced
+        # gradient that of the step's token mean.
         for i in range(n_micro):
             real = i < len(batches)
             b = batches[i] if real else filler
@@ -565,11 +634,14 @@ def train(cfg):
             with torch.no_grad():
                 if tea is not None:
                     t_in = b.for_teacher
-                    rows_t = tea(t_in.ids, attention_mask=t_in.attention_mask, taps=plan.t_taps, rows=t_in.keep)
+                    rows_t = tea(t_in.ids, attention_mask=t_in.attention_mask, taps=plan.t_taps,
+                                 rows=t_in.keep)
             clock.lap('teacher')
             hs_s = stu(b.ids, attention_mask=b.attention_mask, taps=plan.s_taps)
-            # read each micro-batch, after the forward: FSDP2 may swap a parameter for its gathered copy
-            maps = Maps(stu.lm_head.weight, tea.lm_head.weight if tea is not None else None, proj, bridge)
+            # read each micro-batch, after the forward: FSDP2 may swap a parameter for its
+            # gathered copy
+            maps = Maps(stu.lm_head.weight, tea.lm_head.weight if tea is not None else None,
+                        proj, bridge)
             loss, stats = micro_batch_loss(plan, b, hs_s, rows_t, counts, maps)
             gap = (0.0, 0)
             if weight and b.check.any():
@@ -596,13 +668,14 @@ def train(cfg):
         totals.transient_mem = all_reduce_max(mem.transient())
         clock.lap('optimizer')
 
-        # 5. push the new weights to the sampler (streamed one parameter at a time); the trainer's cached blocks
-        # go back to the device first, so the waking engine finds its memory
+        # 5. push the new weights to the sampler (streamed one parameter at a time). update_weights
+        # wakes the sleeping engine itself (its weights, the sync, then its KV cache); the
+        # trainer's cached blocks go back to the device first, so the waking engine finds its
+        # memory
         if sampler is not None:
             if dev.type == 'cuda':
                 torch.cuda.empty_cache()
                 reserved = torch.cuda.memory_reserved(dev)
-            sampler.wake()
             sampler.update_weights(fsdp_named_tensors(stu))
         clock.lap('sync')
 
@@ -610,7 +683,8 @@ def train(cfg):
         logged = step % log_every == 0 or step == max_steps - 1
         rec = None
         if logged:
-            rec = step_record(step, totals, seqs, counts, plan, clock, sampler is not None, check_tokens > 0)
+            rec = step_record(step, totals, seqs, counts, plan, clock, sampler is not None,
+                              check_tokens > 0)
         stale = None
         if sampler and check_tokens:
             stale = stale_sampler(step, totals.gap, first_gap, stale_factor)
@@ -622,7 +696,8 @@ def train(cfg):
                 write_record(rec, plan, out_dir, wandb_log)
             raise DistillError(stale or f"{bad_steps} non-finite steps in a row: stopping")
         if (step + 1) % save_every == 0 or step == max_steps - 1:
-            save_checkpoint(out_dir, keep_checkpoints, raw_stu, stu, opt, proj, step + 1, dict(archs, config=cfg))
+            save_checkpoint(out_dir, keep_checkpoints, raw_stu, stu, opt, proj, step + 1,
+                            dict(archs, config=cfg))
         clock.lap('log_ckpt')
         # a collective: every rank, every step
         times = clock.split()
@@ -641,17 +716,21 @@ def main():
     try:
         check_settings()
         torch.manual_seed(seed)
-        torch.set_flush_denormal(True)  # tiny CPU models: denormals made steps 4x slower
-        warnings.filterwarnings('ignore', message='The value of the smallest subnormal')  # numpy, after the above
+        # tiny CPU models: denormals made steps 4x slower
+        torch.set_flush_denormal(True)
+        # numpy, after the above
+        warnings.filterwarnings('ignore', message='The value of the smallest subnormal')
         fit_bridge(cfg) if method == 'bridge_fit' else train(cfg)
-    except (DistillError, ValueError, OSError) as e:  # bad input (CheckpointError, DataError, BridgeError, a file)
+    # bad input (CheckpointError, DataError, BridgeError, a file)
+    except (DistillError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:
         while _samplers:
             sampler = _samplers.pop()
             if sampler is not None:
-                sampler.close()  # before the process group goes: vLLM's teardown would destroy the shared group
+                # before the process group goes: vLLM's teardown would destroy the shared group
+                sampler.close()
         if is_dist():
             dist.destroy_process_group()
 

@@ -1,14 +1,15 @@
 """
 Standalone evaluator on AIME 2024, AIME 2025 and AIMO (the OPRD paper's protocol, METHOD.md §6):
-16 samples per problem at temperature 0.7 / top-p 0.95, the last \\boxed{...} graded against the gold answer,
-reported as Avg@16, Best@16, pass@k, maj@16, Dist-4g, mean response length and truncation rate.
+16 samples per problem at temperature 0.7 / top-p 0.95, the last \\boxed{...} graded against the
+gold answer, reported as Avg@16, Best@16, pass@k, maj@16, Dist-4g, mean response length and
+truncation rate.
 
-$ python eval.py --ckpt=out/qwen_oprd                         # the three sets, from benchmarks/ (shipped)
-$ python eval.py --ckpt=out --data_dir=DIR                    # <DIR>/<name>.jsonl instead of benchmarks/
+$ python eval.py --ckpt=out/qwen_oprd        # the three sets, from benchmarks/ (shipped)
+$ python eval.py --ckpt=out --data_dir=DIR   # <DIR>/<name>.jsonl instead of benchmarks/
 $ python eval.py --ckpt=out --benchmarks=aime24 --limit=5 --n_samples=2   # a quick look
 
-The top half of this file (data, grading, metrics, output) imports without torch, so tests and lab/bench.py
-use it directly; main() at the bottom does the generation.
+The top half of this file (data, grading, metrics, output) imports without torch, so tests and
+lab/bench.py use it directly; main() at the bottom does the generation.
 """
 import json
 import math
@@ -18,13 +19,14 @@ import threading
 from collections import Counter, defaultdict
 from fractions import Fraction
 
-from data import DataError, build_prompt, encode_prompt, load_problems  # noqa: F401  (eval.load_problems, ...)
+from data import DataError, encode_prompt, load_problems
 
 # -----------------------------------------------------------------------------
 # default config values, overridden by a config file or --key=value on the command line
 ckpt = 'out'                  # checkpoint folder (or a hub model id) to evaluate
 benchmarks = 'aime24,aime25,aimo'
-data_dir = ''                 # folder of <name>.jsonl; '' = $OPRD_DATA_DIR, then benchmarks/, then the hub
+# folder of <name>.jsonl; '' = $OPRD_DATA_DIR, then benchmarks/, then the hub
+data_dir = ''
 n_samples = 16
 temperature = 0.7
 top_p = 0.95
@@ -37,15 +39,24 @@ out = ''                      # output folder for summary.json and samples.jsonl
 limit = 0                     # >0: only the first `limit` problems of each benchmark
 batch_problems = 32           # problems per generate() call (the progress bar's unit)
 max_prompt_tokens = 2048      # the engine's context is this plus max_new_tokens
-device = 'auto'               # auto (cuda if there is one) | cpu | cuda: the torch sampler's device and NCCL/gloo
-gpu_memory_utilization = 0.9  # vLLM's share of the GPU: eval.py runs alone (distill.py's engine gets 0.3)
+# auto (cuda if there is one) | cpu | cuda: the torch sampler's device and NCCL/gloo
+device = 'auto'
+# vLLM's share of the GPU: eval.py runs alone (distill.py's engine gets 0.3)
+gpu_memory_utilization = 0.9
+# under torchrun the ranks meet in one gather after each benchmark, so the ones done first wait
+# there for the slowest: shards differ in length (16 samples per problem, each up to
+# max_new_tokens), and NCCL's default of 10 minutes would end a run whose ranks finish that far
+# apart. Two hours leaves room for a slow shard; raise it for longer responses or slower GPUs.
+dist_timeout_min = 120
 # -----------------------------------------------------------------------------
 
 # -----------------------------------------------------------------------------
-# grading: pure string work, plus sympy on a whitelisted string; model text is never eval'd or exec'd
+# grading: pure string work, plus sympy on a whitelisted string; model text is never eval'd or
+# exec'd
 
 def extract_answer(text):
-    """Content of the last \\boxed{...} / \\fbox{...} (balanced braces) or \\boxed <token>; else None."""
+    """Content of the last \\boxed{...} / \\fbox{...} (balanced braces) or \\boxed <token>; else
+    None."""
     matches = list(re.finditer(r'\\(?:boxed|fbox)(?![A-Za-z])', text or ''))
     if not matches:
         return None
@@ -81,7 +92,8 @@ def normalize_answer(s):
         s = _FRAC.sub(_frac, s)
     s = re.sub(r'\s+', '', s).replace('{,}', ',')
     s = re.sub(r'^[a-z]=(?=.)', '', s)  # "x=5" -> "5"
-    if re.fullmatch(r'-?\d{1,3}(,\d{3})+(\.\d*)?', s):  # thousands separators; a tuple "(1,2)" never matches
+    # thousands separators; a tuple "(1,2)" never matches
+    if re.fullmatch(r'-?\d{1,3}(,\d{3})+(\.\d*)?', s):
         s = s.replace(',', '')
     s = s.rstrip('.')
     if re.fullmatch(r'-?\d+(\.\d+)?', s):
@@ -97,14 +109,17 @@ def _to_number(s):
     return Fraction(int(m[1]), int(m[2])) if m and int(m[2]) != 0 else None
 
 def _to_sympy_text(s):
-    """LaTeX-ish answer -> a string of safe characters for parse_expr, or None if anything else is left."""
+    """LaTeX-ish answer -> a string of safe characters for parse_expr, or None if anything else is
+    left."""
     s = re.sub(r'\\sqrt\s*([0-9a-z])', r'\\sqrt{\1}', s)
-    while re.search(r'\\sqrt\{[^{}]*\}', s) or _FRAC.search(s):  # innermost first: \frac{\sqrt{3}}{2}
+    # innermost first: \frac{\sqrt{3}}{2}
+    while re.search(r'\\sqrt\{[^{}]*\}', s) or _FRAC.search(s):
         s = _FRAC.sub(_frac, re.sub(r'\\sqrt\{([^{}]*)\}', r'sqrt(\1)', s))
     s = s.replace('\\pi', 'pi').replace('\\cdot', '*').replace('\\times', '*')
     s = s.replace('{', '(').replace('}', ')').replace('^', '**')
     if len(s) > 80 or not re.fullmatch(r'[0-9a-z+\-*/().]+', s):
-        return None  # quotes, underscores, brackets, backslashes, capitals: nothing reaches the parser
+        # quotes, underscores, brackets, backslashes, capitals: nothing reaches the parser
+        return None
     if any(w not in ('sqrt', 'pi') and len(w) > 1 for w in re.findall(r'[a-z]+', s)):
         return None  # names: sqrt, pi and one-letter variables only
     # guard against 9**9**9-style blow-ups: at most 3 powers, each a short literal, unchained
@@ -115,32 +130,39 @@ def _to_sympy_text(s):
     return s
 
 def _symbolic_equal(a, b, timeout=2.0):
-    """a == b as sympy expressions, in a daemon thread with a time limit; False on timeout or error."""
+    """a == b as sympy expressions, in a daemon thread with a time limit; False on timeout or
+    error."""
     ta, tb = _to_sympy_text(a), _to_sympy_text(b)
     if ta is None or tb is None:
         return False
-    import sympy  # imported here, in the caller's thread, so the import doesn't eat into the timeout
-    from sympy.parsing.sympy_parser import parse_expr, standard_transformations, implicit_multiplication
+    # imported here, in the caller's thread, so the import doesn't eat into the timeout
+    import sympy
+    from sympy.parsing.sympy_parser import (implicit_multiplication, parse_expr,
+                                            standard_transformations)
     # parse_expr eval()s the tokenized text; it only ever sees the whitelisted string above, with no
     # builtins and a namespace of just the names sympy's tokenizer emits plus sqrt and pi
-    names = {'__builtins__': {}, 'Integer': sympy.Integer, 'Float': sympy.Float, 'Rational': sympy.Rational,
-             'Symbol': sympy.Symbol, 'sqrt': sympy.sqrt, 'pi': sympy.pi}
+    names = {'__builtins__': {}, 'Integer': sympy.Integer, 'Float': sympy.Float,
+             'Rational': sympy.Rational, 'Symbol': sympy.Symbol, 'sqrt': sympy.sqrt,
+             'pi': sympy.pi}
+    transformations = standard_transformations + (implicit_multiplication,)
     result = [False]
     def work():
         try:
             ea, eb = (parse_expr(t, global_dict=dict(names), local_dict={},
-                                 transformations=standard_transformations + (implicit_multiplication,))
+                                 transformations=transformations)
                       for t in (ta, tb))
             result[0] = bool(sympy.simplify(ea - eb) == 0)
         except Exception:
             pass
-    t = threading.Thread(target=work, daemon=True)  # a stuck thread can't be killed; daemon so exit isn't blocked
+    # a stuck thread can't be killed; daemon so exit isn't blocked
+    t = threading.Thread(target=work, daemon=True)
     t.start()
     t.join(timeout)
     return result[0] if not t.is_alive() else False
 
 def grade(pred, gold):
-    """True if the extracted answer `pred` matches `gold`: as numbers if both are, else symbolically, else as text."""
+    """True if the extracted answer `pred` matches `gold`: as numbers if both are, else
+    symbolically, else as text."""
     if pred is None:
         return False
     p, g = normalize_answer(pred), normalize_answer(gold)
@@ -153,8 +175,10 @@ def grade(pred, gold):
 # metrics: pure functions over one benchmark's samples
 
 def pass_at_k(n, c, k):
-    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k), as a stable product."""
-    assert 0 <= c <= n and 1 <= k <= n, f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}"
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k), as a stable
+    product."""
+    assert 0 <= c <= n and 1 <= k <= n, \
+        f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}"
     if n - c < k:
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))

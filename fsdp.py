@@ -1,8 +1,8 @@
 """
-The distributed side of training (distill.py): every run is a process group (a plain process is a group of
-one), the student is sharded with FSDP2, and figures are reduced over ranks. Also the training checkpoint:
-the student in HF format plus resume.pt (optimizer, projector, RNG, the run's config), written beside the
-target and renamed into place.
+The distributed side of training (distill.py): every run is a process group (a plain process is a
+group of one), the student is sharded with FSDP2, and figures are reduced over ranks. Also the
+training checkpoint: the student in HF format plus resume.pt (optimizer, projector, RNG, the run's
+config), written beside the target and renamed into place.
 """
 import datetime
 import json
@@ -45,9 +45,10 @@ def all_reduce_max(x):
 
 
 def setup_distributed(device, timeout_min):
-    """torchrun sets RANK/WORLD_SIZE; a plain process becomes a group of one (an in-process store), so one
-    process trains exactly as a one-rank torchrun does: same FSDP2 policy, bf16 on a GPU, same collectives.
-    The timeout covers rank 0 writing a checkpoint of many GB while the others wait at a barrier."""
+    """torchrun sets RANK/WORLD_SIZE; a plain process becomes a group of one (an in-process store),
+    so one process trains exactly as a one-rank torchrun does: same FSDP2 policy, bf16 on a GPU,
+    same collectives. The timeout covers rank 0 writing a checkpoint of many GB while the others
+    wait at a barrier."""
     use_cuda = device == 'cuda' or (device == 'auto' and torch.cuda.is_available())
     dev = torch.device('cpu')
     if use_cuda:
@@ -58,12 +59,14 @@ def setup_distributed(device, timeout_min):
     if 'RANK' in os.environ:
         dist.init_process_group(backend_name, timeout=timeout)
     else:
-        dist.init_process_group(backend_name, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        dist.init_process_group(backend_name, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), dev
 
 
 def shard(model, device, mp_dtype, reshard=True):
-    """FSDP2: fully_shard each block, then the root. bf16 compute with fp32 reduction on GPU; fp32 on CPU."""
+    """FSDP2: fully_shard each block, then the root. bf16 compute with fp32 reduction on GPU; fp32
+    on CPU."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -75,8 +78,8 @@ def shard(model, device, mp_dtype, reshard=True):
 
 
 def shard_projector(proj, device):
-    """The learned projector under FSDP2 too (in fp32: it is small): its gradients are reduced with the
-    model's, and every parameter the optimizer sees is a DTensor (fused AdamW refuses a mix)."""
+    """The learned projector under FSDP2 too (in fp32: it is small): its gradients are reduced with
+    the model's, and every parameter the optimizer sees is a DTensor (fused AdamW refuses a mix)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     for p in proj.parameters():  # one start on every rank
@@ -88,8 +91,8 @@ def shard_projector(proj, device):
 
 
 def clip_grad_norm(params, max_norm):
-    """Global grad norm over ranks (DTensor shards: full_tensor() reduces it), clipped to max_norm; returns
-    the norm before clipping."""
+    """Global grad norm over ranks (DTensor shards: full_tensor() reduces it), clipped to max_norm;
+    returns the norm before clipping."""
     grads = [p.grad for p in params if p.grad is not None]
     n = torch.nn.utils.get_total_norm(grads)
     norm = (n.full_tensor() if hasattr(n, 'full_tensor') else n).item()
@@ -100,19 +103,21 @@ def clip_grad_norm(params, max_norm):
 
 
 def deal(lengths, world):
-    """Longest first, each to the least loaded rank (fewest sequences, then lowest rank, on ties): the rank of
-    each sequence. verl's balance_batch deals the same way."""
+    """Longest first, each to the least loaded rank (fewest sequences, then lowest rank, on ties):
+    the rank of each sequence. verl's balance_batch deals the same way."""
     load, count, owner = [0] * world, [0] * world, [0] * len(lengths)
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: ties keep their order
+    # stable: ties keep their order
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         r = min(range(world), key=lambda k: (load[k], count[k], k))
         load[r], count[r], owner[i] = load[r] + lengths[i], count[r] + 1, r
     return owner
 
 
 def balance(seqs, world):
-    """The step's rollouts (batch.Rollout) of every rank, dealt again so that ranks carry about
-    the same tokens. Without it both samples of a prompt stay on one rank, and the update waits for the rank that
-    drew the longest responses. Returns this rank's share and the max/mean token load over ranks."""
+    """The step's rollouts (batch.Rollout) of every rank, dealt again so that ranks carry about the
+    same tokens. Without it both samples of a prompt stay on one rank, and the update waits for the
+    rank that drew the longest responses. Returns this rank's share and the max/mean token load over
+    ranks."""
     if world == 1:
         return seqs, 1.0
     shares = [None] * world
@@ -121,14 +126,16 @@ def balance(seqs, world):
     lengths = [len(r.prompt) + len(r.response) for r in pool]
     owner = deal(lengths, world)
     load = [sum(n for n, r in zip(lengths, owner) if r == k) for k in range(world)]
-    return [s for s, r in zip(pool, owner) if r == dist.get_rank()], max(load) / max(sum(load) / world, 1)
+    mine = [s for s, r in zip(pool, owner) if r == dist.get_rank()]
+    return mine, max(load) / max(sum(load) / world, 1)
 
 
 class MemoryMeter:
-    """Transient peak memory of a region: peak during it minus memory at its start (the paper's Table 3).
+    """Transient peak memory of a region: peak during it minus memory at its start (the paper's
+    Table 3).
 
-    GPU: the caching allocator's counters. CPU: the process's resident set (VmHWM after a reset through
-    /proc/self/clear_refs), a process-level measure that also sees allocator reuse.
+    GPU: the caching allocator's counters. CPU: the process's resident set (VmHWM after a reset
+    through /proc/self/clear_refs), a process-level measure that also sees allocator reuse.
     """
 
     def __init__(self, device):
@@ -160,13 +167,15 @@ class MemoryMeter:
 
 
 class StepClock:
-    """The step's wall clock split into named parts that add up to it: each lap() charges the time since the
-    previous lap to one part. On a GPU each lap waits for the queued kernels, so a part is charged with its own
-    work (a few syncs per micro-batch: small beside a forward of thousands of tokens)."""
+    """The step's wall clock split into named parts that add up to it: each lap() charges the time
+    since the previous lap to one part. On a GPU each lap waits for the queued kernels, so a part is
+    charged with its own work (a few syncs per micro-batch: small beside a forward of thousands of
+    tokens)."""
     PARTS = ('rollout', 'teacher', 'student', 'optimizer', 'sync', 'log_ckpt', 'rest')
 
     def __init__(self, dev):
-        self.cuda, self.last = dev.type == 'cuda', time.perf_counter()
+        self.cuda = dev.type == 'cuda'
+        self.last = time.perf_counter()
         self.parts = dict.fromkeys(self.PARTS, 0.0)
 
     def lap(self, part):
@@ -177,7 +186,8 @@ class StepClock:
         self.last = now
 
     def split(self):
-        """This step's parts (max over ranks, as the slowest rank sets the pace) and their sum; starts the next."""
+        """This step's parts (max over ranks, as the slowest rank sets the pace) and their sum;
+        starts the next."""
         parts = {f'time/{k}': all_reduce_max(v) for k, v in self.parts.items()}
         self.parts = dict.fromkeys(self.PARTS, 0.0)
         return dict(parts, **{'time/step': sum(parts.values())})
@@ -186,18 +196,22 @@ class StepClock:
 # ----------------------------------------------------------------------------- checkpoints
 
 def trained_modules(model, proj):
-    """Everything the optimizer updates, as one module: the state-dict API maps optimizer state by its names."""
+    """Everything the optimizer updates, as one module: the state-dict API maps optimizer state by
+    its names."""
     return model if proj is None else nn.ModuleDict({'student': model, 'projector': proj})
 
 
 def read_resume(path, error=ValueError):
-    """A checkpoint's resume.pt (path: its folder), read by rank 0 alone, tensors only (loading never runs
-    code); the step, RNG and config go to every rank, the optimizer and projector states stay on rank 0
-    (load_training_state broadcasts them tensor by tensor). A bad file raises `error` on every rank."""
-    state, rank = None, dist.get_rank()
+    """A checkpoint's resume.pt (path: its folder), read by rank 0 alone, tensors only (loading
+    never runs code); the step, RNG and config go to every rank, the optimizer and projector states
+    stay on rank 0 (load_training_state broadcasts them tensor by tensor). A bad file raises `error`
+    on every rank."""
+    state = None
+    rank = dist.get_rank()
     if rank == 0:
         try:
-            state = torch.load(os.path.join(path, 'resume.pt'), weights_only=True, mmap=True, map_location='cpu')
+            state = torch.load(os.path.join(path, 'resume.pt'), weights_only=True, mmap=True,
+                               map_location='cpu')
         except Exception as e:  # missing, truncated or foreign file
             state = error(f"corrupt or missing resume state {os.path.join(path, 'resume.pt')}: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -211,22 +225,25 @@ def read_resume(path, error=ValueError):
 
 
 def load_training_state(stu, proj, opt, state):
-    """Optimizer (and projector) state from rank 0's resume.pt, broadcast tensor by tensor into the shards."""
+    """Optimizer (and projector) state from rank 0's resume.pt, broadcast tensor by tensor into the
+    shards."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     if proj is not None:
         set_model_state_dict(proj, state['projector'], options=opts)
-    # not strict: a parameter that never had a gradient (an LM head OPRD never uses) has no AdamW state
+    # not strict: a parameter that never had a gradient (an LM head OPRD never uses) has no AdamW
+    # state
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     set_optimizer_state_dict(trained_modules(stu, proj), opt, state['optimizer'], options=opts)
     torch.set_rng_state(state['rng'])
 
 
 def save_checkpoint(out_dir, keep, raw_model, model, opt, proj, step, extra):
-    """out_dir/step_NNNNNNN: the student in HF format + resume.pt. Written as step_N.partial and renamed, so a
-    crash mid-save leaves the previous checkpoint whole; only checkpoints older than this one are pruned, to
-    `keep` in all. extra: more entries of resume.pt (the run's config, the models' shapes)."""
+    """out_dir/step_NNNNNNN: the student in HF format + resume.pt. Written as step_N.partial and
+    renamed, so a crash mid-save leaves the previous checkpoint whole; only checkpoints older than
+    this one are pruned, to `keep` in all. extra: more entries of resume.pt (the run's config, the
+    models' shapes)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -250,7 +267,8 @@ def save_checkpoint(out_dir, keep, raw_model, model, opt, proj, step, extra):
 
 
 def drop_logged_steps_from(out_dir, step):
-    """A resume from an older checkpoint runs steps >= step again: their records leave out_dir/log.jsonl."""
+    """A resume from an older checkpoint runs steps >= step again: their records leave
+    out_dir/log.jsonl."""
     path = os.path.join(out_dir, 'log.jsonl')
     if os.path.exists(path):
         with open(path) as f:

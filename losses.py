@@ -1,8 +1,9 @@
 """
-The objectives (METHOD.md §2-3): which layers OPRD aligns (the Plan), the OPRD loss on hidden states, and the
-output-space OPD losses (sampled-token, top-k, full-vocabulary KL), computed in chunks of positions so no
-(tokens x vocabulary) tensor of a batch ever exists. Every loss is a sum over supervised positions; at the
-bottom, micro_batch_loss composes them for one micro-batch (batch.Batch), divided by the step's global counts.
+The objectives (METHOD.md §2-3): which layers OPRD aligns (the Plan), the OPRD loss on hidden
+states, and the output-space OPD losses (sampled-token, top-k, full-vocabulary KL), computed in
+chunks of positions so no (tokens x vocabulary) tensor of a batch ever exists. Every loss is a sum
+over supervised positions; at the bottom, micro_batch_loss composes them for one micro-batch
+(batch.Batch), divided by the step's global counts.
 
     plan = make_plan('oprd', student.config, teacher.config, layers='all', positions='last_k')
     loss, stats = micro_batch_loss(plan, batch, student_taps, teacher_rows, counts, Maps(...))
@@ -19,7 +20,8 @@ from batch import DistillError
 # ----------------------------------------------------------------------------- which layers
 
 def parse_layers(spec, num_layers):
-    """Student layers to align, as output_hidden_states indices (1..L; 0 = embeddings is allowed if listed)."""
+    """Student layers to align, as output_hidden_states indices (1..L; 0 = embeddings is allowed if
+    listed)."""
     L = num_layers
     named = {'last': [L], 'all': list(range(1, L + 1)), 'even': list(range(2, L + 1, 2)),
              'odd': list(range(1, L + 1, 2))}
@@ -28,7 +30,8 @@ def parse_layers(spec, num_layers):
     try:
         out = [int(x) for x in (spec.split(',') if isinstance(spec, str) else spec)]
     except (TypeError, ValueError):
-        raise DistillError(f"layers={spec!r}: expected last, all, even, odd or a list like 4,8,12") from None
+        raise DistillError(f"layers={spec!r}: expected last, all, even, odd "
+                           "or a list like 4,8,12") from None
     bad = [l for l in out if not 0 <= l <= L]
     if bad or not out:
         raise DistillError(f"layers {bad or out} out of range: the student has layers 0..{L}")
@@ -36,7 +39,8 @@ def parse_layers(spec, num_layers):
 
 
 def depth_map(layer, L_s, L_t):
-    """phi(l): student layer -> teacher layer, round((l-1)(L_T-1)/(L_S-1)) + 1; 0 -> 0; identity when L_S = L_T."""
+    """phi(l): student layer -> teacher layer, round((l-1)(L_T-1)/(L_S-1)) + 1; 0 -> 0; identity
+    when L_S = L_T."""
     if layer == 0 or L_s == L_t:
         return layer
     if L_s == 1:
@@ -51,7 +55,8 @@ class Plan:
     out_kind: str | None          # output-space loss: opd | opd_topk | opd_full | opd_chunk | None
     s_layers: list                # student layers aligned by OPRD (empty without OPRD)
     t_layers: list                # phi(l) for each
-    s_taps: list                  # what each forward computes: OPRD layers, plus the final norm for logits
+    # what each forward computes: OPRD layers, plus the final norm for logits
+    s_taps: list
     t_taps: list
     L_s: int
     L_t: int
@@ -65,29 +70,33 @@ class Plan:
     chunk: int = 1024
 
 
-def make_plan(method, stu_cfg, tea_cfg, layers='all', positions='last_k', k_positions=2000, align='predict',
-              distance='mse', oprd_coef=1.0, mu=1.0, topk=16, chunk=1024):
-    out_kind = {'opd': 'opd', 'opd_topk': 'opd_topk', 'opd_full': 'opd_full', 'opd+oprd': 'opd',
-                'opd_topk+oprd': 'opd_topk'}.get(method, 'opd_chunk' if method.startswith('opd_chunk') else None)
+def make_plan(method, stu_cfg, tea_cfg, layers='all', positions='last_k', k_positions=2000,
+              align='predict', distance='mse', oprd_coef=1.0, mu=1.0, topk=16, chunk=1024):
+    out_kinds = {'opd': 'opd', 'opd_topk': 'opd_topk', 'opd_full': 'opd_full', 'opd+oprd': 'opd',
+                 'opd_topk+oprd': 'opd_topk'}
+    out_kind = out_kinds.get(method, 'opd_chunk' if method.startswith('opd_chunk') else None)
     L_s = stu_cfg.num_hidden_layers
     L_t = tea_cfg.num_hidden_layers if tea_cfg is not None else 0
     s_layers = parse_layers(layers, L_s) if 'oprd' in method or method == 'bridge_fit' else []
     t_layers = [depth_map(l, L_s, L_t) for l in s_layers]
-    # the student's final norm is always tapped (logits for output losses, sft and the sampler check)
+    # the student's final norm is always tapped
+    # (logits for output losses, sft and the sampler check)
     s_taps = sorted(set(s_layers) | ({L_s} if method != 'bridge_fit' else set()))
     t_taps = sorted(set(t_layers) | ({L_t} if out_kind else set()))
-    vocab = min(stu_cfg.vocab_size, tea_cfg.vocab_size) if tea_cfg is not None else stu_cfg.vocab_size
-    return Plan(method, out_kind, s_layers, t_layers, s_taps, t_taps, L_s, L_t, vocab, positions, k_positions,
-                align, distance, oprd_coef * (mu if out_kind else 1.0), topk, chunk)
+    vocab = (min(stu_cfg.vocab_size, tea_cfg.vocab_size) if tea_cfg is not None
+             else stu_cfg.vocab_size)
+    return Plan(method, out_kind, s_layers, t_layers, s_taps, t_taps, L_s, L_t, vocab, positions,
+                k_positions, align, distance, oprd_coef * (mu if out_kind else 1.0), topk, chunk)
 
 
-# ----------------------------------------------------------------------------- losses (sums; divided by a global count)
+# --------------------------------------------------------- losses (sums; divided by a global count)
 
 def oprd_loss(h_s, h_t, distance='mse', proj=None, t_proj=None):
-    """Sum over rows of (1/d) ||h_S - sg(h_T)||^2, rows = supervised positions (N, d). Also the sum of cosines.
+    """Sum over rows of (1/d) ||h_S - sg(h_T)||^2, rows = supervised positions (N, d).
+    Also the sum of cosines.
 
-    With a projector, h_S is mapped to the teacher's width first; d is the width compared. Through a bridge,
-    proj = P_S and t_proj = P_T(. - mu_T) map both sides to the bridge's r dimensions.
+    With a projector, h_S is mapped to the teacher's width first; d is the width compared. Through a
+    bridge, proj = P_S and t_proj = P_T(. - mu_T) map both sides to the bridge's r dimensions.
     """
     h_t = h_t.detach().float()
     if t_proj is not None:
@@ -100,7 +109,8 @@ def oprd_loss(h_s, h_t, distance='mse', proj=None, t_proj=None):
 
 
 def output_loss_chunk(kind, h_s, h_t, targets, w_s, w_t, vocab, k):
-    """One chunk of output-space OPD: rows (n, d) of final-norm states, targets (n,) the sampled tokens.
+    """One chunk of output-space OPD: rows (n, d) of final-norm states,
+    targets (n,) the sampled tokens.
 
     Returns (loss sum, KL-estimate sum). Log-probs are over the common vocabulary prefix, in fp32.
     """
@@ -124,20 +134,21 @@ def output_loss_chunk(kind, h_s, h_t, targets, w_s, w_t, vocab, k):
 
 
 def log_softmax_(z):
-    """F.log_softmax over the last dim, bit for bit, written over z where it can be: a contiguous CPU tensor. On a
-    CPU the first touch of a fresh (rows, V) buffer's pages costs several times the pass itself; on a GPU the
-    caching allocator has one ready."""
+    """F.log_softmax over the last dim, bit for bit, written over z where it can be: a contiguous
+    CPU tensor. On a CPU the first touch of a fresh (rows, V) buffer's pages costs several times the
+    pass itself; on a GPU the caching allocator has one ready."""
     if z.is_cpu and z.is_contiguous():
         return torch.log_softmax(z, -1, out=z)
     return F.log_softmax(z, dim=-1)
 
 
 class FullKL(torch.autograd.Function):
-    """opd_full's loss, sum over rows of KL(p_S || p_T), with its gradient made in the forward pass, chunk rows at
-    a time: d KL / d z_S = p_S * (log p_S - log p_T - KL) for each row's student logits z_S. So backward only
-    scales it, and no logits are recomputed (each chunk costs two head matmuls forward and two for the gradient,
-    not six). Between the passes it holds a gradient of the head's size, as the head's own .grad will. Also
-    returns log p_S of each row's target (no gradient): the sampler check reads them instead of a head of its own."""
+    """opd_full's loss, sum over rows of KL(p_S || p_T), with its gradient made in the forward pass,
+    chunk rows at a time: d KL / d z_S = p_S * (log p_S - log p_T - KL) for each row's student
+    logits z_S. So backward only scales it, and no logits are recomputed (each chunk costs two head
+    matmuls forward and two for the gradient, not six). Between the passes it holds a gradient of
+    the head's size, as the head's own .grad will. Also returns log p_S of each row's target (no
+    gradient): the sampler check reads them instead of a head of its own."""
 
     @staticmethod
     def forward(ctx, h_s, w_s, h_t, w_t, targets, vocab, chunk):
@@ -152,7 +163,8 @@ class FullKL(torch.autograd.Function):
             logp_t = log_softmax_(F.linear(h_t[sl], w_t)[:, :vocab].float())
             diff = torch.sub(logp_s, logp_t, out=logp_t)
             p = logp_s.exp_()  # in place: log p_S is not needed again
-            kl = torch.bmm(p[:, None, :], diff[:, :, None])[:, 0, 0]  # sum_v p (log p - log q), no (n, V) product
+            # sum_v p (log p - log q), no (n, V) product
+            kl = torch.bmm(p[:, None, :], diff[:, :, None])[:, 0, 0]
             total += kl.sum()
             g = diff.sub_(kl[:, None]).mul_(p).to(h_s.dtype)
             grad_h[sl] = g @ w_s[:vocab]
@@ -168,14 +180,17 @@ class FullKL(torch.autograd.Function):
 
 
 def output_loss(kind, h_s, h_t, targets, w_s, w_t, vocab, k, chunk):
-    """Output-space loss over all rows, chunk rows at a time; each chunk's logits are recomputed in backward
-    (activation checkpointing), so no (rows, V) tensor of the whole batch ever exists. opd_full makes its exact
-    gradient in the forward pass instead (FullKL). Returns (loss, KL-estimate sum, log p_S of each row's target or
-    None: FullKL's, which the sampler check reuses)."""
+    """Output-space loss over all rows, chunk rows at a time; each chunk's logits are recomputed in
+    backward (activation checkpointing), so no (rows, V) tensor of the whole batch ever exists.
+    opd_full makes its exact gradient in the forward pass instead (FullKL). Returns (loss,
+    KL-estimate sum, log p_S of each row's target or None: FullKL's, which the sampler check
+    reuses)."""
     if kind == 'opd_full' and torch.is_grad_enabled():
-        loss, target_logp = FullKL.apply(h_s, w_s, h_t.detach(), w_t.detach(), targets, vocab, chunk)
+        loss, target_logp = FullKL.apply(h_s, w_s, h_t.detach(), w_t.detach(),
+                                         targets, vocab, chunk)
         return loss, loss.item(), target_logp
-    loss, kl = h_s.new_zeros((), dtype=torch.float32), 0.0
+    loss = h_s.new_zeros((), dtype=torch.float32)
+    kl = 0.0
     for i in range(0, h_s.shape[0], chunk):
         sl = slice(i, i + chunk)
         args = (kind, h_s[sl], h_t[sl], targets[sl], w_s, w_t, vocab, k)
@@ -183,38 +198,45 @@ def output_loss(kind, h_s, h_t, targets, w_s, w_t, vocab, k, chunk):
             l, e = torch.utils.checkpoint.checkpoint(output_loss_chunk, *args, use_reentrant=False)
         else:
             l, e = output_loss_chunk(*args)
-        loss, kl = loss + l, kl + e.item()
+        loss = loss + l
+        kl = kl + e.item()
     return loss, kl, None
 
 
 def _token_logprobs_chunk(h, w, targets, vocab):
-    return F.log_softmax(F.linear(h, w)[:, :vocab].float(), dim=-1).gather(1, targets[:, None])[:, 0]
+    logp = F.log_softmax(F.linear(h, w)[:, :vocab].float(), dim=-1)
+    return logp.gather(1, targets[:, None])[:, 0]
 
 
 def token_logprobs(h, w, targets, vocab, chunk):
-    """log p(target) of each row (n, d) under the head w, over the first vocab entries, chunk rows at a time (as
-    output_loss: recomputed in backward, no (rows, V) tensor of the whole batch)."""
+    """log p(target) of each row (n, d) under the head w, over the first vocab entries, chunk rows
+    at a time (as output_loss: recomputed in backward, no (rows, V) tensor of the whole batch)."""
     out = []
     for i in range(0, h.shape[0], chunk):
         args = (h[i:i + chunk], w, targets[i:i + chunk], vocab)
-        out.append(torch.utils.checkpoint.checkpoint(_token_logprobs_chunk, *args, use_reentrant=False)
-                   if torch.is_grad_enabled() else _token_logprobs_chunk(*args))
+        if torch.is_grad_enabled():
+            out.append(torch.utils.checkpoint.checkpoint(_token_logprobs_chunk, *args,
+                                                         use_reentrant=False))
+        else:
+            out.append(_token_logprobs_chunk(*args))
     return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
 
 
 def chunk_opd_loss(lp_s, lp_t, s_spans, t_spans):
-    """Chunk-level sampled-token OPD (METHOD.md §4b): per chunk c, l_S(c) and l_T(c) sum each model's log-probs
-    of its own tokens in c (lp_s, lp_t: 1-D over each side's response tokens; spans (C, 2) [start, end) into
-    them, align.align_chunks' output offset and concatenated over the micro-batch's rollouts). Returns
-    (sum_c sg(l_S - l_T) * l_S, sum_c (l_S - l_T)); the step divides both by its global chunk count. One-token
-    chunks make it sampled-token OPD exactly."""
-    l_s, l_t = chunk_sums(lp_s, s_spans), chunk_sums(lp_t.detach(), t_spans)
+    """Chunk-level sampled-token OPD (METHOD.md §4b): per chunk c, l_S(c) and l_T(c) sum each
+    model's log-probs of its own tokens in c (lp_s, lp_t: 1-D over each side's response tokens;
+    spans (C, 2) [start, end) into them, align.align_chunks' output offset and concatenated over the
+    micro-batch's rollouts). Returns (sum_c sg(l_S - l_T) * l_S, sum_c (l_S - l_T)); the step
+    divides both by its global chunk count. One-token chunks make it sampled-token OPD exactly."""
+    l_s = chunk_sums(lp_s, s_spans)
+    l_t = chunk_sums(lp_t.detach(), t_spans)
     u = (l_s - l_t).detach()
     return (u * l_s).sum(), u.sum().item()
 
 
 def chunk_sums(x, spans):
-    """Sum of x (1-D) over each [start, end) span: one index_add, differentiable, exact for one-token spans."""
+    """Sum of x (1-D) over each [start, end) span: one index_add, differentiable, exact for
+    one-token spans."""
     spans = torch.as_tensor(spans, dtype=torch.long).reshape(-1, 2)
     lengths = spans[:, 1] - spans[:, 0]
     chunk = torch.repeat_interleave(torch.arange(len(spans)), lengths)
@@ -232,8 +254,9 @@ def sft_loss(logits, targets):
 
 @dataclass
 class Maps:
-    """What turns states into what the losses compare: the LM heads' weights (output-space losses and sft) and,
-    across widths, the learned projector or the frozen OPRD-Bridge (each None when unused)."""
+    """What turns states into what the losses compare: the LM heads' weights (output-space losses
+    and sft) and, across widths, the learned projector or the frozen OPRD-Bridge (each None when
+    unused)."""
     student_head: torch.Tensor | None = None
     teacher_head: torch.Tensor | None = None
     projector: torch.nn.ModuleDict | None = None
@@ -251,8 +274,9 @@ class LossStats:
 
 
 def oprd_term(plan, batch, student_taps, teacher_rows, maps):
-    """OPRD's sum over the supervised states, averaged over the aligned layers; and each layer's loss and cosine
-    sums. The i-th teacher row marked oprd_mask among the kept ones pairs with the i-th student row."""
+    """OPRD's sum over the supervised states, averaged over the aligned layers; and each layer's
+    loss and cosine sums. The i-th teacher row marked oprd_mask among the kept ones pairs with the
+    i-th student row."""
     teacher_side = batch.for_teacher
     teacher_of_kept = teacher_side.oprd_mask[teacher_side.keep]
     total = 0.0
@@ -275,7 +299,8 @@ def oprd_term(plan, batch, student_taps, teacher_rows, maps):
 
 
 def chunk_term(plan, batch, student_taps, teacher_rows, maps):
-    """opd_chunk: each model scores its own tokens, summed over the chunks both have read (chunk_opd_loss)."""
+    """opd_chunk: each model scores its own tokens, summed over the chunks both have read
+    (chunk_opd_loss)."""
     teacher_side = batch.for_teacher
     # another tokenizer: each model over its whole head
     vocab = plan.vocab if batch.teacher is None else None
@@ -283,13 +308,14 @@ def chunk_term(plan, batch, student_taps, teacher_rows, maps):
     lp_s = token_logprobs(student_states, maps.student_head, batch.targets, vocab, plan.chunk)
     with torch.no_grad():
         teacher_states = teacher_rows[plan.L_t][teacher_side.out_mask[teacher_side.keep]]
-        lp_t = token_logprobs(teacher_states, maps.teacher_head, teacher_side.targets, vocab, plan.chunk)
+        lp_t = token_logprobs(teacher_states, maps.teacher_head, teacher_side.targets, vocab,
+                              plan.chunk)
     return chunk_opd_loss(lp_s, lp_t, *batch.chunk_spans)
 
 
 def output_term(plan, batch, student_taps, teacher_rows, maps):
-    """The output-space loss (or sft's cross-entropy) summed over the positions that predict a response token.
-    Returns (loss sum, KL-estimate sum, target_logp or None)."""
+    """The output-space loss (or sft's cross-entropy) summed over the positions that predict a
+    response token. Returns (loss sum, KL-estimate sum, target_logp or None)."""
     if plan.out_kind == 'opd_chunk':
         out, kl = chunk_term(plan, batch, student_taps, teacher_rows, maps)
         return out, kl, None
@@ -298,21 +324,24 @@ def output_term(plan, batch, student_taps, teacher_rows, maps):
         logits = F.linear(rows_s, maps.student_head)[:, :plan.vocab]
         return sft_loss(logits, batch.targets), 0.0, None
     rows_t = teacher_rows[plan.L_t][batch.out_mask[batch.keep]]
-    return output_loss(plan.out_kind, rows_s, rows_t, batch.targets, maps.student_head, maps.teacher_head,
-                       plan.vocab, plan.topk, plan.chunk)
+    return output_loss(plan.out_kind, rows_s, rows_t, batch.targets, maps.student_head,
+                       maps.teacher_head, plan.vocab, plan.topk, plan.chunk)
 
 
 def micro_batch_loss(plan, batch, student_taps, teacher_rows, counts, maps):
-    """The loss of one micro-batch, already divided by the step's global supervised counts (batch.StepCounts),
-    so that summing it over micro-batches and ranks gives the step's mean. student_taps: the student's taps
-    {layer: (B, T, d)}; teacher_rows: the teacher's taps at the positions its batch marks keep only
-    {layer: (N, d)} (distill.py keeps no other teacher rows). Returns (loss, LossStats)."""
+    """The loss of one micro-batch, already divided by the step's global supervised counts
+    (batch.StepCounts), so that summing it over micro-batches and ranks gives the step's mean.
+    student_taps: the student's taps {layer: (B, T, d)}; teacher_rows: the teacher's taps at the
+    positions its batch marks keep only {layer: (N, d)} (distill.py keeps no other teacher rows).
+    Returns (loss, LossStats)."""
     loss = student_taps[plan.s_taps[-1]].new_zeros((), dtype=torch.float32)
     stats = LossStats()
     if plan.out_kind or plan.method == 'sft':
-        out, stats.kl, stats.target_logp = output_term(plan, batch, student_taps, teacher_rows, maps)
+        out, stats.kl, stats.target_logp = output_term(
+            plan, batch, student_taps, teacher_rows, maps)
         loss = loss + out / max(counts.outputs, 1)
     if plan.s_layers:
-        oprd, stats.layer_loss, stats.layer_cos = oprd_term(plan, batch, student_taps, teacher_rows, maps)
+        oprd, stats.layer_loss, stats.layer_cos = oprd_term(
+            plan, batch, student_taps, teacher_rows, maps)
         loss = loss + plan.oprd_weight * oprd / max(counts.states, 1)
     return loss, stats

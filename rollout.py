@@ -1,29 +1,41 @@
 """
-The on-policy sampler: prompts in, sampled responses out. distill.py (student rollouts) and eval.py both generate
-through this file, with one interface and two backends:
+The on-policy sampler: prompts in, sampled responses out. distill.py (student rollouts) and eval.py
+both generate through this file, with one interface and two backends:
 
-- vLLM, the default wherever it imports and runs on the device asked for. One engine per training process (under
-  torchrun one per rank, rollouts data-parallel across ranks; tensor parallelism settable), the share of
-  accelerator memory settable, asleep (weights offloaded, KV cache freed) while the trainer updates.
-  `update_weights` streams the student's new weights into the engine in place, parameter by parameter, through
-  vLLM internals that move between releases (requirements-gpu.txt pins one): a starting engine checks them and
-  runs one weight sync, so a mismatch fails in the first minute, not after the first long rollout.
-- torch: sampler.py's TorchSampler, batched sampling with model.py's KV cache, the same sampling semantics
-  (stated at the top of sampler.py) and outputs. Used where vLLM is absent or built for another device.
+- vLLM, the default wherever it imports and runs on the device asked for. One engine per training
+  process (under torchrun one per rank, rollouts data-parallel across ranks; tensor parallelism
+  settable), the share of accelerator memory settable, asleep (weights offloaded, KV cache freed)
+  while the trainer updates. The engine runs in the training process, on one GPU as on eight, so
+  `update_weights` hands it the student's new weights as tensors, in place, parameter by parameter,
+  through vLLM internals that move between releases (requirements-gpu.txt pins one): a starting
+  engine checks them and runs one weight sync, so a mismatch fails in the first minute, not after
+  the first long rollout. It prints one line at start: device, dtype, and the model runner vLLM
+  picked (on CUDA vLLM 0.32 takes its V2 runner; VLLM_USE_V2_MODEL_RUNNER=0 falls back to V1).
+- torch: sampler.py's TorchSampler, batched sampling with model.py's KV cache, the same sampling
+  semantics (stated at the top of sampler.py) and outputs. Used where vLLM is absent or built for
+  another device.
 
-    tok = load_tokenizer("path/to/hf_dir")              # tokenizer.py; or "byte": the built-in byte-level one
+    # tokenizer.py; or "byte": the built-in byte-level one
+    tok = load_tokenizer("path/to/hf_dir")
     sampler = make_sampler("auto", "path/to/hf_dir", gpu_memory_utilization=0.3)
-    out = sampler.generate([tok.chat("What is 12 + 30?")], n=4, temperature=1.0, max_new_tokens=256,
-                           stop_ids=tok.eos_ids, seed=step, logprobs=True)
-    out[0][3].tokens, out[0][3].finish, out[0][3].logprobs    # prompt 0, sample 3
-    # on_sample=f: f(i, j, sample) as each finishes (distill.py starts a rollout's alignment to the teacher there)
-    sampler.sleep(); ...train step...; sampler.update_weights(fsdp_named_tensors(model)); sampler.wake()
+    out = sampler.generate([tok.chat("What is 12 + 30?")], n=4, temperature=1.0,
+                           max_new_tokens=256, stop_ids=tok.eos_ids, seed=step, logprobs=True)
+    # prompt 0, sample 3
+    out[0][3].tokens, out[0][3].finish, out[0][3].logprobs
+    # on_sample=f: f(i, j, sample) as each finishes (distill.py starts a rollout's alignment to the
+    # teacher there)
+    sampler.sleep()
+    ...train step...
+    # the vLLM sampler's dtype: each rank's shard is cast before the all-gather; update_weights
+    # wakes a sleeping engine itself
+    sampler.update_weights(fsdp_named_tensors(model, dtype=sampler.dtype))
 
 $ python rollout.py path/to/hf_dir "What is 12 + 30?"          # a quick look, default backend
 $ python rollout.py path/to/hf_dir "What is 12 + 30?" torch    # the torch backend (-h: usage)
 
-dtypes: checkpoints are saved in fp32. On a GPU both backends sample in bf16 unless given a dtype (vLLM's own
-'auto' would pick fp16 or bf16 depending on its version); on a CPU in the checkpoint's dtype.
+dtypes: checkpoints are saved in fp32. On a GPU both backends sample in bf16 unless given a dtype
+(vLLM's own 'auto' would pick fp16 or bf16 depending on its version); on a CPU in the checkpoint's
+dtype.
 """
 
 import contextlib
@@ -36,54 +48,67 @@ from typing import Iterable, Iterator
 import torch
 
 from model import check_checkpoint, resolve_checkpoint
-from sampler import (Sample, TorchSampler, check_generate_args, checkpoint_stop_ids, dist_info, hash32, mix_seed,
-                     sample_places)
+from sampler import (Sample, TorchSampler, check_generate_args, checkpoint_stop_ids, dist_info,
+                     hash32, mix_seed, sample_places)
 from tokenizer import load_tokenizer, read_json
 
-# vLLM logs every prefix-cache reset at INFO: a training log wants its warnings only, and not two that do not apply
-# (RoPE has no checkpoint weights, reported at every reload; its chat-template warm-up, a template we never use)
+# vLLM logs every prefix-cache reset at INFO: a training log wants its warnings only, and not two
+# that do not apply (RoPE has no checkpoint weights, reported at every reload; its chat-template
+# warm-up, a template we never use)
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-for _logger, _message in (("vllm.model_executor.model_loader.reload.layerwise", "RotaryEmbedding: Failed to load"),
-                          ("vllm.renderers.base", "Chat template warmup")):
+QUIET_VLLM = (
+    ("vllm.model_executor.model_loader.reload.layerwise", "RotaryEmbedding: Failed to load"),
+    ("vllm.renderers.base", "Chat template warmup"))
+for _logger, _message in QUIET_VLLM:
     logging.getLogger(_logger).addFilter(lambda record, m=_message: m not in record.getMessage())
 
-VLLM_ONLY = ("tensor_parallel_size", "enable_sleep_mode", "seed", "max_model_len", "enforce_eager", "max_num_seqs",
-             "bucket_mb")
+VLLM_ONLY = ("tensor_parallel_size", "enable_sleep_mode", "seed", "max_model_len", "enforce_eager",
+             "max_num_seqs", "bucket_mb")
 TORCH_ONLY = ("sync_every", "decode")
 BACKENDS = ("auto", "vllm", "torch")
 
 
 def make_sampler(backend="auto", model_path=None, model=None, **engine_kw):
-    """backend 'auto' (vLLM if it imports and runs on engine_kw's device, else torch) | 'vllm' | 'torch'.
+    """backend 'auto' (vLLM if it imports and runs on engine_kw's device, else torch) | 'vllm' |
+    'torch'.
 
-    vllm: the engine loads model_path (model= is not used); engine_kw are vLLM's LLM(...) arguments:
-    gpu_memory_utilization, tensor_parallel_size, enable_sleep_mode, seed, max_model_len, dtype, enforce_eager,
-    ...; device (default: the one vLLM's build runs on); bucket_mb sets the weight-sync bucket. The torch-only
-    sync_every and decode are ignored.
-    torch: model= an in-memory Transformer to sample from (shared, not copied: update_weights is then a copy
-    onto itself, i.e. nothing), else one is loaded from model_path; dtype, device, gpu_memory_utilization,
-    sync_every, decode; the vLLM-only options are ignored, so one config serves both backends.
-    A model_path is checked (check_checkpoint) before any engine starts; backend is checked where it is read
-    (distill.py's and eval.py's settings, the CLI below).
+    vllm: the engine loads model_path (model= is not used); engine_kw are vLLM's LLM(...)
+    arguments: gpu_memory_utilization, tensor_parallel_size, enable_sleep_mode, seed,
+    max_model_len, max_num_seqs, dtype, enforce_eager, ...; device (default: the one vLLM's build
+    runs on); bucket_mb sets the weight-sync bucket. The torch-only sync_every and decode are
+    ignored.
+    torch: model= an in-memory Transformer to sample from (shared, not copied: update_weights is
+    then a copy onto itself, i.e. nothing), else one is loaded from model_path; dtype, device,
+    gpu_memory_utilization, sync_every, decode; the vLLM-only options (VLLM_ONLY) are ignored, so
+    one config serves both backends.
+    A model_path is checked (check_checkpoint) before any engine starts; backend is checked where
+    it is read (distill.py's and eval.py's settings, the CLI below).
     """
     if model_path is not None and (backend != "torch" or model is None):
         model_path = check_checkpoint(model_path)[0]
     if backend == "auto":
-        runs_on, wanted = vllm_device_type(), engine_kw.get("device")
-        backend = "vllm" if runs_on and (wanted is None or torch.device(wanted).type == runs_on) else "torch"
+        runs_on = vllm_device_type()
+        wanted = engine_kw.get("device")
+        on_its_device = wanted is None or torch.device(wanted).type == runs_on
+        backend = "vllm" if runs_on and on_its_device else "torch"
     if backend == "vllm":
         if model_path is None:
-            raise ValueError("the vLLM backend loads the model itself: give model_path (an HF checkpoint folder)")
-        return VLLMSampler(model_path, **{k: v for k, v in engine_kw.items() if k not in TORCH_ONLY})
-    return TorchSampler(model_path, model=model, **{k: v for k, v in engine_kw.items() if k not in VLLM_ONLY})
+            raise ValueError("the vLLM backend loads the model itself: give model_path (an HF "
+                             "checkpoint folder)")
+        vllm_kw = {k: v for k, v in engine_kw.items() if k not in TORCH_ONLY}
+        return VLLMSampler(model_path, **vllm_kw)
+    torch_kw = {k: v for k, v in engine_kw.items() if k not in VLLM_ONLY}
+    return TorchSampler(model_path, model=model, **torch_kw)
 
 
 def vllm_device_type():
-    """The device type vLLM's installed build runs on ('cuda', 'cpu', ...); None if vLLM does not import."""
+    """The device type vLLM's installed build runs on ('cuda', 'cpu', ...); None if vLLM does not
+    import."""
     try:
         from vllm.platforms import current_platform
         return current_platform.device_type or None
-    except Exception:  # not installed, or a build for another device
+    # not installed, or a build for another device
+    except Exception:
         return None
 
 
@@ -91,31 +116,46 @@ def vllm_available():
     return vllm_device_type() is not None
 
 
-def fsdp_named_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
+def fsdp_named_tensors(model, dtype=None) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream a model's parameters as (HF name, full tensor), one at a time, for update_weights.
 
-    For an FSDP2-sharded model each DTensor is all-gathered on its own (full_tensor(), a collective: every rank
-    must iterate), so no rank ever holds a second full copy of the model. Plain tensors, and the shards of a
-    one-rank mesh, pass through as they are (views of the live weights: copy what must outlive the next step). A
-    tied lm_head is skipped (checkpoints store only the embedding). Wrapper prefixes (torch.compile's _orig_mod.,
-    activation checkpointing's, DDP's module.) are removed.
+    For an FSDP2-sharded model each DTensor is all-gathered on its own (full_tensor(), a collective:
+    every rank must iterate), so no rank ever holds a second full copy of the model. Plain tensors,
+    and the shards of a one-rank mesh, pass through as they are (views of the live weights: copy
+    what must outlive the next step). A tied lm_head is skipped (checkpoints store only the
+    embedding). Wrapper prefixes (torch.compile's _orig_mod., activation checkpointing's, DDP's
+    module.) are removed.
+
+    dtype: the engine's (the vLLM sampler's .dtype; bf16 on a GPU). Each rank casts its own shard
+    before the all-gather, so the gather moves and holds half the bytes of the fp32 master weights
+    (7.1 GB per rank per step on the paper's job otherwise); the result is exactly the cast of the
+    full tensor. None keeps the model's dtype.
     """
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     for name, p in model.named_parameters():
-        name = name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "").removeprefix("module.")
+        name = name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
+        name = name.removeprefix("module.")
         if tied and name == "lm_head.weight":
             continue
         t = p.detach()
-        if hasattr(t, "full_tensor"):  # a DTensor; on a one-rank mesh its local shard is the whole tensor
+        if dtype is not None:
+            # on a DTensor an elementwise cast of the local shard: the placements stay
+            t = t.to(dtype)
+        # a DTensor; on a one-rank mesh its local shard is the whole tensor
+        if hasattr(t, "full_tensor"):
             t = t.to_local() if t.device_mesh.size() == 1 else t.full_tensor()
         yield name, t
 
 
 def checkpoint_tensors(path) -> Iterator[tuple[str, torch.Tensor]]:
-    """A checkpoint folder's (name, tensor) pairs, read one at a time: the start-up sync's weights."""
+    """A checkpoint folder's (name, tensor) pairs, read one at a time: the start-up sync's
+    weights."""
     from safetensors import safe_open
     index = os.path.join(path, "model.safetensors.index.json")
-    files = sorted(set(read_json(index)["weight_map"].values())) if os.path.isfile(index) else ["model.safetensors"]
+    if os.path.isfile(index):
+        files = sorted(set(read_json(index)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
     for file in files:
         with safe_open(os.path.join(path, file), framework="pt") as f:
             for name in f.keys():
@@ -124,26 +164,33 @@ def checkpoint_tensors(path) -> Iterator[tuple[str, torch.Tensor]]:
 
 # ----------------------------------------------------------------------------- the vLLM backend
 
-VLLM_WRITTEN_FOR = "0.32.0"  # the release the weight sync was written and tested against (requirements-gpu.txt)
-VLLM_INTERNALS = {  # module -> what this file uses from it, checked before an engine starts
-    "vllm": ("LLM.collective_rpc", "LLM.sleep", "LLM.wake_up", "LLM.reset_prefix_cache", "LLM.enqueue",
-             "SamplingParams"),
+# the release the weight sync was written and tested against (requirements-gpu.txt)
+VLLM_WRITTEN_FOR = "0.32.0"
+# module -> what this file uses from it, checked before an engine starts
+VLLM_INTERNALS = {
+    "vllm": ("LLM.collective_rpc", "LLM.sleep", "LLM.wake_up", "LLM.reset_prefix_cache",
+             "LLM.enqueue", "SamplingParams"),
     "vllm.config": ("set_current_vllm_config",),
-    "vllm.model_executor.model_loader.reload.layerwise": ("initialize_layerwise_reload", "finalize_layerwise_reload"),
+    "vllm.model_executor.model_loader.reload.layerwise": ("initialize_layerwise_reload",
+                                                          "finalize_layerwise_reload"),
     "vllm.v1.engine.core_client": ("InprocClient",),
 }
-ENGINE_INTERNALS = ("llm_engine.engine_core.shutdown", "llm_engine.vllm_config.model_config.dtype",  # a started LLM
+# a started LLM
+ENGINE_INTERNALS = ("llm_engine.engine_core.shutdown", "llm_engine.vllm_config.model_config.dtype",
                     "llm_engine.step", "llm_engine.has_unfinished_requests")
-WORKER_INTERNALS = ("vllm_config", "model_runner.get_model", "model_runner.model_config")  # each engine worker
+# each engine worker
+WORKER_INTERNALS = ("vllm_config", "model_runner.get_model", "model_runner.model_config")
 
 
 class VLLMVersionError(RuntimeError):
-    """The installed vLLM lacks an internal the weight sync uses, or the start-up sync failed: one line."""
+    """The installed vLLM lacks an internal the weight sync uses, or the start-up sync failed: one
+    line."""
 
     def __init__(self, problem):
         import vllm
-        super().__init__(f"vLLM {vllm.__version__}: {' '.join(str(problem).split())[:500]}; rollout.py's in-place "
-                         f"weight sync was written against vLLM {VLLM_WRITTEN_FOR} (requirements-gpu.txt)")
+        super().__init__(f"vLLM {vllm.__version__}: {' '.join(str(problem).split())[:500]}; "
+                         f"rollout.py's in-place weight sync was written against vLLM "
+                         f"{VLLM_WRITTEN_FOR} (requirements-gpu.txt)")
 
 
 def missing_attrs(obj, dotted_names):
@@ -167,19 +214,27 @@ def missing_vllm_internals():
 
 
 class WeightSyncExtension:
-    """Methods that vLLM mixes into its worker class (worker_extension_cls) and that run inside every engine
-    worker, called through llm.collective_rpc. One weight update = begin, one load per bucket, finish.
+    """Methods that vLLM mixes into its worker class (worker_extension_cls) and that run inside
+    every engine worker, called through llm.collective_rpc. One weight update = begin, one load per
+    bucket, finish.
 
-    They drive vLLM's in-place layerwise reload (vllm/model_executor/model_loader/reload): begin puts each
-    layer's parameters back into checkpoint format, load_weights takes HF-named tensors (fusing q/k/v and
-    gate/up, sharding for tensor parallelism), and a layer is post-processed (the CPU build repacks linear
-    weights for oneDNN) and copied into the kernel tensors as soon as all its weights have arrived, so the
-    engine's memory and CUDA-graph pointers stay where they were. Plain model.load_weights would write
-    checkpoint-format tensors into repacked ones.
+    They drive vLLM's in-place layerwise reload (vllm/model_executor/model_loader/reload): begin
+    puts each layer's parameters back into checkpoint format, load_weights takes HF-named tensors
+    (fusing q/k/v and gate/up, sharding for tensor parallelism), and a layer is post-processed (the
+    CPU build repacks linear weights for oneDNN) and copied into the kernel tensors as soon as all
+    its weights have arrived, so the engine's memory and CUDA-graph pointers stay where they were.
+    Plain model.load_weights would write checkpoint-format tensors into repacked ones.
     """
 
     def oprd_missing_internals(self):
         return missing_attrs(self, WORKER_INTERNALS)
+
+    def oprd_model_runner(self):
+        """[is it vLLM's V2 model runner, its class]: the runner this worker built (vLLM's
+        Worker.use_v2_model_runner, read from vllm_config.use_v2_model_runner at its start)."""
+        runner = type(self.model_runner)
+        return [bool(getattr(self, "use_v2_model_runner", False)),
+                f"{runner.__module__}.{runner.__qualname__}"]
 
     def oprd_begin_update(self):
         from vllm.config import set_current_vllm_config
@@ -188,15 +243,16 @@ class WeightSyncExtension:
             initialize_layerwise_reload(self.model_runner.get_model())
 
     def oprd_load_weights(self, payload):
-        """payload: safetensors bytes (engine in another process) or a list of (name, tensor) (same process)."""
+        """payload: safetensors bytes (engine in another process) or a list of (name, tensor) (same
+        process)."""
         from safetensors.torch import load
         from vllm.config import set_current_vllm_config
         weights = list(load(payload).items()) if isinstance(payload, bytes) else payload
         model = self.model_runner.get_model()
         with set_current_vllm_config(self.vllm_config):
             model.load_weights(weights)
-            # a tied LM head is its own layer in vLLM and load_weights skips it: hand it the new embedding
-            # too, or the reload would put its old (stale) kernel tensor back
+            # a tied LM head is its own layer in vLLM and load_weights skips it: hand it the new
+            # embedding too, or the reload would put its old (stale) kernel tensor back
             if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
                 for name, t in weights:
                     if name == "model.embed_tokens.weight":
@@ -214,166 +270,258 @@ class WeightSyncExtension:
             finalize_layerwise_reload(self.model_runner.get_model(), self.model_runner.model_config)
 
 
-def engine_args(model_path, hf_config, device_type, world=1, gpu_memory_utilization=None, tensor_parallel_size=1,
-                enable_sleep_mode=None, seed=0, max_model_len=None, dtype=None, **kw):
-    """vLLM's LLM(...) arguments for a checkpoint (its folder and config.json) on a device type, 'cuda' or
-    'cpu', with world ranks; kw passes through. Starts nothing, so tests check them on any machine."""
+def engine_args(model_path, hf_config, device_type, world=1, gpu_memory_utilization=None,
+                tensor_parallel_size=1, enable_sleep_mode=None, seed=0, max_model_len=None,
+                dtype=None, local_world=None, **kw):
+    """vLLM's LLM(...) arguments for a checkpoint (its folder and config.json) on a device type,
+    'cuda' or 'cpu', with world ranks, local_world of them on this node (default: torchrun's
+    LOCAL_WORLD_SIZE, else world); kw (max_num_seqs, enforce_eager, ...) passes through. Starts
+    nothing, so tests check them on any machine."""
     on_gpu = device_type == "cuda"
-    if dtype in (None, "auto"):  # never vLLM's 'auto': fp16 or bf16 by vLLM version for an fp32 checkpoint
+    # never vLLM's 'auto': fp16 or bf16 by vLLM version for an fp32 checkpoint
+    if dtype in (None, "auto"):
         # on CPU the checkpoint's dtype: vLLM's CPU build would downcast an fp32 checkpoint to bf16
-        dtype = "bfloat16" if on_gpu else hf_config.get("dtype") or hf_config.get("torch_dtype") or "auto"
+        stored = hf_config.get("dtype") or hf_config.get("torch_dtype") or "auto"
+        dtype = "bfloat16" if on_gpu else stored
     limit = hf_config.get("max_position_embeddings")
-    if max_model_len and limit and max_model_len > limit:  # vLLM refuses a context beyond the model's
+    # vLLM refuses a context beyond the model's
+    if max_model_len and limit and max_model_len > limit:
         max_model_len = limit
-    if gpu_memory_utilization is None:  # colocated with the trainer: leave it most of the memory. On CPU (a share
-        # of RAM; VLLM_CPU_KVCACHE_SPACE wins) vLLM's 0.92 of the NUMA node refuses to start once others hold a little
-        gpu_memory_utilization = 0.3 if on_gpu else 0.5
+    if gpu_memory_utilization is None and on_gpu:
+        # colocated with the trainer on the rank's own GPU: leave it most of the memory
+        gpu_memory_utilization = 0.3
+    elif gpu_memory_utilization is None:
+        # On a CPU the share is of the node's RAM, and every rank's engine takes all of its own:
+        # without VLLM_CPU_KVCACHE_SPACE, vLLM 0.32's CPU worker (v1/worker/cpu_worker.py,
+        # determine_available_memory) makes its KV cache the share of the NUMA node minus the
+        # process's resident memory, zeroed at start, so two ranks at 0.5 each asked for the whole
+        # node and one was killed. Half the RAM is divided among the node's ranks: one rank keeps
+        # what it had, and the node stays at half whatever the number of ranks (vLLM's 0.92 refuses
+        # to start once others hold a little). A fixed small KV space would bound it too, but vLLM
+        # refuses to start when max_model_len does not fit in the cache, and a space that fits a
+        # real model's context is too much for many ranks. VLLM_CPU_KVCACHE_SPACE (GiB per engine),
+        # when set, replaces the share.
+        if local_world is None:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        gpu_memory_utilization = 0.5 / local_world
+    sleep_mode = on_gpu if enable_sleep_mode is None else enable_sleep_mode
+    extension = f"{'rollout' if __name__ == '__main__' else __name__}.WeightSyncExtension"
     args = dict(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                enable_sleep_mode=on_gpu if enable_sleep_mode is None else enable_sleep_mode,
-                skip_tokenizer_init=True,  # ids in, ids out: no tokenizer needed (the byte task has none)
+                tensor_parallel_size=tensor_parallel_size,
+                gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep_mode,
+                # ids in, ids out: no tokenizer needed (the byte task has none)
+                skip_tokenizer_init=True,
                 logprobs_mode="raw_logprobs", enable_prefix_caching=True,
-                worker_extension_cls=f"{'rollout' if __name__ == '__main__' else __name__}.WeightSyncExtension")
+                worker_extension_cls=extension)
     if world > 1:
         args["distributed_executor_backend"] = "external_launcher"
     return {**args, **kw}
 
 
+def engine_env(device_type, world):
+    """The environment variables a vLLM engine starts with, where the user has not set them.
+
+    One process alone (no torchrun) on CUDA or a CPU keeps the engine core in this process
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0), as external_launcher does under torchrun by itself: so one
+    GPU and eight take the same path, the student's tensors handed to the engine with no copy. A
+    core in a child process (vLLM's default) would get each step's weights through CPU
+    serialisation (3.3 GiB for a 1.5B model) and make a second CUDA context; on a CPU it spawns
+    its worker too, each importing torch and vLLM again (24 s to start a tiny model, against 6 s
+    here). Under torchrun nothing is set: on a CPU the variable hangs the ranks' engines."""
+    if world == 1 and device_type in ("cuda", "cpu"):
+        return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    return {}
+
+
 class VLLMSampler:
     """A vLLM engine in this process's reach (see the top of the file for what it does).
 
-    Alone, the engine core runs in a child process (vLLM's default) and weights travel as safetensors bytes; on
-    the CPU it runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=1 keeps vLLM's default there).
-    Under torchrun (WORLD_SIZE > 1) each rank builds its own engine with distributed_executor_backend=
-    "external_launcher": the engine lives in the rank's own process, on the rank's device (LOCAL_RANK), reuses
-    the torch.distributed group (tensor parallelism spans consecutive ranks), and weights are handed over as
-    tensors with no copy. Call close() before dist.destroy_process_group(): vLLM's teardown then destroys the
-    default group itself, so guard that call with dist.is_initialized().
+    Alone, the engine core runs in this process (engine_env; VLLM_ENABLE_V1_MULTIPROCESSING=1 keeps
+    vLLM's child process, where weights travel as safetensors bytes in the engine's dtype).
+    Under torchrun (WORLD_SIZE > 1) each rank builds its own engine with
+    distributed_executor_backend="external_launcher": the engine lives in the rank's own process,
+    on the rank's device (LOCAL_RANK), reuses the torch.distributed group (tensor parallelism spans
+    consecutive ranks), and weights are handed over as tensors with no copy. Call close() before
+    dist.destroy_process_group(): vLLM's teardown then destroys the default group itself, so guard
+    that call with dist.is_initialized().
+
+    At start rank 0 prints one line (summary()): device, dtype, where the engine core runs, and
+    which model runner vLLM picked. On CUDA vLLM 0.32 picks its V2 model runner whenever Triton is
+    present; VLLM_USE_V2_MODEL_RUNNER=0 falls back to the V1 runner (the CPU build runs V1).
     """
 
     def __init__(self, model_path, device=None, bucket_mb=256, **engine_kw):
         from vllm import LLM
         runs_on = vllm_device_type()
         device = torch.device(device or runs_on or "cpu")
-        if device.type != runs_on:  # e.g. the CPU tests on a GPU node: no CUDA engine for them
-            raise ValueError(f"the vLLM sampler was asked for device {device}, but this vLLM build runs on "
-                             f"{runs_on}: use the torch backend there")
+        # e.g. the CPU tests on a GPU node: no CUDA engine for them
+        if device.type != runs_on:
+            raise ValueError(f"the vLLM sampler was asked for device {device}, but this vLLM build "
+                             f"runs on {runs_on}: use the torch backend there")
         missing = missing_vllm_internals()
         if missing:
             raise VLLMVersionError(f"no {', '.join(missing)}")
-        model_path = resolve_checkpoint(model_path)  # a hub id: downloaded once, here
+        # a hub id: downloaded once, here
+        model_path = resolve_checkpoint(model_path)
         rank, world = dist_info()
         tp = engine_kw.get("tensor_parallel_size", 1)
         if world % tp:
             raise ValueError(f"tensor_parallel_size={tp} does not divide the {world} ranks")
-        self.dp_rank, self.dp_size = rank // tp, world // tp
-        args = engine_args(model_path, read_json(os.path.join(model_path, "config.json")), device.type, world,
-                           **engine_kw)
+        self.dp_rank = rank // tp
+        self.dp_size = world // tp
+        hf_config = read_json(os.path.join(model_path, "config.json"))
+        args = engine_args(model_path, hf_config, device.type, world, **engine_kw)
+        self.device = device
         self.sleep_mode = args["enable_sleep_mode"]
-        if device.type == "cpu" and world == 1:  # the CPU build would spawn an engine core, which spawns its worker,
-            # each importing torch and vLLM again: 24 s to start a tiny model here, against 6 s in this process
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        for name, value in engine_env(device.type, world).items():
+            os.environ.setdefault(name, value)
         self.llm = LLM(**args)
         self.stop_ids = checkpoint_stop_ids(model_path)
-        self.bucket_bytes, self.asleep = int(bucket_mb * 2**20), False
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self.asleep = False
         self.synced_at_start = self.check_weight_sync(model_path)
+        if rank == 0:
+            print(self.summary(), flush=True)
 
     def check_weight_sync(self, model_path):
-        """Fail now, in one line, if the weight sync cannot work with this vLLM: the internals it uses in the engine
-        and its workers, then one sync of the engine's own weights (read again). Returns the tensors loaded."""
+        """Fail now, in one line, if the weight sync cannot work with this vLLM: the internals it
+        uses in the engine and its workers, then one sync of the engine's own weights (read again).
+        Returns the tensors loaded."""
         from vllm.v1.engine.core_client import InprocClient
         try:
             missing = missing_attrs(self.llm, ENGINE_INTERNALS)
-            missing += sorted({m for worker in self.llm.collective_rpc("oprd_missing_internals") for m in worker})
+            in_workers = self.llm.collective_rpc("oprd_missing_internals")
+            missing += sorted({m for worker in in_workers for m in worker})
             if missing:
                 raise AttributeError(f"no {', '.join(missing)}")
             self.in_process = isinstance(self.llm.llm_engine.engine_core, InprocClient)
             self.dtype = self.llm.llm_engine.vllm_config.model_config.dtype
+            self.runner_v2, self.runner = self.llm.collective_rpc("oprd_model_runner")[0]
             return self.update_weights(checkpoint_tensors(model_path))
         except Exception as e:
-            with contextlib.suppress(Exception):  # a failed check: free the engine, report the check's error
+            # a failed check: free the engine, report the check's error
+            with contextlib.suppress(Exception):
                 self.close()
-            problem = str(e) if isinstance(e, AttributeError) else f"the start-up weight sync failed: {e}"
+            if isinstance(e, AttributeError):
+                problem = str(e)
+            else:
+                problem = f"the start-up weight sync failed: {e}"
             raise VLLMVersionError(problem) from e
 
-    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=256, stop_ids=None,
-                 seed=0, logprobs=False, places=None, on_sample=None):
-        """As TorchSampler.generate; on_sample(i, j, sample) is called as each request finishes, while the engine
-        goes on with the others (LLM.generate's own loop over engine steps, with a hand-over)."""
+    def summary(self):
+        """The line printed at start: what the engine runs, and the runner's fallback."""
+        import vllm
+        dtype = str(self.dtype).removeprefix("torch.")
+        where = "in this process" if self.in_process else "its core in a child process"
+        line = (f"rollout: vLLM {vllm.__version__} engine on {self.device.type}, {dtype}, {where}, "
+                f"model runner {'V2' if self.runner_v2 else 'V1'} ({self.runner})")
+        if self.runner_v2:
+            line += "; VLLM_USE_V2_MODEL_RUNNER=0 falls back to V1"
+        return line
+
+    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=256,
+                 stop_ids=None, seed=0, logprobs=False, places=None, on_sample=None):
+        """As TorchSampler.generate; on_sample(i, j, sample) is called as each request finishes,
+        while the engine goes on with the others (LLM.generate's own loop over engine steps, with a
+        hand-over)."""
         from vllm import SamplingParams
         check_generate_args(prompts, n, temperature, top_p, max_new_tokens)
         self.wake()
         stop = list(self.stop_ids if stop_ids is None else stop_ids)
-        key, place = mix_seed(seed, self.dp_rank if places is None else 0), sample_places(len(prompts), n, places)
-        requests, params = [], []
-        for i, p in enumerate(prompts):  # n requests of one sample each: vLLM's n>1 rejects greedy
+        key = mix_seed(seed, self.dp_rank if places is None else 0)
+        place = sample_places(len(prompts), n, places)
+        requests = []
+        params = []
+        # n requests of one sample each: vLLM's n>1 rejects greedy
+        for i, p in enumerate(prompts):
             for j in range(n):
                 requests.append({"prompt_token_ids": list(p)})
+                # ignore_eos: stop exactly at `stop`
                 params.append(SamplingParams(
                     n=1, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
-                    max_tokens=max_new_tokens, stop_token_ids=stop, ignore_eos=True,  # stop exactly at `stop`
-                    seed=hash32(key ^ hash32(place[i * n + j])), logprobs=0 if logprobs else None, detokenize=False))
-        # enqueue returns the engine's ids, '<the request's own id>-<8 random hex>'; outputs carry the own id
-        order = {rid.rsplit("-", 1)[0]: k for k, rid in enumerate(self.llm.enqueue(requests, params, use_tqdm=False))}
+                    max_tokens=max_new_tokens, stop_token_ids=stop, ignore_eos=True,
+                    seed=hash32(key ^ hash32(place[i * n + j])),
+                    logprobs=0 if logprobs else None, detokenize=False))
+        # enqueue returns the engine's ids, '<the request's own id>-<8 random hex>'; outputs carry
+        # the own id
+        engine_ids = self.llm.enqueue(requests, params, use_tqdm=False)
+        order = {rid.rsplit("-", 1)[0]: k for k, rid in enumerate(engine_ids)}
         samples = [None] * len(requests)
         while self.llm.llm_engine.has_unfinished_requests():
             for o in self.llm.llm_engine.step():
                 if not o.finished:
                     continue
-                c, k = o.outputs[0], order[o.request_id]
+                c = o.outputs[0]
+                k = order[o.request_id]
                 if c.finish_reason not in ("stop", "length"):
                     raise RuntimeError(f"vLLM request finished with {c.finish_reason!r}")
-                lps = [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)] if logprobs else None
+                lps = None
+                if logprobs:
+                    lps = [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)]
                 samples[k] = Sample(list(c.token_ids), c.finish_reason, lps)
                 if on_sample:
                     on_sample(k // n, k % n, samples[k])
         return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]):
-        """Load the student's new weights, then reset the prefix cache (its KV came from the old weights).
-        Returns the number of tensors the engine loaded.
+        """Load the student's new weights and reset the prefix cache (its KV came from the old
+        weights). Returns the number of tensors the engine loaded.
 
-        named_tensors: (HF name, tensor) pairs, e.g. fsdp_named_tensors(model), consumed one at a time. To an
-        engine in this process each tensor is handed over as it comes; to one in a child process they go in
-        serialised buckets of about bucket_mb. Asleep, the weights are woken first: loading into offloaded
-        weights would be undone by the wake-up (the silent no-update of TRL #5312).
+        named_tensors: (HF name, tensor) pairs, e.g. fsdp_named_tensors(model, dtype=self.dtype),
+        consumed one at a time. To an engine in this process each tensor is handed over as it
+        comes; to one in a child process they go in serialised buckets of about bucket_mb.
+        Asleep, the engine wakes in this order: its weights (loading into offloaded weights would
+        be undone by the wake-up: the silent no-update of TRL #5312), the sync, the prefix-cache
+        reset, then the KV cache, mapped only once the sync's transient memory is gone.
         """
         rpc = self.llm.collective_rpc
         limit = 0 if self.in_process else self.bucket_bytes
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
         rpc("oprd_begin_update")
-        bucket, size, loaded = [], 0, 0
+        bucket = []
+        size = 0
+        loaded = 0
         for name, t in named_tensors:
             bucket.append((name, t.detach()))
             size += t.numel() * t.element_size()
             if size >= limit:
                 loaded += self._send(bucket)
-                bucket, size = [], 0
+                bucket = []
+                size = 0
         if bucket:
             loaded += self._send(bucket)
         rpc("oprd_finish_update")
+        # scheduler state only, so the KV cache need not be mapped; it fails while requests run
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM kept its prefix cache after a weight update (requests still "
+                               "running?): later rollouts would reuse KV of the old weights")
+        # the KV cache (and whatever else is still asleep)
         self.wake()
-        self.llm.reset_prefix_cache()
         return loaded
 
     def _send(self, bucket):
-        if self.in_process:  # same process: the worker reads our tensors directly
+        # same process: the worker reads our tensors directly
+        if self.in_process:
             payload = bucket
-        else:  # engine core in a child process: one serialised bucket, in the engine's dtype
+        # engine core in a child process: one serialised bucket, in the engine's dtype
+        else:
             from safetensors.torch import save
-            payload = save({n: t.to(device="cpu", dtype=self.dtype).contiguous() for n, t in bucket})
+            payload = save({n: t.to(device="cpu", dtype=self.dtype).contiguous()
+                            for n, t in bucket})
         return self.llm.collective_rpc("oprd_load_weights", args=(payload,))[0]
 
     def sleep(self):
-        """Offload the weights and free the KV cache (GPU with enable_sleep_mode; a no-op otherwise)."""
+        """Offload the weights and free the KV cache (GPU with enable_sleep_mode; a no-op
+        otherwise)."""
         if self.sleep_mode and not self.asleep:
             self.llm.sleep(level=1)
             self.asleep = True
 
     def wake(self):
         if self.asleep:
-            self.llm.wake_up()  # wakes whatever is still asleep
+            # wakes whatever is still asleep
+            self.llm.wake_up()
             self.asleep = False
 
     def close(self):
@@ -384,8 +532,9 @@ class VLLMSampler:
 
 USAGE = """usage: python rollout.py <hf_checkpoint_dir> <prompt> [auto|vllm|torch]
 
-Samples one answer to <prompt> (rendered with the checkpoint's chat template; temperature 0.7, top-p 0.95,
-up to 512 new tokens) with the given backend (default auto: vLLM if it imports, else torch)."""
+Samples one answer to <prompt> (rendered with the checkpoint's chat template; temperature 0.7,
+top-p 0.95, up to 512 new tokens) with the given backend (default auto: vLLM if it imports, else
+torch)."""
 
 
 def main(argv):
@@ -395,19 +544,26 @@ def main(argv):
     if len(argv) not in (2, 3):
         print(USAGE.splitlines()[0], file=sys.stderr)
         sys.exit(2)
-    path, prompt, backend = argv[0], argv[1], argv[2] if len(argv) > 2 else "auto"
-    try:  # a bad path, checkpoint, backend or vLLM: one line, no traceback
+    path = argv[0]
+    prompt = argv[1]
+    backend = argv[2] if len(argv) > 2 else "auto"
+    # a bad path, checkpoint, backend or vLLM: one line, no traceback
+    try:
         if backend not in BACKENDS:
-            raise ValueError(f"unknown sampler backend {backend!r}: expected 'auto', 'vllm' or 'torch'")
+            raise ValueError(f"unknown sampler backend {backend!r}: expected 'auto', 'vllm' or "
+                             "'torch'")
         path = check_checkpoint(path)[0]
         tok = load_tokenizer(path)
         ids = tok.chat(prompt)
         sampler = make_sampler(backend, path)
-    except (ValueError, OSError, VLLMVersionError) as e:  # CheckpointError is a ValueError; no chat template: OSError
+    # CheckpointError is a ValueError; no chat template: OSError
+    except (ValueError, OSError, VLLMVersionError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(1)
-    s = sampler.generate([ids], temperature=0.7, top_p=0.95, max_new_tokens=512, stop_ids=tok.eos_ids)[0][0]
-    print(f"[{type(sampler).__name__}, {len(s.tokens)} tokens, finish={s.finish}]\n{tok.decode(s.tokens)}")
+    s = sampler.generate([ids], temperature=0.7, top_p=0.95, max_new_tokens=512,
+                         stop_ids=tok.eos_ids)[0][0]
+    print(f"[{type(sampler).__name__}, {len(s.tokens)} tokens, finish={s.finish}]\n"
+          f"{tok.decode(s.tokens)}")
     sampler.close()
 
 

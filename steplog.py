@@ -1,6 +1,7 @@
 """
-What a training step reports (distill.py): its totals over the micro-batches, the sampler's health (does it
-still serve the trained weights?), and the record printed and appended to out_dir/log.jsonl.
+What a training step reports (distill.py): its totals over the micro-batches, the sampler's health
+(does it still serve the trained weights?), and the record printed and appended to
+out_dir/log.jsonl.
 
     totals = StepTotals.start(n_layers, load)
     totals.add(loss, stats, batch, sampler_gap(h_final, head, batch, stats.target_logp))
@@ -18,15 +19,15 @@ from batch import next_tokens
 from fsdp import StepClock, all_reduce_max, all_reduce_sum
 
 
-# ----------------------------------------------------------------------------- the sampler's health
+# ---------------------------------------------------------------------------- the sampler's health
 
 def sampler_gap(h_final, w, batch, target_logp=None):
-    """Sum and count of |log p_student - log p_sampler| of the sampled tokens at the positions batch.check (a
-    few hundred per step): h_final the student's final-norm states (B, T, d), w its LM head, batch.logp_next
-    the sampler's raw log-probability of the token each position predicts. A gap far above its first step's
-    level means the sampler no longer serves the trained weights. target_logp: the student's log-probability
-    of the token at every batch.out_mask position, when the loss computed them (opd_full): read there, not
-    computed again."""
+    """Sum and count of |log p_student - log p_sampler| of the sampled tokens at the positions
+    batch.check (a few hundred per step): h_final the student's final-norm states (B, T, d), w its
+    LM head, batch.logp_next the sampler's raw log-probability of the token each position predicts.
+    A gap far above its first step's level means the sampler no longer serves the trained weights.
+    target_logp: the student's log-probability of the token at every batch.out_mask position, when
+    the loss computed them (opd_full): read there, not computed again."""
     rows = batch.check
     with torch.no_grad():
         if target_logp is not None:
@@ -41,20 +42,21 @@ def sampler_gap(h_final, w, batch, target_logp=None):
 
 
 def stale_sampler(step, gap, first_gap, factor):
-    """After the first step rollouts come from synced weights: a sampler whose log-probs drift far from the
-    student's missed the sync (TRL #5312). Returns the reason to stop, or None."""
+    """After the first step rollouts come from synced weights: a sampler whose log-probs drift far
+    from the student's missed the sync (TRL #5312). Returns the reason to stop, or None."""
     if first_gap is None or gap <= factor * max(first_gap, 0.01):
         return None
-    return (f"step {step}: stale sampler weights: the sampler's log-probs of its own tokens differ from the "
-            f"student's by {gap:.4f} nats on average ({first_gap:.4f} at the first step); the weight sync did "
-            "not reach the engine")
+    return (f"step {step}: stale sampler weights: the sampler's log-probs of its own tokens "
+            f"differ from the student's by {gap:.4f} nats on average ({first_gap:.4f} at the "
+            "first step); the weight sync did not reach the engine")
 
 
 # ----------------------------------------------------------------------------- the step's figures
 
 @dataclass
 class StepTotals:
-    """The step's figures on this rank: sums over its real micro-batches, then the step's results."""
+    """The step's figures on this rank: sums over its real micro-batches, then the step's
+    results."""
     layer_loss: list
     layer_cos: list
     load: float                   # max/mean token load over ranks (fsdp.balance)
@@ -75,7 +77,8 @@ class StepTotals:
         return cls([0.0] * n_layers, [0.0] * n_layers, load, reserved_at_wake)
 
     def add(self, loss, stats, batch, gap):
-        """One real micro-batch's figures (loss, losses.LossStats, its Batch, sampler_gap's sum and count)."""
+        """One real micro-batch's figures (loss, losses.LossStats, its Batch, sampler_gap's sum and
+        count)."""
         self.loss += loss.item()
         self.kl += stats.kl
         self.tokens += batch.attention_mask.sum().item()
@@ -91,8 +94,9 @@ class StepTotals:
 
 
 def step_record(step, totals, rollouts, counts, plan, clock, sampled, checked):
-    """The step's figures, reduced over ranks: what is printed and appended to log.jsonl. sampled: the
-    rollouts came from a sampler (not sft); checked: it re-scored their tokens (check_tokens > 0)."""
+    """The step's figures, reduced over ranks: what is printed and appended to log.jsonl. sampled:
+    the rollouts came from a sampler (not sft); checked: it re-scored their tokens
+    (check_tokens > 0)."""
     n_seqs = all_reduce_sum(len(rollouts)).item()
     generated = all_reduce_sum(sum(len(r.response) for r in rollouts)).item()
     truncated = all_reduce_sum(sum(r.finish == 'length' for r in rollouts)).item()
@@ -100,7 +104,8 @@ def step_record(step, totals, rollouts, counts, plan, clock, sampled, checked):
     rec = {'step': step, 'loss': totals.step_loss, 'grad_norm': totals.grad_norm, 'lr': totals.lr,
            'sequences': n_seqs, 'mean_response_len': generated / max(n_seqs, 1),
            'trunc_rate': truncated / max(n_seqs, 1),
-           'update_tok_s': all_reduce_sum(totals.tokens).item() / max(all_reduce_max(update_time), 1e-9),
+           'update_tok_s': (all_reduce_sum(totals.tokens).item()
+                            / max(all_reduce_max(update_time), 1e-9)),
            'update_transient_mem_mb': totals.transient_mem / 2**20}
     if sampled:
         rec['rollout_tok_s'] = generated / max(all_reduce_max(clock.parts['rollout']), 1e-9)
@@ -110,8 +115,10 @@ def step_record(step, totals, rollouts, counts, plan, clock, sampled, checked):
         if totals.reserved_at_wake:
             rec['reserved_mb_at_wake'] = totals.reserved_at_wake / 2**20
     for j, layer in enumerate(plan.s_layers):
-        rec[f'oprd_loss/{layer}'] = all_reduce_sum(totals.layer_loss[j]).item() / max(counts.states, 1)
-        rec[f'cos/{layer}'] = all_reduce_sum(totals.layer_cos[j]).item() / max(counts.states, 1)
+        layer_loss = all_reduce_sum(totals.layer_loss[j]).item()
+        layer_cos = all_reduce_sum(totals.layer_cos[j]).item()
+        rec[f'oprd_loss/{layer}'] = layer_loss / max(counts.states, 1)
+        rec[f'cos/{layer}'] = layer_cos / max(counts.states, 1)
     if plan.out_kind:
         rec['kl'] = all_reduce_sum(totals.kl).item() / max(counts.outputs, 1)
     return rec
@@ -131,9 +138,10 @@ def write_record(rec, plan, out_dir, wandb_log=False):
         extra += f" | dlogp {rec['sampler_logp_gap']:.4f}"
     shown = [k for k in StepClock.PARTS if rec.get(f'time/{k}', 0) >= 0.005]
     times = ' '.join(f"{k} {rec[f'time/{k}']:.2f}" for k in shown)
-    print(f"step {rec['step']}: loss {rec['loss']:.6f} | grad {rec['grad_norm']:.3f} | lr {rec['lr']:.2e} | "
-          f"len {rec['mean_response_len']:.1f} | trunc {rec['trunc_rate']:.2f}{extra} | "
-          f"update {rec['update_tok_s']:.0f} tok/s | mem +{rec['update_transient_mem_mb']:.1f} MB | "
+    print(f"step {rec['step']}: loss {rec['loss']:.6f} | grad {rec['grad_norm']:.3f} | "
+          f"lr {rec['lr']:.2e} | len {rec['mean_response_len']:.1f} | "
+          f"trunc {rec['trunc_rate']:.2f}{extra} | update {rec['update_tok_s']:.0f} tok/s | "
+          f"mem +{rec['update_transient_mem_mb']:.1f} MB | "
           f"{rec.get('time/step', 0):.2f} s ({times})", flush=True)
     with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
         f.write(json.dumps(rec) + '\n')

@@ -1,8 +1,9 @@
 # OPRD on the built-in tiny task, on a CPU (tiny.py makes the teacher and the student first):
 # $ python distill.py config/tiny.py
-# A Qwen3-architecture pair of the same shape (4 layers, d = 128, byte-level tokenizer); the teacher is the
-# same SFT run trained twice as long. Rollouts through vLLM's CPU build where it is installed. The learning
-# rate and the step count were chosen on the validation split (python tiny.py --tune=True).
+# A Qwen3-architecture pair of the same shape (4 layers, d = 128, byte-level tokenizer); the teacher
+# is the same SFT run trained twice as long. Rollouts through vLLM's CPU build where it is
+# installed. The learning rate and the step count were chosen on the validation split
+# (python tiny.py --tune=True).
 out_dir = 'tiny/oprd'
 student = 'tiny/student'
 teacher = 'tiny/teacher'

@@ -1,7 +1,7 @@
-# Supervised training on the tiny task's worked solutions: how tiny.py makes the teacher and the student
-# (checkpoints of one run, at the steps tiny.py's student_step and teacher_step name: 500 and 1000; the paper's
-# pair is likewise one architecture, the teacher further along). Every 100th checkpoint is kept, so that
-# `python tiny.py --tune=True` can compare them on the validation split.
+# Supervised training on the tiny task's worked solutions: how tiny.py makes the teacher and the
+# student (checkpoints of one run, at the steps tiny.py's student_step and teacher_step name: 500
+# and 1000; the paper's pair is likewise one architecture, the teacher further along). Every 100th
+# checkpoint is kept, so that `python tiny.py --tune=True` can compare them on the validation split.
 # $ python distill.py config/tiny_sft.py --student=tiny/init_pair
 out_dir = 'tiny/sft'
 method = 'sft'

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Qwen2/Qwen3 checkpoints and a tiny Qwen-style tokenizer, built offline."""
+"""Shared fixtures: tiny random Qwen2/Qwen3 checkpoints and a tiny Qwen-style tokenizer, built
+offline."""
 
 import os
 import sys
@@ -7,7 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-# one thread per process: on a loaded machine several OpenMP threads per tiny op spin against each other (20x slower)
+# one thread per process: on a loaded machine several OpenMP threads per tiny op spin against each
+# other (20x slower)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -17,7 +19,8 @@ import torch  # noqa: E402
 
 torch.set_flush_denormal(True)
 
-# Qwen2's pre-tokenizer split; transformers installs it when loading a qwen2/qwen3 folder, so ours must match
+# Qwen2's pre-tokenizer split; transformers installs it when loading a qwen2/qwen3 folder, so ours
+# must match
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
@@ -31,7 +34,8 @@ CORPUS = ("What is 12 + 30? Let us add the numbers step by step. The answer is \
 
 
 def build_tokenizer(out_dir, vocab_size=384):
-    """A byte-level BPE trained on a small corpus, saved as an HF tokenizer with a Qwen-like chat template."""
+    """A byte-level BPE trained on a small corpus, saved as an HF tokenizer with a Qwen-like chat
+    template."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
@@ -50,7 +54,8 @@ def build_tokenizer(out_dir, vocab_size=384):
 
 
 def make_checkpoint(out_dir, model_type="qwen3", tied=False, seed=0, tokenizer=True, dtype=torch.float32, **kw):
-    """Save a tiny random Qwen2ForCausalLM / Qwen3ForCausalLM with transformers; return the folder."""
+    """Save a tiny random Qwen2ForCausalLM / Qwen3ForCausalLM with transformers; return the
+    folder."""
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
     vocab = build_tokenizer(out_dir) if tokenizer else 384
     args = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -67,8 +72,8 @@ def make_checkpoint(out_dir, model_type="qwen3", tied=False, seed=0, tokenizer=T
 
 
 def save_perturbed(m, out_dir):
-    """Save a freshly initialised transformers model whose norms (at 1) and biases (at 0) are perturbed first,
-    so that every parameter matters to a parity test; return the folder."""
+    """Save a freshly initialised transformers model whose norms (at 1) and biases (at 0) are
+    perturbed first, so that every parameter matters to a parity test; return the folder."""
     with torch.no_grad():
         for name, p in m.named_parameters():
             if "norm" in name or name.endswith("bias"):
@@ -97,7 +102,8 @@ def pair(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def wide_pair(tmp_path_factory):
-    """A pair of different widths and depths: teacher 4 layers d=128, student 3 layers d=64 (projector, bridge)."""
+    """A pair of different widths and depths: teacher 4 layers d=128, student 3 layers d=64
+    (projector, bridge)."""
     root = tmp_path_factory.mktemp("wide_pair")
     teacher = make_checkpoint(root / "teacher", "qwen3", hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                               num_key_value_heads=2, intermediate_size=256, seed=3)
@@ -106,9 +112,9 @@ def wide_pair(tmp_path_factory):
 
 @pytest.fixture
 def settings_restored(monkeypatch):
-    """For a test that runs distill.main() or eval.main() in this process: configure() rewrites the script's
-    module globals, so every main() here starts from the defaults, as a new process would, and the globals are
-    put back as they were when the test ends. Yields the distill module."""
+    """For a test that runs distill.main() or eval.main() in this process: configure() rewrites the
+    script's module globals, so every main() here starts from the defaults, as a new process would,
+    and the globals are put back as they were when the test ends. Yields the distill module."""
     import distill
     import eval as ev
     from configurator import settings

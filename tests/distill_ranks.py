@@ -1,13 +1,16 @@
-"""
-Helper for the multi-rank tests (test_scale.py, test_distill.py, test_gpu.py) and test_step.py; not a test
-itself. distill.main() with recorders on a few of distill's functions, so a test can see what each rank held:
+r"""
+Helper for the multi-rank tests (test_scale.py, test_distill.py, test_gpu.py) and test_step.py; not
+a test itself. distill.main() with recorders on a few of distill's functions, so a test can see what
+each rank held:
 
-$ python -m torch.distributed.run --standalone --nproc_per_node=2 tests/distill_ranks.py RECORD_DIR --key=value ...
+$ python -m torch.distributed.run --standalone --nproc_per_node=2 tests/distill_ranks.py \
+      RECORD_DIR --key=value ...
 
-Each rank writes RECORD_DIR/rank<r>.pt: per step its rollouts and its own supervised-token counts, the
-projector's start and its gradient on this rank before the reduction, the projector at each save as this rank
-assembles it, and after a resume the optimizer and projector shards this rank loaded. In a test's own process,
-in_process(monkeypatch, distill, args) does the same on the imported distill module.
+Each rank writes RECORD_DIR/rank<r>.pt: per step its rollouts and its own supervised-token counts,
+the projector's start and its gradient on this rank before the reduction, the projector at each save
+as this rank assembles it, and after a resume the optimizer and projector shards this rank loaded.
+In a test's own process, in_process(monkeypatch, distill, args) does the same on the imported
+distill module.
 """
 import os
 import sys
@@ -27,8 +30,9 @@ def local(t):
 
 
 def install(patch, record):
-    """Wrap distill's micro_batches, micro_batch_loss, shard_projector, save_checkpoint and load_training_state
-    (patch(distill, name, wrapper): setattr or monkeypatch.setattr); what they see goes into record (a dict)."""
+    """Wrap distill's micro_batches, micro_batch_loss, shard_projector, save_checkpoint and
+    load_training_state (patch(distill, name, wrapper): setattr or monkeypatch.setattr); what they
+    see goes into record (a dict)."""
     import dataclasses
 
     import torch
@@ -55,7 +59,8 @@ def install(patch, record):
         proj = maps.projector
         # this rank's own projector gradient: the same loss through a plain copy
         if proj is not None:
-            plain = {k: full(lin.weight).to(b.ids.device).requires_grad_(True) for k, lin in proj.items()}
+            plain = {k: full(lin.weight).to(b.ids.device).requires_grad_(True)
+                     for k, lin in proj.items()}
             copy = torch.nn.ModuleDict({k: torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
                                         for k, w in plain.items()})
             for k, w in plain.items():
@@ -63,8 +68,10 @@ def install(patch, record):
             detached = {layer: h.detach() for layer, h in hs_s.items()}
             copy_maps = dataclasses.replace(maps, projector=copy.to(b.ids.device))
             again, _ = real['micro_batch_loss'](plan, b, detached, rows_t, counts, copy_maps)
-            if step['calls'] <= step['local_micro']:  # the zero-weight filler micro-batches come last
-                grads = dict(zip(plain, torch.autograd.grad(again, [copy[k].weight for k in plain])))
+            # the zero-weight filler micro-batches come last
+            if step['calls'] <= step['local_micro']:
+                weights = [copy[k].weight for k in plain]
+                grads = dict(zip(plain, torch.autograd.grad(again, weights)))
                 acc = record['proj_grad'][-1] or {}
                 record['proj_grad'][-1] = {k: acc.get(k, 0) + g.cpu() for k, g in grads.items()}
         return out
@@ -83,7 +90,8 @@ def install(patch, record):
         real['load_training_state'](stu, proj, opt, state)
         named = trained_modules(stu, proj).named_parameters()
         record['resumed'] = {
-            'state': {n: {k: local(v) for k, v in opt.state[p].items()} for n, p in named if p in opt.state},
+            'state': {n: {k: local(v) for k, v in opt.state[p].items()}
+                      for n, p in named if p in opt.state},
             'proj': {k: local(lin.weight) for k, lin in proj.items()} if proj is not None else None}
 
     for name, fn in (('micro_batches', micro_batches), ('micro_batch_loss', micro_batch_loss),
@@ -104,7 +112,8 @@ def in_process(monkeypatch, distill, args):
 def records(record_dir, world=2):
     """Every rank's record of a run under torchrun."""
     import torch
-    return [torch.load(os.path.join(record_dir, f'rank{r}.pt'), weights_only=False) for r in range(world)]
+    return [torch.load(os.path.join(record_dir, f'rank{r}.pt'), weights_only=False)
+            for r in range(world)]
 
 
 def main(record_dir, args):

@@ -1,5 +1,6 @@
-"""align.py: the teacher's view of a rollout across tokenizers, the byte-offset chunks, chunk-level OPD. Tokenizers
-are built offline with the `tokenizers` library; expected chunks come from hand-made splits or an independent walk."""
+"""align.py: the teacher's view of a rollout across tokenizers, the byte-offset chunks, chunk-level
+OPD. Tokenizers are built offline with the `tokenizers` library; expected chunks come from hand-made
+splits or an independent walk."""
 import json
 
 import pytest
@@ -16,12 +17,15 @@ from tokenizer import ByteTokenizer, load_tokenizer
 PHI_SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"]
 PHI_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-ARITH = ("12+30=42, 7*6=42, 100-58=42, (3+4)*6=42. The answer is 42.\nSo 12+30 = 42 and é数 too.\n") * 40
+ARITH = ("12+30=42, 7*6=42, 100-58=42, (3+4)*6=42. The answer is 42.\n"
+         "So 12+30 = 42 and é数 too.\n") * 40
 MESSAGES = [{"role": "user", "content": "What is 12 + 30?"}]
 
 
-def save_hf(tk, out_dir, specials=PHI_SPECIALS, template=PHI_TEMPLATE, eos="<|end|>", stops=None, normalizer=None):
-    """Save a tokenizers.Tokenizer as an HF tokenizer folder (with a generation_config listing `stops`); load it."""
+def save_hf(tk, out_dir, specials=PHI_SPECIALS, template=PHI_TEMPLATE, eos="<|end|>", stops=None,
+            normalizer=None):
+    """Save a tokenizers.Tokenizer as an HF tokenizer folder (with a generation_config listing
+    `stops`); load it."""
     from transformers import PreTrainedTokenizerFast
     tk.add_special_tokens(specials)
     if normalizer is not None:
@@ -49,26 +53,36 @@ def phi_like(out_dir, normalizer=None, template=PHI_TEMPLATE):
     """A byte-level BPE trained on arithmetic, with a Phi-like chat template and two stop tokens."""
     from tokenizers import pre_tokenizers, trainers
     tk = byte_level()
-    tk.train_from_iterator([ARITH], trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return save_hf(tk, out_dir, stops=["<|endoftext|>", "<|end|>"], normalizer=normalizer, template=template)
+    trainer = trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator([ARITH], trainer)
+    return save_hf(tk, out_dir, stops=["<|endoftext|>", "<|end|>"], normalizer=normalizer,
+                   template=template)
 
 
 @pytest.fixture(scope="module")
 def toks(tmp_path_factory):
     d = tmp_path_factory.mktemp("align")
     build_tokenizer(d / "qwen")
-    return {"byte": ByteTokenizer(), "qwen": load_tokenizer(str(d / "qwen")), "phi": phi_like(d / "phi")}
+    return {"byte": ByteTokenizer(), "qwen": load_tokenizer(str(d / "qwen")),
+            "phi": phi_like(d / "phi")}
 
 
 def walk_chunks(s_pieces, t_pieces):
-    """GOLD's grouping by hand: add tokens to whichever side has read fewer characters, close when equal."""
-    chunks, i, j, n_s, n_t, start = [], 0, 0, 0, 0, (0, 0)
+    """GOLD's grouping by hand: add tokens to whichever side has read fewer characters, close when
+    equal."""
+    chunks = []
+    # tokens taken and characters read on each side, and where the open chunk starts
+    i, j = 0, 0
+    n_s, n_t = 0, 0
+    start = (0, 0)
     while i < len(s_pieces) and j < len(t_pieces):
         if n_s <= n_t:
-            n_s, i = n_s + len(s_pieces[i]), i + 1
+            n_s += len(s_pieces[i])
+            i += 1
         if n_t < n_s:
-            n_t, j = n_t + len(t_pieces[j]), j + 1
+            n_t += len(t_pieces[j])
+            j += 1
         if n_s == n_t:
             chunks.append(((start[0], i), (start[1], j)))
             start = (i, j)
@@ -94,7 +108,8 @@ def test_state_positions_are_response_masks_for_one_tokenizer(toks, align):
     ids = byte.encode("12+30=42") + [258]
     view = align_rollout(byte, byte, MESSAGES, ids, finished=True)
     P = len(view.prompt_ids)
-    resp = torch.zeros(1, P + len(ids) + 3, dtype=torch.bool)  # three pad positions after the rollout
+    # three pad positions after the rollout
+    resp = torch.zeros(1, P + len(ids) + 3, dtype=torch.bool)
     resp[0, P:P + len(ids)] = True
     expected = response_masks(resp, "all", 0, align)[0].nonzero()[:, 0].tolist()
     s_pos, t_pos = state_positions(view, P, P, align)
@@ -102,7 +117,8 @@ def test_state_positions_are_response_masks_for_one_tokenizer(toks, align):
 
 
 def test_permuted_ids_same_splits_align_as_identity(toks, tmp_path):
-    """A teacher whose ids are a permutation of the student's: other ids, same tokens, identity alignment."""
+    """A teacher whose ids are a permutation of the student's: other ids, same tokens, identity
+    alignment."""
     from tokenizers import Tokenizer
     spec = json.loads(toks["qwen"].tok.backend_tokenizer.to_str())
     vocab = spec["model"]["vocab"]
@@ -124,11 +140,15 @@ def test_permuted_ids_same_splits_align_as_identity(toks, tmp_path):
 
 @pytest.mark.parametrize("student", ["byte", "qwen", "qwen_split"])
 def test_chunks_match_an_independent_walk(toks, student):
-    """Against the byte tokenizer or another BPE (also generating a non-canonical split): chunks match GOLD's walk
-    over per-token texts; each chunk spells the same text on both sides; together they spell the response."""
+    """Against the byte tokenizer or another BPE (also generating a non-canonical split): chunks
+    match GOLD's walk over per-token texts; each chunk spells the same text on both sides; together
+    they spell the response."""
     s_tok, t_tok = toks["qwen" if student == "qwen_split" else student], toks["phi"]
     text = "So 12+30=42, (3+4)*6=42 and 100-58 = 42. The answer is 42."
-    ids = ([i for ch in text for i in s_tok.encode(ch)] if student == "qwen_split" else s_tok.encode(text))
+    if student == "qwen_split":
+        ids = [i for ch in text for i in s_tok.encode(ch)]
+    else:
+        ids = s_tok.encode(text)
     view = align_rollout(s_tok, t_tok, MESSAGES, ids + s_tok.eos_ids[-1:], finished=True)
     t_text_ids = view.response_ids[:-1]
     assert view.response_ids[-1] == t_tok.tok.convert_tokens_to_ids("<|end|>")
@@ -136,25 +156,30 @@ def test_chunks_match_an_independent_walk(toks, student):
     t_pieces = [t_tok.decode([i]) for i in t_text_ids]
     end_of_turn_chunk = ((len(ids), len(ids) + 1), (len(t_text_ids), len(t_text_ids) + 1))
     expected = walk_chunks(s_pieces, t_pieces) + [end_of_turn_chunk]
-    assert [(tuple(s), tuple(t)) for s, t in zip(view.s_spans.tolist(), view.t_spans.tolist())] == expected
+    spans = zip(view.s_spans.tolist(), view.t_spans.tolist())
+    assert [(tuple(s), tuple(t)) for s, t in spans] == expected
     assert view.pairs.tolist() == [[s[1] - 1, t[1] - 1] for s, t in expected]
     chunk_texts = []
     for (a, b), (c, d) in expected[:-1]:
         assert s_tok.decode(ids[a:b]) == t_tok.decode(t_text_ids[c:d])
         chunk_texts.append(s_tok.decode(ids[a:b]))
     assert "".join(chunk_texts) == text
-    assert max(b - a for (a, b), _ in expected) > 1  # merges crossing digits/operators: chunks of several tokens
+    # merges crossing digits/operators: chunks of several tokens
+    assert max(b - a for (a, b), _ in expected) > 1
     if student == "qwen":  # and chunks of several teacher tokens
         assert max(d - c for _, (c, d) in expected) > 1
 
 
 def test_multibyte_characters_split_differently(tmp_path):
-    """é (2 bytes), 数 (3), 🙂 (4) split at different bytes by two hand-made byte-level BPEs: ends and chunks by hand."""
+    """é (2 bytes), 数 (3), 🙂 (4) split at different bytes by two hand-made byte-level BPEs: ends and
+    chunks by hand."""
     from tokenizers import pre_tokenizers
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     spell = {}
-    for ch in "é数🙂":  # the byte-level spelling of each character, by the tokenizers library itself
-        spell[ch] = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(ch)[0][0]
+    # the byte-level spelling of each character, by the tokenizers library itself
+    byte_level_split = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    for ch in "é数🙂":
+        spell[ch] = byte_level_split.pre_tokenize_str(ch)[0][0]
     e, shu, smile = spell["é"], spell["数"], spell["🙂"]
 
     def make(merges, out):
@@ -163,8 +188,10 @@ def test_multibyte_characters_split_differently(tmp_path):
             vocab[a + b] = len(vocab)
         return save_hf(byte_level(vocab, merges), out, stops=["<|end|>"])
     # student: é | e6 | 95 b0 | f0 9f | 99 82     teacher: c3 | a9 | e6 95 | b0 | f0 | 9f 99 82
-    student = make([(e[0], e[1]), (shu[1], shu[2]), (smile[0], smile[1]), (smile[2], smile[3])], tmp_path / "s")
-    teacher = make([(smile[2], smile[3]), (shu[0], shu[1]), (smile[1], smile[2] + smile[3])], tmp_path / "t")
+    student = make([(e[0], e[1]), (shu[1], shu[2]), (smile[0], smile[1]), (smile[2], smile[3])],
+                   tmp_path / "s")
+    teacher = make([(smile[2], smile[3]), (shu[0], shu[1]), (smile[1], smile[2] + smile[3])],
+                   tmp_path / "t")
     ids = student.encode("é数🙂")
     assert len(ids) == 5 and byte_ends(student, ids).tolist() == [2, 3, 5, 7, 9]
     view = align_rollout(student, teacher, MESSAGES, ids, finished=False)
@@ -172,16 +199,20 @@ def test_multibyte_characters_split_differently(tmp_path):
     assert view.s_spans.tolist() == [[0, 1], [1, 3], [3, 5]]
     assert view.t_spans.tolist() == [[0, 2], [2, 4], [4, 6]]
     assert view.pairs.tolist() == [[0, 1], [2, 3], [4, 5]]
-    # states both have read up to a chunk's end: its last tokens, or (predict) those before each chunk
-    assert [p.tolist() for p in state_positions(view, 10, 20, "token")] == [[10, 12, 14], [21, 23, 25]]
-    assert [p.tolist() for p in state_positions(view, 10, 20, "predict")] == [[9, 10, 12], [19, 21, 23]]
+    # states both have read up to a chunk's end:
+    # its last tokens, or (predict) those before each chunk
+    token = [p.tolist() for p in state_positions(view, 10, 20, "token")]
+    predict = [p.tolist() for p in state_positions(view, 10, 20, "predict")]
+    assert token == [[10, 12, 14], [21, 23, 25]]
+    assert predict == [[9, 10, 12], [19, 21, 23]]
     # the byte tokenizer reads one byte a token; its end of turn is one byte more
     byte = ByteTokenizer()
     assert byte_ends(byte, byte.encode("é数🙂") + [258]).tolist() == list(range(1, 11))
 
 
 def test_token_bytes_follow_the_byte_level_alphabet(toks):
-    """Every one-character token of a byte-level BPE is one byte, as transformers' GPT-2 table spells it."""
+    """Every one-character token of a byte-level BPE is one byte, as transformers' GPT-2 table
+    spells it."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     phi = toks["phi"]
@@ -189,7 +220,8 @@ def test_token_bytes_follow_the_byte_level_alphabet(toks):
     singles = {t: i for t, i in phi.tok.get_vocab().items() if len(t) == 1}
     assert len(singles) == 256
     assert all(table[i] == bytes([byte_of[t]]) for t, i in singles.items())
-    assert table[phi.tok.convert_tokens_to_ids("<|end|>")] == b"<|end|>" and lengths.tolist() == list(map(len, table))
+    assert table[phi.tok.convert_tokens_to_ids("<|end|>")] == b"<|end|>"
+    assert lengths.tolist() == list(map(len, table))
 
 
 def test_truncated_inside_a_character_leaves_the_tail_out(toks):
@@ -197,19 +229,24 @@ def test_truncated_inside_a_character_leaves_the_tail_out(toks):
     ids = byte.encode("12+30=42 数")[:-1]  # cut after two of the three bytes of 数
     view = align_rollout(byte, phi, MESSAGES, ids, finished=False)
     assert phi.decode(view.response_ids) == "12+30=42 "
-    assert view.s_spans[-1, 1] == len(ids) - 2  # the incomplete character's two bytes are in no chunk
+    # the incomplete character's two bytes are in no chunk
+    assert view.s_spans[-1, 1] == len(ids) - 2
 
 
 def test_whitespace_only_merges_chunks_up_to_whitespace(toks):
     byte = toks["byte"]
     ids = byte.encode("ab cd\nef") + [258]
-    pairs, s_spans, t_spans = align_chunks(byte_ends(byte, ids), byte_ends(byte, ids), True, "ab cd\nef")
+    ends = byte_ends(byte, ids)
+    pairs, s_spans, t_spans = align_chunks(ends, ends, True, "ab cd\nef")
     assert s_spans.tolist() == t_spans.tolist() == [[0, 2], [2, 5], [5, 8], [8, 9]]
     assert pairs.tolist() == [[1, 1], [4, 4], [7, 7], [8, 8]]
     text = "So 12+30=42, (3+4)*6=42 and 100-58 = 42."
-    view = align_rollout(byte, toks["phi"], MESSAGES, byte.encode(text), finished=False, whitespace_only=True)
-    # every byte is a student token, so chunks close where a teacher token ends (its merges cross spaces too)
-    t_ends = [len(toks["phi"].decode(view.response_ids[:j + 1])) for j in range(len(view.response_ids))]
+    view = align_rollout(byte, toks["phi"], MESSAGES, byte.encode(text), finished=False,
+                         whitespace_only=True)
+    # every byte is a student token, so chunks close where a teacher token ends
+    # (its merges cross spaces too)
+    t_ends = [len(toks["phi"].decode(view.response_ids[:j + 1]))
+              for j in range(len(view.response_ids))]
     expected = [e for e in t_ends if e == len(text) or text[e].isspace()]
     assert [e for _, e in view.s_spans.tolist()] == expected and len(expected) > 2
     with pytest.raises(ValueError, match="needs the response text"):
@@ -224,12 +261,15 @@ def test_chunk_opd_is_token_opd_for_one_token_chunks():
     g = torch.Generator().manual_seed(0)
     n, d, V = 9, 8, 17
     h_s = torch.randn(n, d, generator=g, requires_grad=True)
-    h_t, w_s, w_t = torch.randn(n, d, generator=g), torch.randn(V, d, generator=g), torch.randn(V, d, generator=g)
+    h_t = torch.randn(n, d, generator=g)
+    w_s = torch.randn(V, d, generator=g)
+    w_t = torch.randn(V, d, generator=g)
     y = torch.randint(0, V, (n,), generator=g)
     ref, _ = output_loss_chunk('opd', h_s, h_t, y, w_s, w_t, V, 0)
     (g_ref,) = torch.autograd.grad(ref, h_s)
     spans = [[i, i + 1] for i in range(n)]
-    loss, gap = chunk_opd_loss(token_logprobs(h_s, w_s, y), token_logprobs(h_t, w_t, y), spans, spans)
+    loss, gap = chunk_opd_loss(token_logprobs(h_s, w_s, y), token_logprobs(h_t, w_t, y),
+                               spans, spans)
     (g_mine,) = torch.autograd.grad(loss, h_s)
     assert gap == pytest.approx(_.item(), rel=1e-6)
     torch.testing.assert_close(loss, ref, rtol=0, atol=0)
@@ -270,9 +310,12 @@ def test_refusals_name_the_problem(toks, tmp_path):
         check_tokenizers(byte, phi_like(tmp_path / "bare", template=None))
     infinity = phi_like(tmp_path / "inf", normalizer=normalizers.Replace("∞", "inf"))
     check_tokenizers(byte, infinity)  # the probe texts pass; the rollout below does not
-    with pytest.raises(ValueError, match=r"rollout 3 of step 7: the response text does not survive .* byte 5"):
-        align_rollout(byte, infinity, MESSAGES, byte.encode("x -> ∞") + [258], True, name="rollout 3 of step 7")
-    # a stray byte that is not UTF-8: the text both read ends before it, and no end of turn closes it
+    refusal = r"rollout 3 of step 7: the response text does not survive .* byte 5"
+    with pytest.raises(ValueError, match=refusal):
+        align_rollout(byte, infinity, MESSAGES, byte.encode("x -> ∞") + [258], True,
+                      name="rollout 3 of step 7")
+    # a stray byte that is not UTF-8: the text both read ends before it,
+    # and no end of turn closes it
     stray = align_rollout(byte, phi, MESSAGES, [65, 0xff, 66, 258], True, name="rollout 1")
     assert stray.response_ids == phi.encode("A") and stray.pairs.tolist() == [[0, 0]]
     with pytest.raises(ValueError, match="contains '<\\|end\\|>', a stop token of the teacher"):
@@ -282,16 +325,21 @@ def test_refusals_name_the_problem(toks, tmp_path):
 
 
 def test_the_aligner_aligns_the_samples_a_rank_keeps_on_its_thread(toks, monkeypatch):
-    """align.Aligner as a sampler's on_sample: each kept sample's view, made on the worker thread, equals
-    align_rollout's; samples keep() refuses are not aligned at all."""
+    """align.Aligner as a sampler's on_sample: each kept sample's view, made on the worker thread,
+    equals align_rollout's; samples keep() refuses are not aligned at all."""
     import threading
 
     import align
     from sampler import Sample
     s_tok, t_tok = toks["byte"], toks["phi"]
     texts = ["12+30=42", "The answer is 42.", "(3+4)*6", "100-58 = 42"]
-    names, real = [], align.rollout_view
-    monkeypatch.setattr(align, "rollout_view", lambda *a: names.append(threading.current_thread().name) or real(*a))
+    names = []
+    real = align.rollout_view
+
+    def recording_view(*a):
+        names.append(threading.current_thread().name)
+        return real(*a)
+    monkeypatch.setattr(align, "rollout_view", recording_view)
     aligner = align.Aligner([MESSAGES, MESSAGES], s_tok, t_tok, keep=lambda i, j: j == 1)
     for k, text in enumerate(texts):  # prompt k // 2, sample k % 2, handed over one by one
         aligner(k // 2, k % 2, Sample(s_tok.encode(text) + s_tok.eos_ids[-1:], "stop"))
@@ -299,5 +347,6 @@ def test_the_aligner_aligns_the_samples_a_rank_keeps_on_its_thread(toks, monkeyp
     assert sorted(aligner.views) == [(0, 1), (1, 1)] and len(names) == 2
     assert all(name.startswith("align") for name in names)
     for (i, j), view in views.items():
-        want = align_rollout(s_tok, t_tok, MESSAGES, s_tok.encode(texts[2 * i + j]) + s_tok.eos_ids[-1:], True)
+        ids = s_tok.encode(texts[2 * i + j]) + s_tok.eos_ids[-1:]
+        want = align_rollout(s_tok, t_tok, MESSAGES, ids, True)
         assert view.response_ids == want.response_ids and view.pairs.tolist() == want.pairs.tolist()

@@ -1,6 +1,6 @@
-"""lab/bench.py: the FLOP count, the paper-shape update path (FSDP2 on a one-rank group) at a toy shape on CPU, the peer
-section's tokenizer, floors and eager costs, and the peer section without TRL (one line; the other sections still
-run)."""
+"""lab/bench.py: the FLOP count, the paper-shape update path (FSDP2 on a one-rank group) at a toy
+shape on CPU, the peer section's tokenizer, floors and eager costs, and the peer section without TRL
+(one line; the other sections still run)."""
 
 import json
 import math
@@ -16,13 +16,15 @@ from losses import make_plan
 from model import ModelConfig, to_hf_config
 from tokenizer import load_tokenizer
 
-TOY = dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-           num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=False)
+TOY = dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128,
+           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+           tie_word_embeddings=False)
 
 
 @pytest.fixture
 def one_thread():
-    """Toy matmuls on cores shared with other jobs: threads would wait on each other. Restored after."""
+    """Toy matmuls on cores shared with other jobs: threads would wait on each other. Restored
+    after."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -32,7 +34,8 @@ def one_thread():
 def test_body_to_head_ratio():
     # Qwen2.5-1.5B: 28 x 46.8M block weights over a 1536 x 151,936 head
     assert bench.body_to_head(bench.QWEN_1P5B) == pytest.approx(5.61, abs=0.01)
-    assert bench.body_to_head(bench.CPU_SHAPES["paper-proportioned"]) == pytest.approx(5.6, rel=0.01)
+    paper_proportioned = bench.CPU_SHAPES["paper-proportioned"]
+    assert bench.body_to_head(paper_proportioned) == pytest.approx(5.6, rel=0.01)
     assert bench.body_to_head(bench.CPU_SHAPES["head-dominated"]) < 0.1
     # attention adds 4 * T^2 * d / 2 per layer: at 16,896 tokens the blocks weigh ~8.7x the head
     assert bench.body_to_head(bench.QWEN_1P5B, 16896) == pytest.approx(8.73, abs=0.01)
@@ -42,23 +45,30 @@ def test_update_flops_by_hand():
     c = ModelConfig(**bench.QWEN_1P5B)
     T, rows = 512 + 16384, 16384
     block = 1536 * (1536 + 2 * 256) + 1536 * 1536 + 3 * 1536 * 8960
-    per_block = 2 * block * T + 4 * 1536 * T * (T + 1) // 2  # weights, and causal attention: 4 * T^2 * d / 2
+    # weights, and causal attention: 4 * T^2 * d / 2
+    per_block = 2 * block * T + 4 * 1536 * T * (T + 1) // 2
     fwd_blocks = 28 * per_block
     head = 2 * 1536 * 151936 * rows
-    oprd, oprd_hw = bench.update_flops(make_plan("oprd", c, c), c, c, 1, T, rows, checkpointing=True)
+    oprd, oprd_hw = bench.update_flops(make_plan("oprd", c, c), c, c, 1, T, rows,
+                                       checkpointing=True)
     assert oprd == 4 * fwd_blocks and oprd_hw == 5 * fwd_blocks  # no LM head anywhere
-    topk, topk_hw = bench.update_flops(make_plan("opd_topk", c, c), c, c, 1, T, rows, checkpointing=True)
+    topk, topk_hw = bench.update_flops(make_plan("opd_topk", c, c), c, c, 1, T, rows,
+                                       checkpointing=True)
     assert topk == 4 * (fwd_blocks + head) and topk_hw == topk + fwd_blocks + 2 * head
-    full, full_hw = bench.update_flops(make_plan("opd_full", c, c), c, c, 1, T, rows, checkpointing=True)
-    assert full == topk and full_hw == full + fwd_blocks  # its gradient made in the forward pass: no head again
-    # OPRD on layer 4 only: the teacher stops after block 4; the student runs to its final norm (distill.py re-scores
-    # a sample of the rollout's tokens with it, the sampler check), with no LM head counted
-    assert bench.update_flops(make_plan("oprd", c, c, layers="4"), c, c, 1, T, rows, False)[0] == (4 + 3 * 28) * per_block
+    full, full_hw = bench.update_flops(make_plan("opd_full", c, c), c, c, 1, T, rows,
+                                       checkpointing=True)
+    # its gradient made in the forward pass: no head again
+    assert full == topk and full_hw == full + fwd_blocks
+    # OPRD on layer 4 only: the teacher stops after block 4; the student runs to its final norm
+    # (distill.py re-scores a sample of the rollout's tokens with it, the sampler check), with no LM
+    # head counted
+    layer_4 = bench.update_flops(make_plan("oprd", c, c, layers="4"), c, c, 1, T, rows, False)[0]
+    assert layer_4 == (4 + 3 * 28) * per_block
 
 
 def test_update_table_toy_shape_cpu(one_thread):
-    """The GPU section's code path (random models, one-rank process group, FSDP2, activation checkpointing, every
-    method chunked and in one chunk) at a toy shape on CPU."""
+    """The GPU section's code path (random models, one-rank process group, FSDP2, activation
+    checkpointing, every method chunked and in one chunk) at a toy shape on CPU."""
     res = bench.update_table(TOY, 1, 16, 64, torch.device("cpu"), repeats=1, peak_tflops=1.0)
     bench.add_ratios(res)
     assert not torch.distributed.is_initialized()  # the one-rank group is gone again
@@ -67,91 +77,112 @@ def test_update_table_toy_shape_cpu(one_thread):
         assert set(by) == {"chunked", "one_chunk"}
         for setting, r in by.items():
             assert "error" not in r, (m, setting, r)
-            for k in ("seconds", "transient_mb", "tokens_per_s", "tflops", "mfu", "hfu", "model_tflop"):
+            for k in ("seconds", "transient_mb", "tokens_per_s", "tflops", "mfu", "hfu",
+                      "model_tflop"):
                 assert math.isfinite(r[k]) and r[k] >= 0, (m, setting, k, r[k])
             assert r["seconds"] > 0 and r["mfu"] > 0
         assert by["one_chunk"]["vocab_chunk_tokens"] == 64
-    assert res["methods"]["oprd"]["chunked"]["model_tflop"] < res["methods"]["opd_topk"]["chunked"]["model_tflop"]
+    oprd_tflop = res["methods"]["oprd"]["chunked"]["model_tflop"]
+    assert oprd_tflop < res["methods"]["opd_topk"]["chunked"]["model_tflop"]
     for suffix in ("", "_one_chunk"):
         assert math.isfinite(res["oprd_speedup_vs_topk" + suffix])
-        # in this process (other tests ran first) top-16's resident-set peak can be 0: then there is no memory ratio
-        base_mb = res["methods"]["opd_topk"]["chunked" if not suffix else "one_chunk"]["transient_mb"]
+        # in this process (other tests ran first) top-16's resident-set peak can be 0: then there is
+        # no memory ratio
+        topk_setting = "chunked" if not suffix else "one_chunk"
+        base_mb = res["methods"]["opd_topk"][topk_setting]["transient_mb"]
         assert (res["oprd_mem_ratio_vs_topk" + suffix] is None) == (base_mb == 0)
 
 
 def test_peer_tokenizer_is_bytes_plus_three_with_chatml(tmp_path):
-    """Both trainers read the pair's tokenizer files: byte b is token b + 3, <|im_start|> 259, <|im_end|> 1 (the stop
-    token); what distill.py's tokenizer renders is what TRL's apply_chat_template gives."""
+    """Both trainers read the pair's tokenizer files: byte b is token b + 3, <|im_start|> 259,
+    <|im_end|> 1 (the stop token); what distill.py's tokenizer renders is what TRL's
+    apply_chat_template gives."""
     from transformers import AutoTokenizer
     peer.peer_tokenizer(tmp_path)
     tok, hf = load_tokenizer(str(tmp_path)), AutoTokenizer.from_pretrained(tmp_path)
     text = "37+48-29=?"
-    by_hand = [259] + [b + 3 for b in f"user\n{text}".encode()] + [1, 10 + 3, 259] + [b + 3 for b in b"assistant\n"]
+    by_hand = ([259] + [b + 3 for b in f"user\n{text}".encode()] + [1, 10 + 3, 259]
+               + [b + 3 for b in b"assistant\n"])
     assert tok.chat(text) == by_hand
     messages = [{"role": "user", "content": text}]
-    assert list(hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]) == by_hand
-    assert tok.encode("é ✓") == [b + 3 for b in "é ✓".encode()] and tok.decode(tok.encode("é ✓")) == "é ✓"
+    rendered = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    assert list(rendered["input_ids"]) == by_hand
+    assert (tok.encode("é ✓") == [b + 3 for b in "é ✓".encode()]
+            and tok.decode(tok.encode("é ✓")) == "é ✓")
     assert tok.eos_ids == [1] and tok.pad_id == 0
 
 
 def test_peer_floor_counts_the_decode_steps_by_hand(tmp_path, one_thread):
-    """The floors' FLOPs by hand. Each of the rollout's decode steps runs 8 rows through the student's 2 blocks (q, k,
-    v, o, gate, up, down, one attention pair) and its LM head. The update: the teacher's 4 blocks over 8 x T tokens
-    (causal pairs) and its head on the 8 x 60 response rows, and three times the student's 2 blocks and head."""
+    """The floors' FLOPs by hand. Each of the rollout's decode steps runs 8 rows through the
+    student's 2 blocks (q, k, v, o, gate, up, down, one attention pair) and its LM head. The update:
+    the teacher's 4 blocks over 8 x T tokens (causal pairs) and its head on the 8 x 60 response
+    rows, and three times the student's 2 blocks and head."""
     peer.peer_tokenizer(tmp_path)
     d, q, kv, hidden, V = 128, 4 * 32, 2 * 32, 384, 512
     block = d * q + 2 * d * kv + q * d + 3 * d * hidden
     f = peer.floors(V, str(tmp_path), 60.0)
-    prompts = [1 + len(f"user\n{data.build_prompt(p)}".encode()) + 3 + len(b"assistant\n")  # the chat template's
+    # the chat template's
+    prompts = [1 + len(f"user\n{data.build_prompt(p)}".encode()) + 3 + len(b"assistant\n")
                for p in data.load_problems("tiny_train")[:8]]
     T = round(sum(prompts) / 8 + 60)
     assert f["length"] == T
-    forward = lambda blocks, tokens, pairs, rows: blocks * (2 * block * tokens + 4 * q * pairs) + 2 * d * V * rows
+
+    def forward(blocks, tokens, pairs, rows):
+        return blocks * (2 * block * tokens + 4 * q * pairs) + 2 * d * V * rows
+
     assert f["decode_gflop"] * 1e9 == pytest.approx(60 * forward(2, 8, 8, 8), rel=1e-12)
-    update = forward(4, 8 * T, 8 * T * (T + 1) // 2, 480) + 3 * forward(2, 8 * T, 8 * T * (T + 1) // 2, 480)
+    pairs = 8 * T * (T + 1) // 2
+    update = forward(4, 8 * T, pairs, 480) + 3 * forward(2, 8 * T, pairs, 480)
     assert f["update_gflop"] * 1e9 == pytest.approx(update, rel=1e-12)
     assert f["decode_seconds"] == pytest.approx(f["decode_gflop"] / f["gflop_s"][8], rel=1e-9)
     assert f["update_seconds"] == pytest.approx(f["update_gflop"] / f["gflop_s"][8 * T], rel=1e-9)
 
 
 def test_peer_eager_costs_time_the_same_work(tmp_path, one_thread):
-    """The dispatch count per decode step: the average over a whole rollout equals one step's count, taken here as the
-    calls of a 3-token generate less those of a 2-token one. FSDP2 at one rank against the plain module: both end
-    with the same weights, bit for bit (so the difference is FSDP2's alone), and the step moved them."""
+    """The dispatch count per decode step: the average over a whole rollout equals one step's count,
+    taken here as the calls of a 3-token generate less those of a 2-token one. FSDP2 at one rank
+    against the plain module: both end with the same weights, bit for bit (so the difference is
+    FSDP2's alone), and the step moved them."""
     from model import Transformer
     from sampler import TorchSampler
-    model = bench.random_model(dict(peer.PEER_SHAPE, vocab_size=512, num_hidden_layers=2), bench.CPU)
+    shape = dict(peer.PEER_SHAPE, vocab_size=512, num_hidden_layers=2)
+    model = bench.random_model(shape, bench.CPU)
     model.hf_config = dict(to_hf_config(model.config), eos_token_id=1, pad_token_id=0)
     model.save_pretrained(tmp_path)
     peer.peer_tokenizer(tmp_path)
     e = peer.eager_costs(str(tmp_path), 40, repeats=1)
     assert not torch.distributed.is_initialized()
     sampler, prompts = TorchSampler(model=model), peer.peer_prompts(str(tmp_path))
-    counts = [peer.aten_calls(lambda: sampler.generate(prompts, max_new_tokens=k, stop_ids=[])) for k in (2, 3)]
-    assert counts[1] - counts[0] > 100 and e["decode_ops"] == pytest.approx(counts[1] - counts[0], rel=0.01)
+    counts = [peer.aten_calls(lambda: sampler.generate(prompts, max_new_tokens=k, stop_ids=[]))
+              for k in (2, 3)]
+    per_step = counts[1] - counts[0]
+    assert per_step > 100 and e["decode_ops"] == pytest.approx(per_step, rel=0.01)
     assert e["decode_seconds"] > 0 and e["plain_seconds"] > 0 and e["fsdp2_seconds"] > 0
     start = Transformer.from_pretrained(str(tmp_path)).state_dict()
     plain, sharded = e["plain_weights"], e["fsdp2_weights"]
     assert plain.keys() == sharded.keys() and all(torch.equal(plain[k], sharded[k]) for k in plain)
-    assert not torch.equal(plain["model.layers.0.mlp.up_proj.weight"], start["model.layers.0.mlp.up_proj.weight"])
+    up = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(plain[up], start[up])
 
 
-def test_peer_without_trl_is_one_line_and_the_other_sections_run(tmp_path, monkeypatch, capsys, one_thread):
+def test_peer_without_trl_is_one_line_and_the_other_sections_run(tmp_path, monkeypatch, capsys,
+                                                                  one_thread):
     monkeypatch.setitem(sys.modules, "trl", None)  # import trl fails, as where it is not installed
     out = tmp_path / "bench.json"
     bench.main(["--sections=peer,forward", "--device=cpu", "--repeats=1", f"--json={out}"])
     printed = capsys.readouterr().out
     skipped = [line for line in printed.splitlines() if line.startswith("peer:")]
-    assert skipped == ['peer: skipped, TRL is not installed (no dependency of this project): pip install '
-                       f'trl=={peer.TRL_VERSION} "datasets<5"']
+    assert skipped == ['peer: skipped, TRL is not installed (no dependency of this project): '
+                       f'pip install trl=={peer.TRL_VERSION} "datasets<5"']
     results = json.loads(out.read_text())
     assert results["peer"] == {"skipped": skipped[0]}
     assert results["forward"]["ours_over_hf"] > 0 and results["forward"]["taps_over_logits"] > 0
 
 
 def test_variance_runs_on_a_tiny_pair(tmp_path, monkeypatch, one_thread):
-    """The variance section on a pair shaped like tiny.py's (random weights, the byte tokenizer): every method's
-    relative variance is a finite positive number; without the pair it is one clear error."""
+    """The variance section on a pair shaped like tiny.py's (random weights, the byte tokenizer):
+    every method's relative variance is a finite positive number; without the pair it is one clear
+    error."""
     import tiny
     monkeypatch.setattr(tiny, "MODELS", str(tmp_path / "models"))
     with pytest.raises(FileNotFoundError, match="python tiny.py --remake=True"):
@@ -165,20 +196,25 @@ def test_variance_runs_on_a_tiny_pair(tmp_path, monkeypatch, one_thread):
 
 
 def test_align_section_counts_the_chunks_both_tokenizers_read(tmp_path, one_thread):
-    """The align section's rollout of 600 byte tokens: its chunk count is the number of byte offsets where a token
-    of the tiny BPE teacher ends (counted here from its decoded pieces), since every byte is a student token."""
+    """The align section's rollout of 600 byte tokens: its chunk count is the number of byte offsets
+    where a token of the tiny BPE teacher ends (counted here from its decoded pieces), since every
+    byte is a student token."""
     import data
     import tiny
-    res = bench.main(["--sections=align", "--device=cpu", "--repeats=1", "--response_len=600",
-                      f"--json={tmp_path / 'b.json'}"]) or json.loads((tmp_path / "b.json").read_text())["align"]
+    res = (bench.main(["--sections=align", "--device=cpu", "--repeats=1", "--response_len=600",
+                       f"--json={tmp_path / 'b.json'}"])
+           or json.loads((tmp_path / "b.json").read_text())["align"])
     tiny.make_bpe_tokenizer(tmp_path / "bpe")
     tok = load_tokenizer(str(tmp_path / "bpe"))
-    text = "\n".join(p["solution"] for p in data.load_problems("tiny_train")[:30]).encode()[:600].decode()
+    solutions = "\n".join(p["solution"] for p in data.load_problems("tiny_train")[:30])
+    text = solutions.encode()[:600].decode()
     ends, at = set(), 0
     for i in tok.encode(text):
         at += len(tok.decode([i]).encode())
         ends.add(at)
     assert res["response_tokens"] == 600 and res["chunks"] == len(ends) < 600
-    assert 0 < res["fraction_of_update"] == pytest.approx(res["align_seconds"] / res["update_seconds"])
-    assert 0 < res["beside_fraction"] == pytest.approx(res["beside_seconds"] / res["update_seconds"])
+    align_share = res["align_seconds"] / res["update_seconds"]
+    assert 0 < res["fraction_of_update"] == pytest.approx(align_share)
+    beside_share = res["beside_seconds"] / res["update_seconds"]
+    assert 0 < res["beside_fraction"] == pytest.approx(beside_share)
 

@@ -1,4 +1,5 @@
-"""Tests for configurator.py: the apply_config function, and configure() as a script uses it (run as a subprocess)."""
+"""Tests for configurator.py: the apply_config function, and configure() as a script uses it
+(run as a subprocess)."""
 import os
 import subprocess
 import sys
@@ -9,8 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configurator import ConfigError, apply_config
 
-DEFAULTS = dict(batch_size=8, lr=1e-5, out_dir='out', ckpt='', layers='all', taps=[4, 8], shape=(2, 3),
-                compile=False, seed=None)
+DEFAULTS = dict(batch_size=8, lr=1e-5, out_dir='out', ckpt='', layers='all', taps=[4, 8],
+                shape=(2, 3), compile=False, seed=None)
 
 def run(args, cfg=None):
     return apply_config(args, dict(DEFAULTS if cfg is None else cfg), verbose=False)
@@ -26,7 +27,8 @@ def test_key_eq_value_and_key_space_value():
     assert DEFAULTS['batch_size'] == 8  # the input dict is left alone
 
 def test_config_file_then_override_in_order(tmp_path):
-    f = write(tmp_path, 'c.py', "import math\n_tmp = 2\nbatch_size = 32\nlr = math.sqrt(4) * 1e-4\n")
+    f = write(tmp_path, 'c.py',
+              "import math\n_tmp = 2\nbatch_size = 32\nlr = math.sqrt(4) * 1e-4\n")
     cfg = run([f, '--batch_size', '4'])
     assert cfg['batch_size'] == 4 and cfg['lr'] == 2e-4
     assert run(['--batch_size', '4', f])['batch_size'] == 32  # later wins
@@ -57,7 +59,8 @@ def test_config_file_values_are_type_checked(tmp_path):
         run([f])
 
 def test_unknown_key_suggests():
-    with pytest.raises(ConfigError, match=r"unknown config key 'batchsize' \(did you mean 'batch_size'\?\)"):
+    suggestion = r"unknown config key 'batchsize' \(did you mean 'batch_size'\?\)"
+    with pytest.raises(ConfigError, match=suggestion):
         run(['--batchsize=4'])
     with pytest.raises(ConfigError, match="unknown config key 'zzz'$"):
         run(['--zzz', '1'])
@@ -66,7 +69,8 @@ def test_config_file_typo(tmp_path):
     f = write(tmp_path, 'typo.py', "learnign_rate = 1\n")
     with pytest.raises(ConfigError) as e:
         run([f], dict(learning_rate=1e-5))
-    assert 'typo.py' in str(e.value) and "'learnign_rate'" in str(e.value) and "'learning_rate'" in str(e.value)
+    assert 'typo.py' in str(e.value)
+    assert "'learnign_rate'" in str(e.value) and "'learning_rate'" in str(e.value)
 
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match='nope.py'):
@@ -86,7 +90,8 @@ def test_none_default_takes_anything():
 
 def test_lists():
     assert run(['--taps=[1, 2]'])['taps'] == [1, 2]
-    assert run(['--taps', '1,2,3'])['taps'] == [1, 2, 3]  # literal_eval gives a tuple; list default wins
+    # literal_eval gives a tuple; list default wins
+    assert run(['--taps', '1,2,3'])['taps'] == [1, 2, 3]
     assert run(['--taps', 'a,b'])['taps'] == ['a', 'b']
     assert run(['--taps', '5'])['taps'] == [5]
     assert run(['--shape=[4, 5]'])['shape'] == (4, 5)
@@ -116,7 +121,8 @@ batch_size = 8
 lr = 1e-5
 ckpt = ''
 config = configure(globals(), __file__)
-assert (batch_size, lr, ckpt) == (config['batch_size'], config['lr'], config['ckpt'])  # the globals updated
+# the globals updated
+assert (batch_size, lr, ckpt) == (config['batch_size'], config['lr'], config['ckpt'])
 print('result', config)
 """
 
@@ -125,7 +131,8 @@ def script(tmp_path, *args, rank=None):
     env = {k: v for k, v in os.environ.items() if k != 'RANK'}
     if rank is not None:
         env['RANK'] = str(rank)
-    return subprocess.run([sys.executable, path, *args], capture_output=True, text=True, env=env, cwd=tmp_path)
+    return subprocess.run([sys.executable, path, *args], capture_output=True, text=True, env=env,
+                          cwd=tmp_path)
 
 def test_script_applies_and_prints(tmp_path):
     f = write(tmp_path, 'c.py', 'batch_size = 16\n')

@@ -1,5 +1,6 @@
-"""distill.py end to end: the vLLM sampler under torchrun, a kill during saves, what the teacher computes, NaN steps.
-The update's numbers are pinned in test_step.py (every method, one process) and test_scale.py (two ranks)."""
+"""distill.py end to end: the vLLM sampler under torchrun, a kill during saves, what the teacher
+computes, NaN steps. The update's numbers are pinned in test_step.py (every method, one process) and
+test_scale.py (two ranks)."""
 
 import json
 import math
@@ -14,16 +15,17 @@ import torch
 from conftest import ROOT
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-RANKS = TORCHRUN + [os.path.join("tests", "distill_ranks.py")]  # distill.py with each rank's record (+ its folder)
+# distill.py with each rank's record (+ its folder)
+RANKS = TORCHRUN + [os.path.join("tests", "distill_ranks.py")]
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "mini_bench.jsonl")
 
 
 def base_args(pair, out, **kw):
     teacher, student = pair
-    args = dict(student=student, teacher=teacher, out_dir=str(out), prompts=FIXTURE, backend="torch", device="cpu",
-                prompts_per_step=4, n_samples=2, max_new_tokens=8, max_prompt_len=256, layers="all",
-                positions="last_k", k_positions=4, max_steps=2, micro_batch_size=3, lr=1e-3, warmup_frac=0.0,
-                save_every=100, seed=0)
+    args = dict(student=student, teacher=teacher, out_dir=str(out), prompts=FIXTURE,
+                backend="torch", device="cpu", prompts_per_step=4, n_samples=2, max_new_tokens=8,
+                max_prompt_len=256, layers="all", positions="last_k", k_positions=4, max_steps=2,
+                micro_batch_size=3, lr=1e-3, warmup_frac=0.0, save_every=100, seed=0)
     args.update(kw)
     return [f"--{k}={v}" for k, v in args.items()]
 
@@ -46,41 +48,47 @@ def load_hf(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-def test_vllm_sampler_two_ranks_one_idle_equals_the_torch_sampler(wide_pair, tmp_path, settings_restored,
-                                                                  monkeypatch):
-    """Each rank's own vLLM engine (external launcher) serves greedy rollouts of the weights being trained: one
-    prompt a step, so rank 1 never samples and trains on nothing (it pads), yet receives every weight update and
-    joins the projector's least-squares start with no rows. Rollouts, the projector's start and the losses equal
-    one process with the torch sampler (step 1's rollouts would not if the engines kept the starting weights),
-    and the sampler's log-probabilities are the student's."""
+def test_vllm_sampler_two_ranks_one_idle_equals_the_torch_sampler(wide_pair, tmp_path,
+                                                                  settings_restored, monkeypatch):
+    """Each rank's own vLLM engine (external launcher) serves greedy rollouts of the weights being
+    trained: one prompt a step, so rank 1 never samples and trains on nothing (it pads), yet
+    receives every weight update and joins the projector's least-squares start with no rows.
+    Rollouts, the projector's start and the losses equal one process with the torch sampler (step
+    1's rollouts would not if the engines kept the starting weights), and the sampler's
+    log-probabilities are the student's."""
     from distill_ranks import in_process, records
-    common = dict(method="oprd", projector=True, projector_init="lstsq", temperature=0.0, prompts_per_step=1,
-                  n_samples=1, max_steps=2)
-    run(RANKS + [str(tmp_path / "rec")] + base_args(wide_pair, tmp_path / "vllm", backend="vllm", **common),
-        timeout=600)
-    one = in_process(monkeypatch, settings_restored, base_args(wide_pair, tmp_path / "torch", **common))
+    common = dict(method="oprd", projector=True, projector_init="lstsq", temperature=0.0,
+                  prompts_per_step=1, n_samples=1, max_steps=2)
+    vllm_args = base_args(wide_pair, tmp_path / "vllm", backend="vllm", **common)
+    run(RANKS + [str(tmp_path / "rec")] + vllm_args, timeout=600)
+    torch_args = base_args(wide_pair, tmp_path / "torch", **common)
+    one = in_process(monkeypatch, settings_restored, torch_args)
     ranks = records(tmp_path / "rec")
     for step in (0, 1):
         assert ranks[0]["steps"][step]["seqs"] == one["steps"][step]["seqs"]
-        assert ranks[1]["steps"][step]["seqs"] == [] and ranks[1]["steps"][step]["calls"] == 1  # the filler
-    for l, w in one["proj_start"].items():  # fit on rank 0's rows alone, as one process fits them
+        assert ranks[1]["steps"][step]["seqs"] == []
+        assert ranks[1]["steps"][step]["calls"] == 1  # the filler
+    # fit on rank 0's rows alone, as one process fits them
+    for l, w in one["proj_start"].items():
         torch.testing.assert_close(ranks[1]["proj_start"][l], w, rtol=1e-4, atol=1e-6)
     a, b = log(tmp_path / "vllm"), log(tmp_path / "torch")
     assert [r["step"] for r in a] == [0, 1] and a[0]["loss"] != a[1]["loss"]
     assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-5)
-    # step 1: the projector's first step came from a ~0 gradient (the least-squares start is the optimum on
-    # step 0's rows), which Adam's g / (|g| + eps) makes differ in a few elements between any two runs
+    # step 1: the projector's first step came from a ~0 gradient (the least-squares start is the
+    # optimum on step 0's rows), which Adam's g / (|g| + eps) makes differ in a few elements between
+    # any two runs
     assert a[1]["loss"] == pytest.approx(b[1]["loss"], rel=1e-3)
     assert all(r["sequences"] == 1 and r["sampler_logp_gap"] < 1e-3 for r in a)
     load_hf(os.path.join(tmp_path, "vllm", "step_0000002"))
 
 
-def test_kill_during_saves_leaves_a_loadable_checkpoint(pair, tmp_path, settings_restored, monkeypatch):
-    """kill -9 while checkpoints are being written every step: the newest complete one still loads, and the run
-    resumes from it."""
+def test_kill_during_saves_leaves_a_loadable_checkpoint(pair, tmp_path, settings_restored,
+                                                        monkeypatch):
+    """kill -9 while checkpoints are being written every step: the newest complete one still loads,
+    and the run resumes from it."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "distill.py"] + base_args(pair, out, method="oprd", max_steps=50, save_every=1,
-                                                     keep_checkpoints=2)
+    cmd = [sys.executable, "distill.py"] + base_args(pair, out, method="oprd", max_steps=50,
+                                                     save_every=1, keep_checkpoints=2)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     from model import checkpoints_in
@@ -95,16 +103,18 @@ def test_kill_during_saves_leaves_a_loadable_checkpoint(pair, tmp_path, settings
     load_hf(found[-1])
     step = torch.load(os.path.join(found[-1], "resume.pt"), weights_only=True)["step"]
     assert step == int(found[-1][-7:])
-    monkeypatch.setattr(sys, "argv", ["distill.py"] + base_args(pair, out, method="oprd", max_steps=50, save_every=1,
-                                                                init_from="resume", stop_step=step + 1))
+    resume_args = base_args(pair, out, method="oprd", max_steps=50, save_every=1,
+                            init_from="resume", stop_step=step + 1)
+    monkeypatch.setattr(sys, "argv", ["distill.py"] + resume_args)
     settings_restored.main()
     assert checkpoints_in(out)[-1].endswith(f"step_{step + 1:07d}")
     assert log(out)[-1]["step"] == step
 
 
-def test_oprd_teacher_runs_no_head_and_no_blocks_above_the_deepest_tap(pair, tmp_path, settings_restored,
-                                                                     monkeypatch):
-    """In-process run with hooks on the teacher: layers=1 means block 0 only, no final norm, no LM head."""
+def test_oprd_teacher_runs_no_head_and_no_blocks_above_the_deepest_tap(
+        pair, tmp_path, settings_restored, monkeypatch):
+    """In-process run with hooks on the teacher: layers=1 means block 0 only, no final norm, no LM
+    head."""
     from model import Transformer
     distill = settings_restored
     teacher, student = pair
@@ -127,13 +137,15 @@ def test_oprd_teacher_runs_no_head_and_no_blocks_above_the_deepest_tap(pair, tmp
         return m
 
     monkeypatch.setattr(Transformer, "from_pretrained", classmethod(spy))
-    monkeypatch.setattr(sys, "argv", ["distill.py"] + base_args(pair, tmp_path / "o", method="oprd", layers="1"))
+    args = base_args(pair, tmp_path / "o", method="oprd", layers="1")
+    monkeypatch.setattr(sys, "argv", ["distill.py"] + args)
     distill.main()
     assert calls["teacher"] and set(calls["teacher"]) == {0}
     assert calls["student_head"] == 0
 
 
-def test_non_finite_steps_are_skipped_then_stop_the_run(pair, tmp_path, settings_restored, monkeypatch, capsys):
+def test_non_finite_steps_are_skipped_then_stop_the_run(pair, tmp_path, settings_restored,
+                                                        monkeypatch, capsys):
     """A NaN loss skips the step (weights unchanged); max_bad_steps of them in a row end the run."""
     distill = settings_restored
     real = distill.micro_batch_loss
@@ -142,17 +154,19 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(pair, tmp_path, settings
     def nan_after_first_step(*a, **kw):
         loss, stats = real(*a, **kw)
         calls["n"] += 1
-        return (loss * float("nan") if calls["n"] > 1 else loss), stats  # step 0 fine, then NaN
+        # step 0 fine, then NaN
+        return (loss * float("nan") if calls["n"] > 1 else loss), stats
 
     monkeypatch.setattr(distill, "micro_batch_loss", nan_after_first_step)
     out = tmp_path / "o"
-    monkeypatch.setattr(sys, "argv", ["distill.py"] + base_args(pair, out, method="oprd", max_steps=10,
-                                                                micro_batch_size=8, max_bad_steps=3))
+    args = base_args(pair, out, method="oprd", max_steps=10, micro_batch_size=8, max_bad_steps=3)
+    monkeypatch.setattr(sys, "argv", ["distill.py"] + args)
     with pytest.raises(SystemExit) as e:
         distill.main()
     assert e.value.code == 1
     text = capsys.readouterr()
-    assert text.out.count("step skipped") == 3 and "3 non-finite steps in a row: stopping" in text.err
+    assert text.out.count("step skipped") == 3
+    assert "3 non-finite steps in a row: stopping" in text.err
     rows = log(out)
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert math.isfinite(rows[0]["loss"]) and not any(math.isfinite(r["loss"]) for r in rows[1:])

@@ -27,7 +27,8 @@ def test_oprd_normalized_mse_is_two_one_minus_cos_over_d():
     torch.manual_seed(1)
     h_s, h_t = torch.randn(5, 8), torch.randn(5, 8)
     loss, cos = oprd_loss(h_s, h_t, 'normalized_mse')
-    torch.testing.assert_close(loss, (2 * (1 - F.cosine_similarity(h_s, h_t, dim=-1)) / 8).sum(), rtol=1e-5, atol=1e-6)
+    want = (2 * (1 - F.cosine_similarity(h_s, h_t, dim=-1)) / 8).sum()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
 
 
 def test_oprd_zero_with_zero_gradient_for_the_same_model(tiny_qwen3):
@@ -46,13 +47,17 @@ def test_oprd_zero_with_zero_gradient_for_the_same_model(tiny_qwen3):
 
 def dist_rows(V=11, N=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(N, V, generator=g, dtype=torch.float64), torch.randn(N, V, generator=g, dtype=torch.float64)
+    z_s = torch.randn(N, V, generator=g, dtype=torch.float64)
+    z_t = torch.randn(N, V, generator=g, dtype=torch.float64)
+    return z_s, z_t
 
 
 def test_full_kl_equals_sum_p_log_p_over_q():
     z_s, z_t = dist_rows()
-    eye = torch.eye(z_s.shape[1], dtype=torch.float64)  # identity "LM head": rows are the logits themselves
-    loss, kl, _ = output_loss('opd_full', z_s, z_t, torch.zeros(3, dtype=torch.long), eye, eye, 11, 0, chunk=2)
+    # identity "LM head": rows are the logits themselves
+    eye = torch.eye(z_s.shape[1], dtype=torch.float64)
+    targets = torch.zeros(3, dtype=torch.long)
+    loss, kl, _ = output_loss('opd_full', z_s, z_t, targets, eye, eye, 11, 0, chunk=2)
     p, q = z_s.softmax(-1), z_t.softmax(-1)
     want = (p * (p / q).log()).sum()
     torch.testing.assert_close(loss.double(), want)
@@ -65,33 +70,39 @@ def test_full_kl_chunked_equals_unchunked_with_gradient():
     grads = []
     for chunk in (3, 100):
         z = z_s.clone().requires_grad_(True)
-        loss, _, _ = output_loss('opd_full', z, z_t, torch.zeros(10, dtype=torch.long), eye, eye, 13, 0, chunk)
+        targets = torch.zeros(10, dtype=torch.long)
+        loss, _, _ = output_loss('opd_full', z, z_t, targets, eye, eye, 13, 0, chunk)
         loss.backward()
         grads.append(z.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
 def test_full_kl_gradient_made_in_forward_equals_autograd():
-    """opd_full's FullKL makes its gradient in the forward pass: loss, and gradients to the student's states and
-    head (rows beyond the common vocabulary get none), equal autograd through the plain formula, in chunks that do
-    not divide the rows, scaled by whatever gradient comes from above; and it hands over log p_S of each row's target
-    (the sampler check reads them)."""
+    """opd_full's FullKL makes its gradient in the forward pass: loss, and gradients to the
+    student's states and head (rows beyond the common vocabulary get none), equal autograd through
+    the plain formula, in chunks that do not divide the rows, scaled by whatever gradient comes from
+    above; and it hands over log p_S of each row's target (the sampler check reads them)."""
     g = torch.Generator().manual_seed(4)
     d, V, vocab, N = 6, 13, 11, 7
     h_s, h_t = (torch.randn(N, d, generator=g, dtype=torch.float64) for _ in range(2))
-    w_s, w_t = torch.randn(V, d, generator=g, dtype=torch.float64), torch.randn(12, d, generator=g, dtype=torch.float64)
+    w_s = torch.randn(V, d, generator=g, dtype=torch.float64)
+    w_t = torch.randn(12, d, generator=g, dtype=torch.float64)
     targets = torch.randint(0, vocab, (N,), generator=g)
     grads = []
     for fused in (True, False):
-        h, w = h_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
+        h = h_s.clone().requires_grad_(True)
+        w = w_s.clone().requires_grad_(True)
         if fused:
-            loss, kl, target_logp = output_loss('opd_full', h, h_t, targets, w, w_t, vocab, 0, chunk=3)
+            loss, kl, target_logp = output_loss('opd_full', h, h_t, targets, w, w_t, vocab, 0,
+                                                chunk=3)
         else:
-            z_s, z_t = (h @ w.T)[:, :vocab], (h_t @ w_t.T)[:, :vocab]
+            z_s = (h @ w.T)[:, :vocab]
+            z_t = (h_t @ w_t.T)[:, :vocab]
             loss = (z_s.softmax(-1) * (z_s.log_softmax(-1) - z_t.log_softmax(-1))).sum()
         (2.5 * loss).backward()
         grads.append((loss.detach(), h.grad, w.grad))
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6, check_dtype=False)  # the loss is fp32
+    # the loss is fp32
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6, check_dtype=False)
     assert math.isclose(kl, grads[1][0].item(), rel_tol=1e-6)
     assert grads[0][2][vocab:].abs().max() == 0 and grads[0][2][:vocab].abs().min() > 0
     want = (h_s @ w_s.T)[:, :vocab].log_softmax(-1)[torch.arange(N), targets]
@@ -99,8 +110,9 @@ def test_full_kl_gradient_made_in_forward_equals_autograd():
 
 
 def test_log_softmax_in_place_is_torch_s_bit_for_bit():
-    """FullKL's log-softmax over a contiguous CPU tensor is written over it, bit for bit F.log_softmax's; a view of the
-    common vocabulary (not contiguous) gets a new tensor and is left as it was."""
+    """FullKL's log-softmax over a contiguous CPU tensor is written over it, bit for bit
+    F.log_softmax's; a view of the common vocabulary (not contiguous) gets a new tensor and is left
+    as it was."""
     z = torch.randn(5, 1000, generator=torch.Generator().manual_seed(0)) * 30
     want, before = F.log_softmax(z, dim=-1), z.clone()
     out = log_softmax_(z)
@@ -138,7 +150,8 @@ def test_topk_matches_its_formula():
     z_s, z_t = dist_rows(V=V, N=3, seed=7)
     eye = torch.eye(V, dtype=torch.float64)
     z = z_s.clone().requires_grad_(True)
-    loss, kl = output_loss_chunk('opd_topk', z, z_t, torch.zeros(3, dtype=torch.long), eye, eye, V, k)
+    targets = torch.zeros(3, dtype=torch.long)
+    loss, kl = output_loss_chunk('opd_topk', z, z_t, targets, eye, eye, V, k)
     want = 0.0
     lp_s, lp_t = z_s.log_softmax(-1), z_t.log_softmax(-1)
     z2 = z_s.clone().requires_grad_(True)
@@ -157,8 +170,11 @@ def test_topk_matches_its_formula():
 
 def test_vocab_common_prefix():
     z_s, z_t = dist_rows(V=10, N=2, seed=9)
-    w_s, w_t = torch.eye(10, dtype=torch.float64), torch.eye(12, 10, dtype=torch.float64)  # teacher pads to 12
-    loss, _ = output_loss_chunk('opd_full', z_s, z_t, torch.zeros(2, dtype=torch.long), w_s, w_t, 10, 0)
+    w_s = torch.eye(10, dtype=torch.float64)
+    # teacher pads to 12
+    w_t = torch.eye(12, 10, dtype=torch.float64)
+    targets = torch.zeros(2, dtype=torch.long)
+    loss, _ = output_loss_chunk('opd_full', z_s, z_t, targets, w_s, w_t, 10, 0)
     p, q = z_s.softmax(-1), z_t.softmax(-1)
     torch.testing.assert_close(loss.double(), (p * (p / q).log()).sum(), rtol=1e-5, atol=1e-6)
 
@@ -168,19 +184,22 @@ def test_layer_sets_and_depth_map():
     assert parse_layers('all', 4) == [1, 2, 3, 4]
     assert parse_layers('even', 5) == [2, 4] and parse_layers('odd', 5) == [1, 3, 5]
     assert parse_layers('3,1', 4) == [1, 3] and parse_layers([2], 4) == [2]
-    with pytest.raises(DistillError, match=r"layers \[9\] out of range: the student has layers 0..4"):
+    out_of_range = r"layers \[9\] out of range: the student has layers 0..4"
+    with pytest.raises(DistillError, match=out_of_range):
         parse_layers('1,9', 4)
     with pytest.raises(DistillError, match="expected last, all"):
         parse_layers('middle', 4)
     assert [depth_map(l, 28, 28) for l in (1, 14, 28)] == [1, 14, 28]
-    assert [depth_map(l, 28, 36) for l in (1, 28)] == [1, 36]  # Qwen3-1.7B (28) <- Qwen3-4B (36): ends align
+    # Qwen3-1.7B (28) <- Qwen3-4B (36): ends align
+    assert [depth_map(l, 28, 36) for l in (1, 28)] == [1, 36]
     assert depth_map(14, 28, 36) == round(13 * 35 / 27) + 1
     assert depth_map(0, 3, 6) == 0
 
 
 def test_depth_map_rounds_ties_up():
-    """phi(l) = round((l-1)(L_T-1)/(L_S-1)) + 1 with halves rounded up (Python's round() sends 2.5 to 2): exact
-    arithmetic over every pair of depths up to 40, ties at .5 included."""
+    """phi(l) = round((l-1)(L_T-1)/(L_S-1)) + 1 with halves rounded up
+    (Python's round() sends 2.5 to 2): exact arithmetic over every pair of depths up to 40,
+    ties at .5 included."""
     from fractions import Fraction
     assert depth_map(2, 3, 6) == 4      # 2.5 -> 3, not 2
     assert depth_map(3, 5, 2) == 2      # 0.5 -> 1, not 0
@@ -193,7 +212,8 @@ def test_depth_map_rounds_ties_up():
                 ties += q.denominator == 2
                 assert depth_map(l, L_s, L_t) == math.floor(q + Fraction(1, 2)) + 1, (l, L_s, L_t)
     assert ties > 100
-    assert [depth_map(l, 1, 5) for l in (0, 1)] == [0, 5]  # a one-layer student aligns with the last layer
+    # a one-layer student aligns with the last layer
+    assert [depth_map(l, 1, 5) for l in (0, 1)] == [0, 5]
 
 
 def test_position_sets_and_alignment():

@@ -33,7 +33,8 @@ def batch(vocab, B=2, T=11, seed=0):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_parity_with_transformers(tmp_path, name):
     kw = dict(CONFIGS[name])
-    path = make_checkpoint(tmp_path, kw.pop("model_type"), tied=kw.pop("tied", False), tokenizer=False, **kw)
+    path = make_checkpoint(tmp_path, kw.pop("model_type"), tied=kw.pop("tied", False),
+                           tokenizer=False, **kw)
     ref = hf_model(path)
     model = Transformer.from_pretrained(path).eval()
     assert all(p.device.type == "cpu" for p in model.parameters())
@@ -76,7 +77,8 @@ def test_early_exit_taps_equal_full_forward(qwen3):
     idx = batch(qwen3.config.vocab_size)
     L = qwen3.config.num_hidden_layers
     calls = []
-    hooks = [blk.register_forward_hook(lambda m, i, o, j=j: calls.append(j)) for j, blk in enumerate(qwen3.model.layers)]
+    hooks = [blk.register_forward_hook(lambda m, i, o, j=j: calls.append(j))
+             for j, blk in enumerate(qwen3.model.layers)]
     head = qwen3.lm_head.register_forward_hook(lambda m, i, o: calls.append("head"))
     with torch.no_grad():
         full = qwen3(idx, taps=range(L + 1))
@@ -91,17 +93,20 @@ def test_early_exit_taps_equal_full_forward(qwen3):
 
 
 def test_taps_at_rows_are_the_full_taps_indexed(qwen3):
-    """rows= keeps only some positions of every tap (what a teacher's loss reads), in row-major order."""
+    """rows= keeps only some positions of every tap (what a teacher's loss reads), in row-major
+    order."""
     idx = batch(qwen3.config.vocab_size)
     L = qwen3.config.num_hidden_layers
     rows = torch.zeros(idx.shape, dtype=torch.bool)
-    rows[0, 3:7], rows[1, -2:] = True, True
+    rows[0, 3:7] = True
+    rows[1, -2:] = True
     with torch.no_grad():
         full = qwen3(idx, taps=[0, 1, L])
         some = qwen3(idx, taps=[0, 1, L], rows=rows)
     for layer in (0, 1, L):
         assert some[layer].shape == (6, qwen3.config.hidden_size)
-        torch.testing.assert_close(some[layer], torch.cat([full[layer][0, 3:7], full[layer][1, -2:]]), atol=0, rtol=0)
+        expected = torch.cat([full[layer][0, 3:7], full[layer][1, -2:]])
+        torch.testing.assert_close(some[layer], expected, atol=0, rtol=0)
 
 
 def test_taps_with_grad(qwen3):
@@ -129,12 +134,14 @@ def test_padded_batch_equals_rows_alone(qwen3, side):
         for i, r in enumerate(rows):
             sl = slice(T - len(r), T) if side == "left" else slice(0, len(r))
             torch.testing.assert_close(padded[i, sl], qwen3(r[None])[0], atol=1e-5, rtol=0)
-            torch.testing.assert_close(tapped[1][i, sl], qwen3(r[None], taps=[1])[1][0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(tapped[1][i, sl], qwen3(r[None], taps=[1])[1][0], atol=1e-5,
+                                       rtol=0)
     assert torch.isfinite(padded).all()
 
 
 def test_kv_cache_decoding_equals_uncached(qwen3):
-    """Greedy decoding with the cache (left-padded prefill, then one token a step) = the full forward."""
+    """Greedy decoding with the cache (left-padded prefill, then one token a step) = the full
+    forward."""
     V = qwen3.config.vocab_size
     prompts = [batch(V, 1, 7, seed=3)[0], batch(V, 1, 3, seed=4)[0]]
     T = max(len(p) for p in prompts)
@@ -187,24 +194,28 @@ def test_save_then_transformers_loads(tmp_path, tied):
     with torch.no_grad():
         torch.testing.assert_close(ref(idx).logits, model(idx), atol=1e-5, rtol=0)
     from transformers import AutoTokenizer
-    assert AutoTokenizer.from_pretrained(out).encode("12 + 30") == AutoTokenizer.from_pretrained(src).encode("12 + 30")
+    saved = AutoTokenizer.from_pretrained(out)
+    assert saved.encode("12 + 30") == AutoTokenizer.from_pretrained(src).encode("12 + 30")
 
 
 def test_sharded_and_single_file_loading(tmp_path, tiny_qwen3):
     model = Transformer.from_pretrained(tiny_qwen3).eval()
     model.save_pretrained(tmp_path / "sharded", max_shard_bytes=20_000)
     files = os.listdir(tmp_path / "sharded")
-    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
+    assert "model.safetensors.index.json" in files
+    assert sum(f.endswith(".safetensors") for f in files) > 2
     sharded = Transformer.from_pretrained(tmp_path / "sharded")
     idx = batch(model.config.vocab_size)
     with torch.no_grad():
         torch.testing.assert_close(sharded(idx), model(idx), atol=0, rtol=0)
-        torch.testing.assert_close(hf_model(tmp_path / "sharded")(idx).logits, model(idx), atol=1e-5, rtol=0)
+        torch.testing.assert_close(hf_model(tmp_path / "sharded")(idx).logits, model(idx),
+                                   atol=1e-5, rtol=0)
     # and a sharded checkpoint written by transformers itself
     hf_model(tiny_qwen3).save_pretrained(tmp_path / "hf_sharded", max_shard_size="20KB")
     assert os.path.isfile(tmp_path / "hf_sharded" / "model.safetensors.index.json")
     with torch.no_grad():
-        torch.testing.assert_close(Transformer.from_pretrained(tmp_path / "hf_sharded")(idx), model(idx), atol=0, rtol=0)
+        hf_sharded = Transformer.from_pretrained(tmp_path / "hf_sharded")
+        torch.testing.assert_close(hf_sharded(idx), model(idx), atol=0, rtol=0)
 
 
 def test_save_replaces_existing_checkpoint_whole(tmp_path, tiny_qwen3):
@@ -286,13 +297,15 @@ def test_error_missing_unexpected_misshaped_tensors(tmp_path, tiny_qwen3):
     del sd["model.layers.9.extra"]
     sd["model.layers.1.mlp.up_proj.weight"] = w[:, :5].contiguous()
     save_file(sd, fp)
-    with pytest.raises(CheckpointError, match=r"mis-shaped \['model.layers.1.mlp.up_proj.weight \(128, 5\) !="):
+    with pytest.raises(CheckpointError,
+                       match=r"mis-shaped \['model.layers.1.mlp.up_proj.weight \(128, 5\) !="):
         Transformer.from_pretrained(path)
 
 
 def test_error_missing_shard(tmp_path, tiny_qwen3):
     Transformer.from_pretrained(tiny_qwen3).save_pretrained(tmp_path / "s", max_shard_bytes=20_000)
-    os.remove(tmp_path / "s" / "model-00002-of-" f"{len([f for f in os.listdir(tmp_path / 's') if f.startswith('model-')]):05d}.safetensors")
+    n_shards = len([f for f in os.listdir(tmp_path / "s") if f.startswith("model-")])
+    os.remove(tmp_path / "s" / f"model-00002-of-{n_shards:05d}.safetensors")
     with pytest.raises(CheckpointError, match="shard model-00002"):
         Transformer.from_pretrained(tmp_path / "s")
 

@@ -1,5 +1,6 @@
-"""The torch sampler's static-shape decode (sampler.StaticDecoder) against the eager one, on CPU where the same
-code runs without CUDA graphs; on a CUDA device, graph replay against the same steps run eagerly."""
+"""The torch sampler's static-shape decode (sampler.StaticDecoder) against the eager one, on CPU
+where the same code runs without CUDA graphs; on a CUDA device, graph replay against the same steps
+run eagerly."""
 
 import contextlib
 
@@ -11,8 +12,11 @@ from rollout import fsdp_named_tensors
 from sampler import StaticDecoder, TorchSampler
 
 PROMPTS = [[5, 6, 7], list(range(3, 40)), [9] * 12, [40, 41, 42, 43]]
-STOPS = list(range(0, 384, 24)) + [10**6]  # ~1 token in 24 stops a row; 10**6: beyond the vocabulary
-SETTINGS = [dict(temperature=0), dict(temperature=1.0, logprobs=True), dict(temperature=0.7, top_k=20, top_p=0.9)]
+# ~1 token in 24 stops a row; 10**6: beyond the vocabulary
+STOPS = list(range(0, 384, 24)) + [10**6]
+SETTINGS = [dict(temperature=0),
+            dict(temperature=1.0, logprobs=True),
+            dict(temperature=0.7, top_k=20, top_p=0.9)]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
 
@@ -47,31 +51,37 @@ def record_shapes(monkeypatch):
 
 
 def assert_same(a, b, lp_tol=1e-5):
-    """Same tokens and finishes; log-probs equal up to float rounding (other shapes, other kernels)."""
+    """Same tokens and finishes; log-probs equal up to float rounding (other shapes, other
+    kernels)."""
     assert [[s.tokens for s in r] for r in a] == [[s.tokens for s in r] for r in b]
     assert [[s.finish for s in r] for r in a] == [[s.finish for s in r] for r in b]
     if a[0][0].logprobs is not None:
-        torch.testing.assert_close([[s.logprobs for s in r] for r in a], [[s.logprobs for s in r] for r in b],
-                                   atol=lp_tol, rtol=0)
+        logprobs_a = [[s.logprobs for s in r] for r in a]
+        logprobs_b = [[s.logprobs for s in r] for r in b]
+        torch.testing.assert_close(logprobs_a, logprobs_b, atol=lp_tol, rtol=0)
 
 
 @pytest.mark.parametrize("kw", SETTINGS)
 @pytest.mark.parametrize("sync_every", [1, 3])
 def test_static_equals_eager(model, small_buckets, monkeypatch, kw, sync_every):
-    """Greedy and seeded sampling: the static path gives the eager path's samples token for token, across
-    length buckets and while finished rows leave by re-bucketing."""
+    """Greedy and seeded sampling: the static path gives the eager path's samples token for token,
+    across length buckets and while finished rows leave by re-bucketing."""
     eager = TorchSampler(model=model, decode="eager")
     static = TorchSampler(model=model, decode="static", sync_every=sync_every)
     seen = record_shapes(monkeypatch)
     args = dict(n=3, max_new_tokens=30, seed=7, **kw)
-    a, b = eager.generate(PROMPTS, stop_ids=STOPS, **args), static.generate(PROMPTS, stop_ids=STOPS, **args)
+    a = eager.generate(PROMPTS, stop_ids=STOPS, **args)
+    b = static.generate(PROMPTS, stop_ids=STOPS, **args)
     assert_same(a, b)
-    if kw["temperature"] > 0:  # rows stop at different steps: the batch shrinks from 16 (12 rows) on
+    # rows stop at different steps: the batch shrinks from 16 (12 rows) on
+    if kw["temperature"] > 0:
         assert seen["rebucket"] and seen["rebucket"][0][0] == 16
         assert {s.finish for r in b for s in r} == {"stop", "length"}
     seen["steps"].clear()
-    assert_same(eager.generate(PROMPTS, stop_ids=[], **args), static.generate(PROMPTS, stop_ids=[], **args))
-    assert sorted({W for _, W in seen["steps"]}) == [40, 48, 56, 64, 72]  # slots 37 + 1 ... 37 + 29
+    assert_same(eager.generate(PROMPTS, stop_ids=[], **args),
+                static.generate(PROMPTS, stop_ids=[], **args))
+    # slots 37 + 1 ... 37 + 29
+    assert sorted({W for _, W in seen["steps"]}) == [40, 48, 56, 64, 72]
 
 
 def test_rows_decode_as_they_would_alone(model, small_buckets):
@@ -79,8 +89,10 @@ def test_rows_decode_as_they_would_alone(model, small_buckets):
     static = TorchSampler(model=model, decode="static")
     greedy = static.generate(PROMPTS, n=2, temperature=0, max_new_tokens=16, stop_ids=[])
     for p, rows in zip(PROMPTS, greedy):
-        assert static.generate([p], temperature=0, max_new_tokens=16, stop_ids=[])[0][0].tokens == rows[0].tokens
-    # sampled: a row's noise depends on its place (prompt index * n + sample index), not on the batch
+        alone = static.generate([p], temperature=0, max_new_tokens=16, stop_ids=[])
+        assert alone[0][0].tokens == rows[0].tokens
+    # sampled: a row's noise depends on its place (prompt index * n + sample index), not on the
+    # batch
     kw = dict(n=3, temperature=1.0, max_new_tokens=16, stop_ids=STOPS, seed=5, logprobs=True)
     batch = static.generate(PROMPTS, **kw)
     assert_same(static.generate(PROMPTS[:1], **kw), batch[:1])
@@ -101,17 +113,20 @@ def test_decoder_is_kept_between_calls_and_across_sleep_when_it_fits(model):
     static.generate(PROMPTS, n=2, temperature=0, max_new_tokens=8)
     dec = static.static
     assert dec.rows == 8 and dec.max_len == StaticDecoder.LEN_BUCKET  # 37 + 8 tokens fit one bucket
-    static.generate(PROMPTS[:1], n=3, temperature=1.0, max_new_tokens=100)  # fewer rows, as long: kept
+    # fewer rows, as long: kept
+    static.generate(PROMPTS[:1], n=3, temperature=1.0, max_new_tokens=100)
     assert static.static is dec
     static.generate(PROMPTS, n=1, temperature=0, max_new_tokens=300)  # longer rows: a larger cache
     assert static.static is not dec and static.static.max_len == 512
     dec = static.static
-    c = model.config  # its size by hand: k and v of every layer, valid flags, tokens (int64), log-probs (fp32)
+    # its size by hand: k and v of every layer, valid flags, tokens (int64), log-probs (fp32)
+    c = model.config
     kv = 2 * c.num_hidden_layers * dec.rows * c.num_key_value_heads * 512 * c.head_dim * 4
     assert dec.nbytes() == kv + dec.rows * 512 * (1 + 8 + 4)
     static.sleep()  # a few hundred kB, far below 0.3 of the machine's memory: kept, graphs and all
     assert static.static is dec
-    static.generate(PROMPTS, n=1, temperature=0, max_new_tokens=8)  # rows and length it holds: reused
+    # rows and length it holds: reused
+    static.generate(PROMPTS, n=1, temperature=0, max_new_tokens=8)
     assert static.static is dec
     # no share to keep anything in: freed for the trainer, rebuilt by the next call
     small = TorchSampler(model=model, decode="static", gpu_memory_utilization=0.0)
@@ -123,7 +138,8 @@ def test_decoder_is_kept_between_calls_and_across_sleep_when_it_fits(model):
 
 
 def test_update_weights_reach_a_kept_decoder(model, tiny_qwen3, tiny_qwen3_b):
-    """Weights are copied in place, so a kept decoder (and its graphs, on CUDA) decodes with the new ones."""
+    """Weights are copied in place, so a kept decoder (and its graphs, on CUDA) decodes with the
+    new ones."""
     own = TorchSampler(tiny_qwen3, decode="static", device="cpu")  # beside the CPU eager run below
     before = own.generate(PROMPTS, temperature=0, max_new_tokens=8, stop_ids=[])
     dec = own.static
@@ -131,8 +147,8 @@ def test_update_weights_reach_a_kept_decoder(model, tiny_qwen3, tiny_qwen3_b):
     own.update_weights(fsdp_named_tensors(other))
     after = own.generate(PROMPTS, temperature=0, max_new_tokens=8, stop_ids=[])
     assert own.static is dec and after != before
-    assert after == TorchSampler(model=other, decode="eager").generate(PROMPTS, temperature=0, max_new_tokens=8,
-                                                                        stop_ids=[])
+    eager = TorchSampler(model=other, decode="eager")
+    assert after == eager.generate(PROMPTS, temperature=0, max_new_tokens=8, stop_ids=[])
 
 
 def test_static_cache_step_equals_eager_cache_step(model):
@@ -168,7 +184,8 @@ def test_static_step_has_no_host_sync():
     from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
     from model import ModelConfig
     cfg = ModelConfig(model_type="qwen2", vocab_size=100, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=16)
     with torch.inference_mode(), FakeTensorMode():
         dec = StaticDecoder(Transformer(cfg).eval(), 8, 512, graphs=False)
         dec.start((0, -1, 1.0, False), torch.tensor([5]), key=1, place=list(range(8)))
@@ -180,9 +197,9 @@ def test_static_step_has_no_host_sync():
 
 
 class FakeCuda:
-    """Stand-ins for torch.cuda's stream and graph calls, on a CPU: each logs (call, device it acts on),
-    the device it was given or else the current one, as torch.cuda takes it. torch.cuda.device(d)
-    sets the current device; cuda:0 when none is set."""
+    """Stand-ins for torch.cuda's stream and graph calls, on a CPU: each logs (call, device it acts
+    on), the device it was given or else the current one, as torch.cuda takes it.
+    torch.cuda.device(d) sets the current device; cuda:0 when none is set."""
 
     def __init__(self, monkeypatch):
         self.log = []
@@ -270,8 +287,9 @@ def cuda_model(tiny_qwen3):
 @cuda
 @pytest.mark.parametrize("kw", SETTINGS)
 def test_graph_replay_equals_static_eager(cuda_model, small_buckets, monkeypatch, kw):
-    """Recorded and replayed steps give what the same steps give run one kernel at a time (fp32), across
-    windows, re-bucketing and repeated calls (the second call replays graphs recorded by the first)."""
+    """Recorded and replayed steps give what the same steps give run one kernel at a time (fp32),
+    across windows, re-bucketing and repeated calls (the second call replays graphs recorded by the
+    first)."""
     static = TorchSampler(model=cuda_model, decode="static", sync_every=3)
     graph = TorchSampler(model=cuda_model, decode="graph", sync_every=3)
     assert TorchSampler(model=cuda_model).decode == "graph"  # the CUDA default
@@ -295,14 +313,18 @@ def test_graph_replay_equals_static_eager(cuda_model, small_buckets, monkeypatch
 
 @cuda
 def test_graph_bf16_and_weight_updates(tiny_qwen3, tiny_qwen3_b):
-    """bf16 (the GPU default dtype): graphs = the static path's eager steps, over 256-slot windows; after
-    update_weights the graphs recorded before decode with the new weights; sleep() keeps them when they fit
-    the sampler's share of the GPU (this small decoder does), and frees them when not."""
-    graph, static = TorchSampler(tiny_qwen3, decode="graph"), TorchSampler(tiny_qwen3, decode="static")
+    """bf16 (the GPU default dtype): graphs = the static path's eager steps, over 256-slot windows;
+    after update_weights the graphs recorded before decode with the new weights; sleep() keeps them
+    when they fit the sampler's share of the GPU (this small decoder does), and frees them when
+    not."""
+    graph = TorchSampler(tiny_qwen3, decode="graph")
+    static = TorchSampler(tiny_qwen3, decode="static")
     assert next(graph.model.parameters()).dtype == torch.bfloat16
-    args = dict(n=4, temperature=1.0, top_p=0.95, max_new_tokens=300, stop_ids=STOPS, seed=1, logprobs=True)
+    args = dict(n=4, temperature=1.0, top_p=0.95, max_new_tokens=300, stop_ids=STOPS, seed=1,
+                logprobs=True)
     assert_same(static.generate(PROMPTS, **args), graph.generate(PROMPTS, **args))
-    greedy = dict(temperature=0, max_new_tokens=40, stop_ids=[])  # 4 rows, one 256-slot window: one graph
+    # 4 rows, one 256-slot window: one graph
+    greedy = dict(temperature=0, max_new_tokens=40, stop_ids=[])
     before = graph.generate(PROMPTS, **greedy)
     assert before == static.generate(PROMPTS, **greedy)
     n_graphs = len(graph.static.recorded)
@@ -323,11 +345,13 @@ def test_graph_bf16_and_weight_updates(tiny_qwen3, tiny_qwen3_b):
 @cuda
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
 def test_graph_at_qwen_head_shapes(model_type):
-    """Qwen2.5-1.5B's attention shapes (12 query heads on 2 kv heads of 128) in bf16: graphs = eager steps."""
+    """Qwen2.5-1.5B's attention shapes (12 query heads on 2 kv heads of 128) in bf16: graphs =
+    eager steps."""
     from model import ModelConfig
     torch.manual_seed(0)
-    cfg = ModelConfig(model_type=model_type, vocab_size=1000, hidden_size=256, intermediate_size=512,
-                      num_hidden_layers=2, num_attention_heads=12, num_key_value_heads=2, head_dim=128)
+    cfg = ModelConfig(model_type=model_type, vocab_size=1000, hidden_size=256,
+                      intermediate_size=512, num_hidden_layers=2, num_attention_heads=12,
+                      num_key_value_heads=2, head_dim=128)
     m = Transformer(cfg).to("cuda", torch.bfloat16).eval()
     prompts = [list(range(1, 300)), [5, 6, 7]]  # rows 300 slots apart: windows of 512 and more
     args = dict(n=8, temperature=1.0, max_new_tokens=300, stop_ids=[0, 500], seed=3)
