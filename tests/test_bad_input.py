@@ -89,8 +89,8 @@ DISTILL = [
     (dict(student="/no/such/model"), "/no/such/model", 1),
     (dict(prompts="tiny_nope"), "unknown benchmark 'tiny_nope'", 1),
     (dict(prompts="nope.jsonl"), "no such file: nope.jsonl", 1),
-    (dict(prompts="aime24", data_dir="/no/such/dir"), "data_dir '/no/such/dir' is not a folder",
-     1),
+    (dict(prompts="aime24", data_dir="/no/such/dir"),
+     "data_dir '/no/such/dir' is not a folder", 1),
     (dict(layers="1,9"), "layers [9] out of range", 1),
     (dict(teacher="{wide}"), "teacher width 96 != student width 64: set projector=True", 1),
     (dict(teacher="{other_tok}", method="opd"),
@@ -212,7 +212,8 @@ def test_every_script_has_help(script, flag, monkeypatch, capsys):
         assert "--max_new_tokens=" in out
 
 
-# the lab's tools run from the root as modules; a setting of each that would show work done
+# the lab's tools, run from the root as modules: a key each one's --help must list, and a setting
+# under which any work started would leave a trace
 LAB_MODULES = {"lab.study": ("--jobs=", "--work_dir={tmp}"),
                "lab.bench": ("--sections=", "--json={tmp}/bench.json")}
 
@@ -234,8 +235,8 @@ def test_every_lab_module_has_help(module, flag, tmp_path):
 
 
 def test_in_process_main_starts_from_the_defaults(settings_restored, monkeypatch, capsys, tmp_path):
-    """The settings_restored fixture: a main() run here sees the defaults, not the previous run's
-    settings."""
+    """The settings_restored fixture: a main() run here sees the defaults, not the
+    previous run's settings."""
     distill = settings_restored
     default_lr = settings_restored.lr
     code, _, _ = main_in_process(distill.main, ["distill.py", "--lr=0.5", "--method=nope"],
