@@ -76,8 +76,8 @@ def token_bytes(tok):
 
 
 def byte_ends(tok, ids):
-    """The UTF-8 byte offset where each token of ids ends, counted from the first; a stop token is
-    one byte."""
+    """The UTF-8 byte offset where each token of ids ends, counted from the first; a stop token
+    is one byte."""
     ids = np.asarray(ids, dtype=np.int64)
     lengths = token_bytes(tok)[1][ids]
     lengths[np.isin(ids, tok.eos_ids)] = 1
@@ -91,9 +91,9 @@ def spelled(tok, ids):
 
 @functools.cache
 def end_of_turn(tok):
-    """The stop token that closes an assistant turn in tok's chat template: the first stop token
-    after the content, found by rendering two conversations that differ only in the assistant's
-    reply."""
+    """The stop token that closes an assistant turn in tok's chat template: the first
+    stop token after the content, found by rendering two conversations that differ only
+    in the assistant's reply."""
     if hasattr(tok, 'tok') and not tok.tok.chat_template:
         raise ValueError(f"teacher tokenizer {tokenizer_name(tok)!r} has no chat template: "
                          "the teacher must read the prompt through its own template")
@@ -233,8 +233,8 @@ def align_rollout(student_tok, teacher_tok, messages, response_ids, finished, wh
 
 def rollout_view(messages, response_ids, finish, student_tok, teacher_tok, whitespace_only=False,
                  enable_thinking=False):
-    """align_rollout of one rollout as distill.py holds it (batch.Rollout's messages, response and
-    finish)."""
+    """align_rollout of one rollout as distill.py holds it (batch.Rollout's messages,
+    response and finish)."""
     return align_rollout(student_tok, teacher_tok, messages, response_ids, finish == 'stop',
                          whitespace_only, f"a rollout of prompt {messages[:40]!r}", enable_thinking)
 

@@ -29,8 +29,8 @@ from fsdp import all_reduce_max, all_reduce_sum, is_dist
 
 
 class BridgeError(ValueError):
-    """A bridge that cannot serve this run (missing, corrupt, fit for other models or layers, rank
-    too high)."""
+    """A bridge that cannot serve this run (missing, corrupt, fit for other models or layers,
+    rank too high)."""
 
 
 def pca(rows):
@@ -213,8 +213,8 @@ def save_bridge(path, bridge, meta):
 
 
 def load_bridge(path):
-    """(Bridge, meta) from a folder written by save_bridge; one-line BridgeErrors for a missing or
-    broken one."""
+    """(Bridge, meta) from a folder written by save_bridge; one-line BridgeErrors for a missing
+    or broken one."""
     from safetensors.torch import load_file
     files = [os.path.join(path, n) for n in ('bridge.safetensors', 'bridge.json')]
     missing = [f for f in files if not os.path.isfile(f)]
@@ -234,8 +234,8 @@ def load_bridge(path):
 
 
 def check_bridge(meta, path, plan, stu_cfg, tea_cfg):
-    """The bridge must have been fit for these two models and cover every aligned layer with the
-    same phi."""
+    """The bridge must have been fit for these two models and cover every aligned layer with
+    the same phi."""
     for side, cfg in (('student', stu_cfg), ('teacher', tea_cfg)):
         if meta.get(side) != arch(cfg):
             raise BridgeError(f"bridge {path!r} was fit for the {side} {meta.get(side)}, "
@@ -250,8 +250,8 @@ def check_bridge(meta, path, plan, stu_cfg, tea_cfg):
 
 
 def gather_rows(x, device):
-    """All ranks' rows (n_rank, d), concatenated in rank order, on every rank; a copy in one
-    process."""
+    """All ranks' rows (n_rank, d), concatenated in rank order, on every rank; a copy
+    in one process."""
     if not is_dist():
         return x.to(device)
     x = x.to(device)
@@ -266,10 +266,10 @@ def gather_rows(x, device):
 
 
 def fit_bridge(rows, s_layers, r, device, max_rows=16384, seed=0, **fit_kw):
-    """Stage 1's fit, every layer: rows {student layer: (h_S rows, h_T rows)} of this rank (CPU).
-    Every rank's rows are gathered; layer j is fit by rank j % world and broadcast, so the bridge is
-    the same on every rank (checked by a checksum). Returns the Bridge and {'heldout_cos',
-    'cos_by_rank', 'cos_by_rank_mean'}."""
+    """Stage 1's fit, every layer: rows {student layer: (h_S rows, h_T rows)} of this rank
+    (CPU). Every rank's rows are gathered; layer j is fit by rank j % world and broadcast, so
+    the bridge is the same on every rank (checked by a checksum). Returns the Bridge and
+    {'heldout_cos', 'cos_by_rank', 'cos_by_rank_mean'}."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
     fits = {}
     for j, l in enumerate(s_layers):

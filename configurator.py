@@ -68,8 +68,8 @@ def _convert(key, val, default, raw=None):
                       f"got {type(val).__name__} {shown!r}")
 
 def print_help(source, defaults):
-    """The docstring of the script at path `source`, then each key, its default and its comment
-    there."""
+    """The docstring of the script at path `source`, then each key, its default and
+    its comment there."""
     text = open(source).read()
     doc = ast.get_docstring(ast.parse(text)) or ''
     lines = text.splitlines()

@@ -27,8 +27,8 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 def build_prompt(problem):
     """The user message: the problem, then the paper's instruction on its own line.
 
-    A problem dict with its own 'prompt' (the built-in tiny task: short prompts for tiny models)
-    uses that."""
+    A problem dict with its own 'prompt' (the built-in tiny task: short prompts for tiny
+    models) uses that."""
     if isinstance(problem, dict):
         return problem.get('prompt') or build_prompt(problem['problem'])
     return problem.strip() + "\n" + INSTRUCTION
@@ -81,9 +81,9 @@ def _num_str(x):
     return str(int(x)) if float(x).is_integer() else str(x)
 
 def read_jsonl(path):
-    """One problem per line: 'problem' (or 'question'), 'answer' (str or number), optional 'id' and
-    'prompt' (the exact user message, as the built-in tiny task has; else build_prompt adds the
-    paper's instruction)."""
+    """One problem per line: 'problem' (or 'question'), 'answer' (str or number), optional 'id'
+    and 'prompt' (the exact user message, as the built-in tiny task has; else build_prompt adds
+    the paper's instruction)."""
     rows, seen = [], set()
     with open(path, encoding='utf-8') as f:
         for lineno, line in enumerate(f, 1):
@@ -129,8 +129,8 @@ def _strip_dapo_wrapper(text):
     return text.strip()
 
 def _load_hub(name):
-    """Map each hub dataset's columns to id/problem/answer, ids as in benchmarks/ (e.g.
-    '2024-I-1')."""
+    """Map each hub dataset's columns to id/problem/answer,
+    ids as in benchmarks/ (e.g. '2024-I-1')."""
     try:
         import datasets  # lazy: only needed online
     except ImportError:
@@ -203,6 +203,6 @@ def load_problems(name_or_path, data_dir=None):
 
 
 def encode_prompt(problem, tok, enable_thinking=False):
-    """Token ids of a problem's prompt: the user message of build_prompt through the chat
-    template."""
+    """Token ids of a problem's prompt: the user message of build_prompt through
+    the chat template."""
     return tok.chat(build_prompt(problem), enable_thinking=enable_thinking)

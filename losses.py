@@ -20,8 +20,8 @@ from batch import DistillError
 # ----------------------------------------------------------------------------- which layers
 
 def parse_layers(spec, num_layers):
-    """Student layers to align, as output_hidden_states indices (1..L; 0 = embeddings is allowed if
-    listed)."""
+    """Student layers to align, as output_hidden_states indices (1..L; 0 = embeddings is
+    allowed if listed)."""
     L = num_layers
     named = {'last': [L], 'all': list(range(1, L + 1)), 'even': list(range(2, L + 1, 2)),
              'odd': list(range(1, L + 1, 2))}
@@ -180,11 +180,11 @@ class FullKL(torch.autograd.Function):
 
 
 def output_loss(kind, h_s, h_t, targets, w_s, w_t, vocab, k, chunk):
-    """Output-space loss over all rows, chunk rows at a time; each chunk's logits are recomputed in
-    backward (activation checkpointing), so no (rows, V) tensor of the whole batch ever exists.
-    opd_full makes its exact gradient in the forward pass instead (FullKL). Returns (loss,
-    KL-estimate sum, log p_S of each row's target or None: FullKL's, which the sampler check
-    reuses)."""
+    """Output-space loss over all rows, chunk rows at a time; each chunk's logits are
+    recomputed in backward (activation checkpointing), so no (rows, V) tensor of the whole
+    batch ever exists. opd_full makes its exact gradient in the forward pass instead (FullKL).
+    Returns (loss, KL-estimate sum, log p_S of each row's target or None: FullKL's, which the
+    sampler check reuses)."""
     if kind == 'opd_full' and torch.is_grad_enabled():
         loss, target_logp = FullKL.apply(h_s, w_s, h_t.detach(), w_t.detach(),
                                          targets, vocab, chunk)
@@ -235,8 +235,8 @@ def chunk_opd_loss(lp_s, lp_t, s_spans, t_spans):
 
 
 def chunk_sums(x, spans):
-    """Sum of x (1-D) over each [start, end) span: one index_add, differentiable, exact for
-    one-token spans."""
+    """Sum of x (1-D) over each [start, end) span: one index_add, differentiable, exact
+    for one-token spans."""
     spans = torch.as_tensor(spans, dtype=torch.long).reshape(-1, 2)
     lengths = spans[:, 1] - spans[:, 0]
     chunk = torch.repeat_interleave(torch.arange(len(spans)), lengths)
@@ -254,9 +254,9 @@ def sft_loss(logits, targets):
 
 @dataclass
 class Maps:
-    """What turns states into what the losses compare: the LM heads' weights (output-space losses
-    and sft) and, across widths, the learned projector or the frozen OPRD-Bridge (each None when
-    unused)."""
+    """What turns states into what the losses compare: the LM heads' weights (output-space
+    losses and sft) and, across widths, the learned projector or the frozen OPRD-Bridge (each
+    None when unused)."""
     student_head: torch.Tensor | None = None
     teacher_head: torch.Tensor | None = None
     projector: torch.nn.ModuleDict | None = None
@@ -299,8 +299,8 @@ def oprd_term(plan, batch, student_taps, teacher_rows, maps):
 
 
 def chunk_term(plan, batch, student_taps, teacher_rows, maps):
-    """opd_chunk: each model scores its own tokens, summed over the chunks both have read
-    (chunk_opd_loss)."""
+    """opd_chunk: each model scores its own tokens, summed over the chunks both
+    have read (chunk_opd_loss)."""
     teacher_side = batch.for_teacher
     # another tokenizer: each model over its whole head
     vocab = plan.vocab if batch.teacher is None else None

@@ -39,8 +39,8 @@ class Tokenizer:
 
     def chat(self, messages, enable_thinking=False):
         """The rendered prompt (token ids) for a conversation, ending with the assistant's
-        generation prompt. messages: [{'role': ..., 'content': ...}, ...], or a str for one user
-        message."""
+        generation prompt. messages: [{'role': ..., 'content': ...}, ...], or a str for
+        one user message."""
         raise NotImplementedError
 
     def fingerprint(self):
@@ -58,8 +58,8 @@ def same_tokenization(a, b):
 
 
 class HFTokenizer(Tokenizer):
-    """A checkpoint's own tokenizer (transformers' AutoTokenizer), chat through its chat
-    template."""
+    """A checkpoint's own tokenizer (transformers' AutoTokenizer), chat through
+    its chat template."""
 
     def __init__(self, path):
         from transformers import AutoTokenizer, GenerationConfig
@@ -152,9 +152,9 @@ BYTE_MARK = "oprd_tokenizer"
 
 
 def mark_byte_tokenizer(path):
-    """Record in a checkpoint's config.json that it speaks the built-in byte tokenizer (it has no
-    tokenizer files). The key survives model.save_pretrained, which writes the loaded config.json
-    back unchanged."""
+    """Record in a checkpoint's config.json that it speaks the built-in byte tokenizer (it has
+    no tokenizer files). The key survives model.save_pretrained, which writes the loaded
+    config.json back unchanged."""
     config = os.path.join(path, "config.json")
     d = read_json(config)
     d[BYTE_MARK] = "byte"

@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny random Qwen2/Qwen3 checkpoints and a tiny Qwen-style tokenizer, built
-offline."""
+"""Shared fixtures: tiny random Qwen2/Qwen3 checkpoints and a tiny Qwen-style
+tokenizer, built offline."""
 
 import os
 import sys
@@ -8,8 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-# one thread per process: on a loaded machine several OpenMP threads per tiny op spin against each
-# other (20x slower)
+# one thread per process: on a loaded machine several OpenMP threads per tiny op
+# spin against each other (20x slower)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -19,23 +19,25 @@ import torch  # noqa: E402
 
 torch.set_flush_denormal(True)
 
-# Qwen2's pre-tokenizer split; transformers installs it when loading a qwen2/qwen3 folder, so ours
-# must match
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2's pre-tokenizer split; transformers installs it when loading a qwen2/qwen3 folder,
+# so ours must match
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+    "{% if enable_thinking is defined and enable_thinking is false %}"
+    "<think>\n\n</think>\n\n{% endif %}{% endif %}")
 CORPUS = ("What is 12 + 30? Let us add the numbers step by step. The answer is \\boxed{42}.\n"
           "Please reason step by step, and put your final answer within \\boxed{}.\n"
-          "0123456789 + - * / = ( ) { } [ ] the a of to and is in that it for on with as was at by\n") * 20
+          "0123456789 + - * / = ( ) { } [ ] "
+          "the a of to and is in that it for on with as was at by\n") * 20
 
 
 def build_tokenizer(out_dir, vocab_size=384):
-    """A byte-level BPE trained on a small corpus, saved as an HF tokenizer with a Qwen-like chat
-    template."""
+    """A byte-level BPE trained on a small corpus, saved as an HF tokenizer with a
+    Qwen-like chat template."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
@@ -47,23 +49,27 @@ def build_tokenizer(out_dir, vocab_size=384):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([CORPUS], trainer)
     tok.add_special_tokens(SPECIALS)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
     return len(tok.get_vocab())
 
 
-def make_checkpoint(out_dir, model_type="qwen3", tied=False, seed=0, tokenizer=True, dtype=torch.float32, **kw):
-    """Save a tiny random Qwen2ForCausalLM / Qwen3ForCausalLM with transformers; return the
-    folder."""
+def make_checkpoint(out_dir, model_type="qwen3", tied=False, seed=0, tokenizer=True,
+                    dtype=torch.float32, **kw):
+    """Save a tiny random Qwen2ForCausalLM / Qwen3ForCausalLM with transformers;
+    return the folder."""
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
     vocab = build_tokenizer(out_dir) if tokenizer else 384
     args = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
-                tie_word_embeddings=tied, rms_norm_eps=1e-6, eos_token_id=vocab - 3, pad_token_id=vocab - 5,
-                bos_token_id=None)
+                num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                max_position_embeddings=512, tie_word_embeddings=tied, rms_norm_eps=1e-6,
+                eos_token_id=vocab - 3, pad_token_id=vocab - 5, bos_token_id=None)
     args.update(kw)
-    cfg_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[model_type]
+    classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
+               "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+    cfg_cls, model_cls = classes[model_type]
     if model_type == "qwen2":
         args.pop("head_dim")
         args["hidden_size"] = args["num_attention_heads"] * (kw.get("head_dim") or 32)
@@ -97,16 +103,19 @@ def tiny_qwen3_b(tmp_path_factory):
 def pair(tmp_path_factory):
     """distill.py's tiny teacher and student: the same architecture and tokenizer, other weights."""
     root = tmp_path_factory.mktemp("pair")
-    return make_checkpoint(root / "teacher", "qwen3", seed=3), make_checkpoint(root / "student", "qwen3", seed=4)
+    teacher = make_checkpoint(root / "teacher", "qwen3", seed=3)
+    student = make_checkpoint(root / "student", "qwen3", seed=4)
+    return teacher, student
 
 
 @pytest.fixture(scope="session")
 def wide_pair(tmp_path_factory):
-    """A pair of different widths and depths: teacher 4 layers d=128, student 3 layers d=64
-    (projector, bridge)."""
+    """A pair of different widths and depths:
+    teacher 4 layers d=128, student 3 layers d=64 (projector, bridge)."""
     root = tmp_path_factory.mktemp("wide_pair")
-    teacher = make_checkpoint(root / "teacher", "qwen3", hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                              num_key_value_heads=2, intermediate_size=256, seed=3)
+    teacher = make_checkpoint(root / "teacher", "qwen3", hidden_size=128, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
+                              seed=3)
     return teacher, make_checkpoint(root / "student", "qwen3", seed=4)
 
 

@@ -69,8 +69,8 @@ def toks(tmp_path_factory):
 
 
 def walk_chunks(s_pieces, t_pieces):
-    """GOLD's grouping by hand: add tokens to whichever side has read fewer characters, close when
-    equal."""
+    """GOLD's grouping by hand: add tokens to whichever side has read fewer characters,
+    close when equal."""
     chunks = []
     # tokens taken and characters read on each side, and where the open chunk starts
     i, j = 0, 0
@@ -117,8 +117,8 @@ def test_state_positions_are_response_masks_for_one_tokenizer(toks, align):
 
 
 def test_permuted_ids_same_splits_align_as_identity(toks, tmp_path):
-    """A teacher whose ids are a permutation of the student's: other ids, same tokens, identity
-    alignment."""
+    """A teacher whose ids are a permutation of the student's:
+    other ids, same tokens, identity alignment."""
     from tokenizers import Tokenizer
     spec = json.loads(toks["qwen"].tok.backend_tokenizer.to_str())
     vocab = spec["model"]["vocab"]
@@ -211,8 +211,8 @@ def test_multibyte_characters_split_differently(tmp_path):
 
 
 def test_token_bytes_follow_the_byte_level_alphabet(toks):
-    """Every one-character token of a byte-level BPE is one byte, as transformers' GPT-2 table
-    spells it."""
+    """Every one-character token of a byte-level BPE is one byte, as transformers' GPT-2
+    table spells it."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     phi = toks["phi"]

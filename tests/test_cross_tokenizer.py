@@ -43,8 +43,8 @@ def permuted_copy(src, dst, seed=0):
 
 
 def with_extra_special_token(folder):
-    """One more special token, never in any text: the tokenizer maps text to the same ids but is not
-    the same."""
+    """One more special token, never in any text: the tokenizer maps text to the same ids but is
+    not the same."""
     with open(os.path.join(folder, "tokenizer.json")) as f:
         spec = json.load(f)
     n = max(t["id"] for t in spec["added_tokens"]) + 1
