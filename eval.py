@@ -43,10 +43,11 @@ max_prompt_tokens = 2048      # the engine's context is this plus max_new_tokens
 device = 'auto'
 # vLLM's share of the GPU: eval.py runs alone (distill.py's engine gets 0.3)
 gpu_memory_utilization = 0.9
-# under torchrun the ranks meet in one gather after each benchmark, so the ones done first wait
-# there for the slowest: shards differ in length (16 samples per problem, each up to
-# max_new_tokens), and NCCL's default of 10 minutes would end a run whose ranks finish that far
-# apart. Two hours leaves room for a slow shard; raise it for longer responses or slower GPUs.
+# minutes a rank waits in a collective. Under torchrun the ranks meet in a gather after each
+# benchmark, where those done first wait for the slowest: shards differ in length (n_samples per
+# problem, each up to max_new_tokens), so NCCL's 10-minute default would stop a run whose ranks
+# finish further apart. Two hours (distill.py's default too) leaves room for a slow shard; its one
+# cost is that a rank that dies leaves the others waiting that long. Raise it for longer responses.
 dist_timeout_min = 120
 # -----------------------------------------------------------------------------
 
@@ -137,8 +138,8 @@ def _symbolic_equal(a, b, timeout=2.0):
         return False
     # imported here, in the caller's thread, so the import doesn't eat into the timeout
     import sympy
-    from sympy.parsing.sympy_parser import (implicit_multiplication, parse_expr,
-                                            standard_transformations)
+    from sympy.parsing.sympy_parser import (parse_expr, standard_transformations,
+                                            implicit_multiplication)
     # parse_expr eval()s the tokenized text; it only ever sees the whitelisted string above, with no
     # builtins and a namespace of just the names sympy's tokenizer emits plus sqrt and pi
     names = {'__builtins__': {}, 'Integer': sympy.Integer, 'Float': sympy.Float,
@@ -177,8 +178,8 @@ def grade(pred, gold):
 def pass_at_k(n, c, k):
     """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k), as a stable
     product."""
-    assert 0 <= c <= n and 1 <= k <= n, \
-        f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}"
+    assert 0 <= c <= n and 1 <= k <= n, (
+        f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
     if n - c < k:
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
@@ -196,7 +197,8 @@ def _vote_key(a):
     return n if n is not None else s
 
 def majority_index(preds):
-    """Index of the majority answer (None doesn't vote; a tie goes to the first seen), or None if no votes."""
+    """Index of the majority answer (None doesn't vote; a tie goes to the first seen), or None if no
+    votes."""
     keys = [(_vote_key(p), i) for i, p in enumerate(preds) if p is not None]
     if not keys:
         return None
@@ -219,7 +221,8 @@ def default_ks(n):
     return sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n})
 
 def summarize(records, n, ks=None):
-    """One benchmark's records (one per sample, n per problem) -> its metrics, fractions in [0, 1]."""
+    """One benchmark's records (one per sample, n per problem) -> its metrics, fractions in
+    [0, 1]."""
     ks = ks or default_ks(n)
     by_problem = defaultdict(list)
     for r in records:
@@ -234,7 +237,8 @@ def summarize(records, n, ks=None):
     s[f'best@{n}'] = mean([float(best_at_n([r['correct'] for r in rs])) for rs in probs])
     for k in ks:
         s[f'pass@{k}'] = mean([pass_at_k(n, sum(r['correct'] for r in rs), k) for rs in probs])
-    maj = [majority_index([r['pred'] for r in rs]) for rs in probs]  # the winner's own grade: no gold needed
+    # the winner's own grade: no gold needed
+    maj = [majority_index([r['pred'] for r in rs]) for rs in probs]
     s[f'maj@{n}'] = mean([float(i is not None and rs[i]['correct']) for i, rs in zip(maj, probs)])
     s['dist4g'] = mean([dist_4g([r['text'] for r in rs]) for rs in probs])
     s['mean_len'] = mean([r['n_tokens'] for rs in probs for r in rs])
@@ -257,9 +261,12 @@ def format_table(summaries):
         if k in ('n_problems', 'n_samples'):
             return str(v)
         return f"{v:.0f}" if k == 'mean_len' else f"{100 * v:.1f}"
-    rows = [['benchmark'] + cols] + [[b] + [cell(k, s.get(k)) for k in cols] for b, s in summaries.items()]
+    rows = [['benchmark'] + cols]
+    rows += [[b] + [cell(k, s.get(k)) for k in cols] for b, s in summaries.items()]
     w = [max(len(r[i]) for r in rows) for i in range(len(cols) + 1)]
-    return '\n'.join('  '.join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) for r in rows)
+    lines = ('  '.join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r))
+             for r in rows)
+    return '\n'.join(lines)
 
 def _write_atomic(path, text):
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -277,7 +284,8 @@ def write_outputs(out_dir, summaries, records):
 # -----------------------------------------------------------------------------
 
 def resolve_ckpt(path):
-    """An HF checkpoint folder as is; distill.py's out_dir -> its newest checkpoint; else as given (hub id)."""
+    """An HF checkpoint folder as is; distill.py's out_dir -> its newest checkpoint; else as given
+    (hub id)."""
     from model import checkpoints_in  # lazy: the top half of this file imports without torch
     if os.path.isfile(os.path.join(path, 'config.json')):
         return path
@@ -285,20 +293,28 @@ def resolve_ckpt(path):
     return found[-1] if found else path
 
 def check_settings():
-    """Every setting's range and every input, before a model loads or a folder is made: one ValueError."""
-    rules = [('n_samples', n_samples >= 1, '>= 1'), ('max_new_tokens', max_new_tokens >= 1, '>= 1'),
-             ('batch_problems', batch_problems >= 1, '>= 1'), ('max_prompt_tokens', max_prompt_tokens >= 1, '>= 1'),
-             ('limit', limit >= 0, '>= 0 (0 = all)'), ('temperature', temperature >= 0, '>= 0'),
-             ('top_p', 0 < top_p <= 1, 'in (0, 1]'), ('top_k', top_k == -1 or top_k >= 1, '-1 (off) or >= 1'),
+    """Every setting's range and every input, before a model loads or a folder is made: one
+    ValueError."""
+    rules = [('n_samples', n_samples >= 1, '>= 1'),
+             ('max_new_tokens', max_new_tokens >= 1, '>= 1'),
+             ('batch_problems', batch_problems >= 1, '>= 1'),
+             ('max_prompt_tokens', max_prompt_tokens >= 1, '>= 1'),
+             ('limit', limit >= 0, '>= 0 (0 = all)'),
+             ('temperature', temperature >= 0, '>= 0'),
+             ('top_p', 0 < top_p <= 1, 'in (0, 1]'),
+             ('top_k', top_k == -1 or top_k >= 1, '-1 (off) or >= 1'),
              ('backend', backend in ('auto', 'vllm', 'torch'), 'auto, vllm or torch'),
              ('device', device in ('auto', 'cpu', 'cuda'), 'auto, cpu or cuda'),
              ('gpu_memory_utilization', 0 < gpu_memory_utilization <= 1, 'in (0, 1]'),
-             ('benchmarks', any(b.strip() for b in benchmarks.split(',')), 'at least one benchmark name')]
+             ('dist_timeout_min', dist_timeout_min > 0, '> 0 (minutes)'),
+             ('benchmarks', any(b.strip() for b in benchmarks.split(',')),
+              'at least one benchmark name')]
     for key, ok, want in rules:
         if not ok:
             raise ValueError(f"{key}={globals()[key]!r}: must be {want}")
     if out and os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"out={out!r} is a file: --out names a folder (for summary.json and samples.jsonl)")
+        raise ValueError(f"out={out!r} is a file: --out names a folder "
+                         "(for summary.json and samples.jsonl)")
     if device == 'cuda':
         import torch
         if not torch.cuda.is_available():
@@ -321,25 +337,37 @@ def evaluate(rank, world):
     import torch.distributed as dist
     from tqdm import tqdm
     import rollout
+    from fsdp import setup_distributed
     from model import CheckpointError, resolve_checkpoint
     from tokenizer import load_tokenizer
     on_gpu = device == 'cuda' or (device == 'auto' and torch.cuda.is_available())
     if world > 1:
-        dist.init_process_group('nccl' if on_gpu else 'gloo')
+        # distill.py's set-up: each rank binds its own GPU (cuda:LOCAL_RANK) before the NCCL group
+        # starts, or the gather below would run every rank on cuda:0; gloo on the CPU
+        setup_distributed(device, dist_timeout_min)
     path = resolve_checkpoint(resolve_ckpt(ckpt))
     if not os.path.isfile(os.path.join(path, 'config.json')):
-        what = "an out_dir of distill.py with no step_* checkpoint in it" if os.path.isdir(path) else "not a folder"
+        if os.path.isdir(path):
+            what = "an out_dir of distill.py with no step_* checkpoint in it"
+        else:
+            what = "not a folder"
         raise CheckpointError(f"no config.json in {path!r}: {what}")
     names = [b.strip() for b in benchmarks.split(',') if b.strip()]
-    sets = {name: load_problems(name, data_dir or None)[:limit or None] for name in names}  # errors before work
+    # errors before work
+    sets = {name: load_problems(name, data_dir or None)[:limit or None] for name in names}
     if rank == 0:
-        print(f"evaluating {path} on {', '.join(names)}: {n_samples} samples per problem, temperature "
-              f"{temperature}, top-p {top_p}, up to {max_new_tokens} new tokens ({world} rank(s))")
+        print(f"evaluating {path} on {', '.join(names)}: {n_samples} samples per problem, "
+              f"temperature {temperature}, top-p {top_p}, up to {max_new_tokens} new tokens "
+              f"({world} rank(s))")
     tok = load_tokenizer(path)
-    dev = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if on_gpu else torch.device('cpu')
-    sampler = rollout.make_sampler(backend, path, seed=seed, max_model_len=max_prompt_tokens + max_new_tokens,
-                                   device=dev, gpu_memory_utilization=gpu_memory_utilization if on_gpu else None,
-                                   enforce_eager=not on_gpu)  # vLLM's CPU build would compile at every start
+    if on_gpu:
+        dev = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+    else:
+        dev = torch.device('cpu')
+    sampler = rollout.make_sampler(
+        backend, path, seed=seed, max_model_len=max_prompt_tokens + max_new_tokens, device=dev,
+        gpu_memory_utilization=gpu_memory_utilization if on_gpu else None,
+        enforce_eager=not on_gpu)  # vLLM's CPU build would compile at every start
     summaries, all_records = {}, []
     for name, problems in sets.items():
         mine = problems[rank::world]  # problems split across ranks, results gathered on rank 0
@@ -348,13 +376,16 @@ def evaluate(rank, world):
         for i in bar:
             chunk = mine[i:i + batch_problems]
             prompts = [encode_prompt(p, tok, enable_thinking) for p in chunk]
-            # each problem's samples are seeded by its index in the set: the same whatever the ranks and batches
-            samples = sampler.generate(prompts, n=n_samples, temperature=temperature, top_p=top_p, top_k=top_k,
-                                       max_new_tokens=max_new_tokens, stop_ids=tok.eos_ids, seed=seed,
-                                       places=[rank + world * (i + k) for k in range(len(chunk))])
+            # each problem's samples are seeded by its index in the set: the same whatever the
+            # ranks and batches
+            places = [rank + world * (i + k) for k in range(len(chunk))]
+            samples = sampler.generate(prompts, n=n_samples, temperature=temperature, top_p=top_p,
+                                       top_k=top_k, max_new_tokens=max_new_tokens,
+                                       stop_ids=tok.eos_ids, seed=seed, places=places)
             for p, ss in zip(chunk, samples):
                 for j, s in enumerate(ss):
-                    records.append(make_record(name, p, j, tok.decode(s.tokens), len(s.tokens), s.finish))
+                    text = tok.decode(s.tokens)
+                    records.append(make_record(name, p, j, text, len(s.tokens), s.finish))
         if world > 1:
             gathered = [None] * world
             dist.all_gather_object(gathered, records)
@@ -367,7 +398,8 @@ def evaluate(rank, world):
         if out:
             write_outputs(out, summaries, all_records)
             print(f"wrote {os.path.join(out, 'summary.json')} and samples.jsonl")
-    sampler.close()  # before the process group goes; vLLM's teardown may destroy the shared group itself
+    # before the process group goes; vLLM's teardown may destroy the shared group itself
+    sampler.close()
     if world > 1 and dist.is_initialized():
         dist.destroy_process_group()
     return summaries

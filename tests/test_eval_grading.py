@@ -138,21 +138,23 @@ def test_malicious_answers_never_run(tmp_path):
 
 
 def test_symbolic_timeout_returns_false(monkeypatch):
-    """A hang inside sympy: the comparison gives up (False) while the work is still running, instead of
-    waiting for it; the work would have answered True had it been waited for."""
+    """A hang inside sympy: the comparison gives up (False) while the work is still running,
+    instead of waiting for it; the work would have answered True had it been waited for."""
     import sympy
     assert ev._symbolic_equal('x+x', '2x') is True
     entered, release = threading.Event(), threading.Event()
 
     def hang(e):
         entered.set()
-        release.wait(60)  # until the test lets it go (a safety limit, never reached when the timeout works)
+        # until the test lets it go (a safety limit, never reached when the timeout works)
+        release.wait(60)
         return 0  # "equal"
 
     monkeypatch.setattr(sympy, 'simplify', hang)
     try:
         assert ev._symbolic_equal('x+x', '2x', timeout=0.2) is False
-        assert entered.wait(30) and not release.is_set()  # the work reached the hang and is still in it
+        # the work reached the hang and is still in it
+        assert entered.wait(30) and not release.is_set()
     finally:
         release.set()
     big = '(' * 30 + 'x+1' + ')' * 30
@@ -198,8 +200,10 @@ def test_maj_at_n():
     assert ev.maj_at_n(['5', '7', '7', '5'], '5') is True
     assert ev.maj_at_n([None, None, None, '5', '7', '5'], '5') is True   # None doesn't vote
     assert ev.maj_at_n([None, None], '5') is False
-    assert ev.maj_at_n(['25', '025', '25.0', '7', '7'], '25') is True    # same value, one vote block
-    assert ev.majority_index(['1/2', r'\frac{1}{2}', '3', '3']) == 0     # 2 vs 2 by value: first seen
+    # same value, one vote block
+    assert ev.maj_at_n(['25', '025', '25.0', '7', '7'], '25') is True
+    # 2 vs 2 by value: first seen
+    assert ev.majority_index(['1/2', r'\frac{1}{2}', '3', '3']) == 0
     assert ev.majority_index([None, '3']) == 1
 
 
@@ -223,8 +227,8 @@ def _records(bench, answers_by_problem, gold, finish_length=()):
     for pid, texts in answers_by_problem.items():
         for i, t in enumerate(texts):
             fin = 'length' if (pid, i) in finish_length else 'stop'
-            recs.append(ev.make_record(bench, {'id': pid, 'problem': '?', 'answer': gold[pid]}, i, t,
-                                       len(t.split()), fin))
+            problem = {'id': pid, 'problem': '?', 'answer': gold[pid]}
+            recs.append(ev.make_record(bench, problem, i, t, len(t.split()), fin))
     return recs
 
 
@@ -233,16 +237,19 @@ def test_summarize_and_table():
              'p2': [r'\boxed{1}', r'\boxed{2}', r'\boxed{2}', 'cut off']}
     recs = _records('mini', texts, {'p1': '5', 'p2': '1'}, finish_length={('p2', 3)})
     assert recs[0]['id'] == 'mini/p1/0' and recs[0]['pred'] == '5' and recs[0]['correct'] is True
-    assert set(recs[0]) >= {'id', 'problem_id', 'sample', 'text', 'n_tokens', 'finish', 'pred', 'correct'}
+    assert set(recs[0]) >= {'id', 'problem_id', 'sample', 'text', 'n_tokens', 'finish', 'pred',
+                            'correct'}
     s = ev.summarize(recs, 4)
     assert s['n_problems'] == 2
     assert s['avg@4'] == pytest.approx((3 / 4 + 1 / 4) / 2)
     assert s['best@4'] == 1.0
     assert s['pass@1'] == pytest.approx(s['avg@4'])
-    assert s['pass@2'] == pytest.approx(((1 - 0) + (1 - 3 / 6)) / 2)  # p1: C(1,2)=0; p2: 1 - C(3,2)/C(4,2)
+    # p1: C(1,2)=0; p2: 1 - C(3,2)/C(4,2)
+    assert s['pass@2'] == pytest.approx(((1 - 0) + (1 - 3 / 6)) / 2)
     assert s['pass@4'] == 1.0
     assert s['maj@4'] == 0.5                                         # p1 right (5), p2 wrong (2)
-    assert s['mean_len'] == pytest.approx(sum(len(t.split()) for v in texts.values() for t in v) / 8)
+    n_words = sum(len(t.split()) for v in texts.values() for t in v)
+    assert s['mean_len'] == pytest.approx(n_words / 8)
     assert s['trunc_rate'] == 1 / 8
     # dist4g: p1 has 4 texts of 2 tokens -> 0 grams; p2 also none -> 0
     assert s['dist4g'] == 0.0
@@ -268,15 +275,18 @@ def test_write_outputs(tmp_path):
 
 def test_prompt():
     p = data.build_prompt('What is 1+1?')
-    assert p == 'What is 1+1?\nPlease reason step by step, and put your final answer within \\boxed{}.'
+    assert p == ('What is 1+1?\nPlease reason step by step, and put your final answer within '
+                 '\\boxed{}.')
 
 # -----------------------------------------------------------------------------
 # data loading
 
 def test_fixture_loads():
     rows = data.load_problems(str(FIXTURES / 'mini_bench.jsonl'))
-    assert [r['id'] for r in rows] == ['m-1', 'm-2', 'm-3', '3', 'm-5']  # blank line skipped; no id -> index
-    assert rows[1] == {'id': 'm-2', 'problem': 'Compute $2^{10}$.', 'answer': '1024'}  # 'question', int answer
+    # blank line skipped; no id -> index
+    assert [r['id'] for r in rows] == ['m-1', 'm-2', 'm-3', '3', 'm-5']
+    # 'question', int answer
+    assert rows[1] == {'id': 'm-2', 'problem': 'Compute $2^{10}$.', 'answer': '1024'}
     assert all(isinstance(v, str) for r in rows for v in r.values())
 
 
@@ -287,7 +297,8 @@ def test_fixture_loads():
     (['{"problem": "a"}'], 1, "'answer'"),
     (['{"problem": 7, "answer": "1"}'], 1, "'problem'"),
     (['{"problem": "a", "answer": null}'], 1, "'answer'"),
-    (['{"id": 1, "problem": "a", "answer": "1"}', '{"id": "1", "problem": "b", "answer": "2"}'], 2, 'duplicate'),
+    (['{"id": 1, "problem": "a", "answer": "1"}', '{"id": "1", "problem": "b", "answer": "2"}'], 2,
+     'duplicate'),
 ])
 def test_malformed_lines(tmp_path, lines, bad_line, msg):
     f = tmp_path / 'bad.jsonl'
@@ -316,13 +327,15 @@ def test_data_dir_lookup(tmp_path, monkeypatch):
     (tmp_path / 'aime24.jsonl').write_text('{"id": "x", "problem": "p", "answer": "3"}\n')
     (tmp_path / 'mine.jsonl').write_text('{"problem": "p", "answer": 4}\n')
     assert data.load_problems('aime24', data_dir=str(tmp_path))[0]['answer'] == '3'
-    assert data.load_problems('mine', data_dir=str(tmp_path)) == [{'id': '0', 'problem': 'p', 'answer': '4'}]
+    mine = [{'id': '0', 'problem': 'p', 'answer': '4'}]
+    assert data.load_problems('mine', data_dir=str(tmp_path)) == mine
     monkeypatch.setenv('OPRD_DATA_DIR', str(tmp_path))
     assert data.load_problems('aime24')[0]['id'] == 'x'
 
 
 def test_builtin_hook(monkeypatch):
-    monkeypatch.setitem(data.BUILTIN, 'tiny', lambda: [{'id': '0', 'problem': '1+1?', 'answer': '2'}])
+    monkeypatch.setitem(data.BUILTIN, 'tiny',
+                        lambda: [{'id': '0', 'problem': '1+1?', 'answer': '2'}])
     assert data.load_problems('tiny')[0]['answer'] == '2'
 
 
@@ -337,4 +350,5 @@ def test_shipped_bench(name, rows):
         assert ev.grade(ev.extract_answer(f"thus \\boxed{{{a}}}."), a), p
         assert not ev.grade(str(int(a) + 1), a), p
     if name == 'aimo':
-        assert min(int(p['answer']) for p in probs) < 0 and max(int(p['answer']) for p in probs) > 999
+        answers = [int(p['answer']) for p in probs]
+        assert min(answers) < 0 and max(answers) > 999
