@@ -195,11 +195,12 @@ def test_start_line_names_the_model_runner(engine):
     the V2 runner (CUDA), the line names the fallback."""
     assert engine.runner_v2 is False
     assert engine.runner == "vllm.v1.worker.cpu_model_runner.CPUModelRunner"
-    line = engine.summary()
-    assert line.startswith("rollout: vLLM 0.32.0 engine on cpu, float32, its core in a child process")
-    assert line.endswith("model runner V1 (vllm.v1.worker.cpu_model_runner.CPUModelRunner)")
+    assert engine.summary() == (
+        "rollout: vLLM 0.32.0 engine on cpu, float32, its core in a child process, model runner V1 "
+        "(vllm.v1.worker.cpu_model_runner.CPUModelRunner)")
+    v2 = "vllm.v1.worker.gpu.model_runner.GPUModelRunner"
     on_gpu = SimpleNamespace(device=torch.device("cuda:0"), dtype=torch.bfloat16, in_process=True,
-                             runner_v2=True, runner="vllm.v1.worker.gpu.model_runner.GPUModelRunner")
+                             runner_v2=True, runner=v2)
     assert VLLMSampler.summary(on_gpu) == (
         "rollout: vLLM 0.32.0 engine on cuda, bfloat16, in this process, model runner V2 "
         "(vllm.v1.worker.gpu.model_runner.GPUModelRunner); VLLM_USE_V2_MODEL_RUNNER=0 falls back "
@@ -235,7 +236,7 @@ def test_two_ranks_each_sample_their_share(cpu_vllm, tmp_path, tiny_qwen3, tiny_
 
     With VLLM_CPU_KVCACHE_SPACE unset, as on a user's CPU run: each engine sizes its KV cache from
     its share of the node's RAM, which rollout.py divides among the node's ranks, so the two ranks
-    together stay near half the RAM (at vLLM's own 0.5 each they took it all, and one was killed).
+    together stay near half the RAM (at 0.5 each they would take it all).
     Then the bf16 weight sync: each rank casts its shard before the all-gather, and the tensors it
     hands over are exactly the bf16 cast of the unsharded checkpoint."""
     out = tmp_path / "ranks.json"
