@@ -294,8 +294,8 @@ def engine_args(model_path, hf_config, device_type, world=1, gpu_memory_utilizat
         # On a CPU the share is of the node's RAM, and every rank's engine takes all of its own:
         # without VLLM_CPU_KVCACHE_SPACE, vLLM 0.32's CPU worker (v1/worker/cpu_worker.py,
         # determine_available_memory) makes its KV cache the share of the NUMA node minus the
-        # process's resident memory, zeroed at start, so two ranks at 0.5 each asked for the whole
-        # node and one was killed. Half the RAM is divided among the node's ranks: one rank keeps
+        # process's resident memory, zeroed at start, so two ranks at 0.5 each would ask for the
+        # whole node between them. Half the RAM is divided among the node's ranks: one rank keeps
         # what it had, and the node stays at half whatever the number of ranks (vLLM's 0.92 refuses
         # to start once others hold a little). A fixed small KV space would bound it too, but vLLM
         # refuses to start when max_model_len does not fit in the cache, and a space that fits a
