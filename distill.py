@@ -676,7 +676,8 @@ def train(cfg):
             if dev.type == 'cuda':
                 torch.cuda.empty_cache()
                 reserved = torch.cuda.memory_reserved(dev)
-            sampler.update_weights(fsdp_named_tensors(stu))
+            # each rank casts its fp32 shard to the engine's dtype before the all-gather
+            sampler.update_weights(fsdp_named_tensors(stu, dtype=sampler.dtype))
         clock.lap('sync')
 
         # 6. log (after the checkpoint, so the record carries its time) and checkpoint

@@ -56,7 +56,10 @@ def setup_distributed(device, timeout_min):
         torch.cuda.set_device(dev)
     timeout = datetime.timedelta(minutes=timeout_min)
     backend_name = 'nccl' if use_cuda else 'gloo'
-    if 'RANK' in os.environ:
+    if 'RANK' in os.environ and use_cuda:
+        # device_id: NCCL binds the rank's own GPU at the start, not cuda:0 at the first collective
+        dist.init_process_group(backend_name, timeout=timeout, device_id=dev)
+    elif 'RANK' in os.environ:
         dist.init_process_group(backend_name, timeout=timeout)
     else:
         dist.init_process_group(backend_name, store=dist.HashStore(), rank=0, world_size=1,

@@ -219,6 +219,8 @@ class TorchSampler:
                              "with update_weights(fsdp_named_tensors(m))")
         self.model = model
         self.device = next(model.parameters()).device
+        # the dtype update_weights receives: the trainer casts its shards to it before the gather
+        self.dtype = next(model.parameters()).dtype
         on_gpu = self.device.type == "cuda"
         if not on_gpu:
             # random and tiny models produce denormals, 10x slower on some CPUs

@@ -170,3 +170,38 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(pair, tmp_path, settings
     rows = log(out)
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert math.isfinite(rows[0]["loss"]) and not any(math.isfinite(r["loss"]) for r in rows[1:])
+
+
+def test_the_weight_sync_sends_the_engine_dtype(pair, tmp_path, settings_restored, monkeypatch):
+    """A bf16 engine receives bf16 tensors from the fp32 trainer, exactly the bf16 cast of the
+    weights the step wrote (read back from the last checkpoint)."""
+    import rollout
+    from safetensors.torch import load_file
+    from model import checkpoints_in
+    from sampler import TorchSampler
+    distill = settings_restored
+    synced = []
+
+    def bf16_sampler(backend, model_path, **engine_kw):
+        sampler = TorchSampler(model_path=model_path, dtype=torch.bfloat16, device="cpu")
+        update = sampler.update_weights
+
+        def recorded_update(named_tensors):
+            received = {name: t.clone() for name, t in named_tensors}
+            synced.append(received)
+            update(received.items())
+        sampler.update_weights = recorded_update
+        return sampler
+
+    monkeypatch.setattr(rollout, "make_sampler", bf16_sampler)
+    out = tmp_path / "o"
+    monkeypatch.setattr(sys, "argv", ["distill.py"] + base_args(pair, out, method="oprd"))
+    distill.main()
+    assert len(synced) == 2
+    last = synced[-1]
+    assert {t.dtype for t in last.values()} == {torch.bfloat16}
+    saved = load_file(os.path.join(checkpoints_in(out)[-1], "model.safetensors"))
+    assert last.keys() == saved.keys()
+    for name, weight in saved.items():
+        assert weight.dtype == torch.float32
+        assert torch.equal(last[name], weight.to(torch.bfloat16)), name

@@ -146,8 +146,10 @@ def test_a_rank_starts_the_group_on_its_own_device(device, extra, backend_name, 
     name, backend, kwargs = calls[-1]
     assert (name, backend) == ("init_process_group", backend_name)
     assert kwargs["timeout"] == datetime.timedelta(minutes=minutes)
-    if "device_id" in kwargs:
-        assert backend_name == "nccl" and torch.device(kwargs["device_id"]) == gpu
+    if backend_name == "nccl":
+        assert torch.device(kwargs["device_id"]) == gpu
+    else:
+        assert "device_id" not in kwargs
 
 
 @pytest.mark.parametrize("value", ["0", "-5"])
