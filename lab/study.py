@@ -1,28 +1,34 @@
 """
-The small-scale study behind RESULTS.md: every method at its own learning rate, the paper's ablations of OPRD,
-and a student of another width and depth, on the built-in tiny task. It trains from the models tiny.py ships
-(models/tiny: the pair and the small student, used as they are) through tiny.py's runner and evaluation.
+The small-scale study behind RESULTS.md: every method at its own learning rate, the paper's
+ablations of OPRD, and a student of another width and depth, on the built-in tiny task. It trains
+from the models tiny.py ships (models/tiny: the pair and the small student, used as they are)
+through tiny.py's runner and evaluation.
 
-$ python -m lab.study            # 41 minutes on 2 CPU cores; finished runs and evaluations are reused
+$ python -m lab.study            # 41 minutes on 2 CPU cores; finished runs and evaluations
+                                 # are reused
 $ python -m lab.study --jobs=1   # one run at a time (each run uses one thread)
 $ python -m lab.study --xtok=True   # the cross-tokenizer block instead (below)
 
-1. Rates. Each method of the main table (and each cross-width row) is trained from its student for the same
-   step budget (tiny.py's distill_steps) and rollouts per step at the rates of GRID, one seed, and scored on the
-   validation split (tiny.write_val: 512 problems kept apart from training and from the held-out test). While the
-   best rate sits at an edge of those tried, the next rate of LADDER beyond it is tried too.
-2. Test. At the chosen rate, `seeds` seeds, greedy accuracy on the 256 held-out test problems after every
-   EVAL_EVERY steps (seed 0 is the very run that chose the rate, now scored on the test problems).
-3. Ablations of OPRD at OPRD's chosen rate (the combined objective's µ at opd+oprd's), `seeds` seeds each.
+1. Rates. Each method of the main table (and each cross-width row) is trained from its student for
+   the same step budget (tiny.py's distill_steps) and rollouts per step at the rates of GRID, one
+   seed, and scored on the validation split (tiny.write_val: 512 problems kept apart from training
+   and from the held-out test). While the best rate sits at an edge of those tried, the next rate
+   of LADDER beyond it is tried too.
+2. Test. At the chosen rate, `seeds` seeds, greedy accuracy on the 256 held-out test problems after
+   every EVAL_EVERY steps (seed 0 is the very run that chose the rate, now scored on the test
+   problems).
+3. Ablations of OPRD at OPRD's chosen rate (the combined objective's µ at opd+oprd's), `seeds`
+   seeds each.
 
-With --xtok=True, the cross-tokenizer block: tiny.py's student (byte-level, Qwen3) toward the teacher of another
-family, width and tokenizer (tiny.py --xtok=True's Llama with its BPE), through the methods that work across
-tokenizers (XTOK), steps 1 and 2 the same; its runs go to work_dir/xstudy, its table to RESULTS.md's xstudy block.
+With --xtok=True, the cross-tokenizer block: tiny.py's student (byte-level, Qwen3) toward the
+teacher of another family, width and tokenizer (tiny.py --xtok=True's Llama with its BPE), through
+the methods that work across tokenizers (XTOK), steps 1 and 2 the same; its runs go to
+work_dir/xstudy, its table to RESULTS.md's xstudy block.
 
-Everything runs through distill.py and eval.py as subprocesses, `jobs` at a time, with the torch sampler. Results
-go to work_dir/study/ (runs, evaluations, logs, study.json, study.md); the tables and the plot are then written
-into RESULTS.md (between its study markers), README.md's headline table and figures/, with the raw figures in
-figures/study.json.
+Everything runs through distill.py and eval.py as subprocesses, `jobs` at a time, with the torch
+sampler. Results go to work_dir/study/ (runs, evaluations, logs, study.json, study.md); the tables
+and the plot are then written into RESULTS.md (between its study markers), README.md's headline
+table and figures/, with the raw figures in figures/study.json.
 """
 import json
 import os
@@ -44,16 +50,22 @@ seeds = 3                      # seeds per row and per ablation on the test prob
 xtok = False                   # the cross-tokenizer block instead of the main study
 # -----------------------------------------------------------------------------
 
-LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # learning rates, half a decade apart
+# learning rates, half a decade apart
+LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 GRID = (3e-4, 1e-3, 3e-3)      # tried first, for every method
 EVAL_EVERY = 20                # test accuracy after every this many steps: the plot's points
-K_POSITIONS = 12               # first_k / last_k: a third of the typical 36-token response (the paper: the last
-                               # 2,000 tokens of responses that run to several thousand)
+# first_k / last_k: a third of the typical 36-token response (the paper: the last 2,000 tokens of
+# responses that run to several thousand)
+K_POSITIONS = 12
 FIGURES = 'figures'            # the plot and the study's raw figures (repository-relative)
 RESULTS, README = 'RESULTS.md', 'README.md'
-BEGIN, END = '<!-- study: begin (generated by python -m lab.study) -->', '<!-- study: end -->'  # RESULTS.md's block
-XBEGIN, XEND = '<!-- xstudy: begin (generated by python -m lab.study --xtok=True) -->', '<!-- xstudy: end -->'
-HEADLINE_BEGIN, HEADLINE_END = '<!-- headline: begin (generated by python -m lab.study) -->', '<!-- headline: end -->'
+# RESULTS.md's block
+BEGIN = '<!-- study: begin (generated by python -m lab.study) -->'
+END = '<!-- study: end -->'
+XBEGIN = '<!-- xstudy: begin (generated by python -m lab.study --xtok=True) -->'
+XEND = '<!-- xstudy: end -->'
+HEADLINE_BEGIN = '<!-- headline: begin (generated by python -m lab.study) -->'
+HEADLINE_END = '<!-- headline: end -->'
 
 
 @dataclass(frozen=True)
@@ -77,41 +89,57 @@ MAIN = [Row('student', 'oprd', 'oprd'),
         Row('student', 'opd_topk (k = 16)', 'opd_topk'),
         Row('student', 'opd_full', 'opd_full'),
         Row('student', 'opd+oprd (µ = 1)', 'opd+oprd'),
-        Row('student', 'sft (reference solutions)', 'sft', ('--prompts_per_step=64',))]  # 64 sequences a step too
+        # 64 sequences a step too
+        Row('student', 'sft (reference solutions)', 'sft', ('--prompts_per_step=64',))]
 SMALL = [Row('small', 'opd (sampled token)', 'opd'),
          Row('small', 'opd_topk (k = 16)', 'opd_topk'),
-         Row('small', 'oprd + learned projector', 'oprd', ('--projector=True',)),  # the paper's v1: a random start
+         # the paper's v1: a random start
+         Row('small', 'oprd + learned projector', 'oprd', ('--projector=True',)),
          Row('small', 'oprd + learned projector, least-squares start', 'oprd',
              ('--projector=True', '--projector_init=lstsq'))] + [
-    Row('small', f'oprd_bridge (r = {r})', 'oprd_bridge', (), 'config/tiny_bridge.py', r) for r in (4, 8, 16)] + [
-    Row('small', 'sft (reference solutions)', 'sft', ('--prompts_per_step=64',))]  # what 60 steps can teach it
-# (group, setting, row, the main row whose rate it uses, what the paper says): the default settings are MAIN[0]
+    Row('small', f'oprd_bridge (r = {r})', 'oprd_bridge', (), 'config/tiny_bridge.py', r)
+    for r in (4, 8, 16)] + [
+    # what 60 steps can teach it
+    Row('small', 'sft (reference solutions)', 'sft', ('--prompts_per_step=64',))]
+# (group, setting, row, the main row whose rate it uses, what the paper says): the default settings
+# are MAIN[0]
 ABLATIONS = [('layers', s, Row('student', f'layers {s}', 'oprd', (f'--layers={s}',)), 'oprd', p)
              for s, p in (('last', ''), ('even', ''), ('odd', ''))] + [
-    ('positions', s, Row('student', f'positions {s}', 'oprd', (f'--positions={s}', f'--k_positions={K_POSITIONS}')),
+    ('positions', s,
+     Row('student', f'positions {s}', 'oprd', (f'--positions={s}', f'--k_positions={K_POSITIONS}')),
      'oprd', p) for s, p in (('first_k', ''), ('last_k', 'paper default (k = 2000)'))] + [
-    ('distance', 'normalized_mse', Row('student', 'distance normalized_mse', 'oprd', ('--distance=normalized_mse',)),
+    ('distance', 'normalized_mse',
+     Row('student', 'distance normalized_mse', 'oprd', ('--distance=normalized_mse',)),
      'oprd', "the authors' later code"),
-    ('align', 'token', Row('student', 'align token', 'oprd', ('--align=token',)), 'oprd', "the paper's code")] + [
-    ('µ (opd + µ·oprd)', f'µ = {mu:g}', Row('student', f'mu {mu:g}', 'opd+oprd', (f'--mu={mu:g}',)),
-     'opd+oprd (µ = 1)', p) for mu, p in ((0, '42.3'), (0.1, ''), (10, '50.2'))]
-XTOK = [Row('student', 'sft (reference solutions)', 'sft', ('--prompts_per_step=64',), teacher='xteacher'),
+    ('align', 'token', Row('student', 'align token', 'oprd', ('--align=token',)), 'oprd',
+     "the paper's code")] + [
+    ('µ (opd + µ·oprd)', f'µ = {mu:g}',
+     Row('student', f'mu {mu:g}', 'opd+oprd', (f'--mu={mu:g}',)), 'opd+oprd (µ = 1)', p)
+    for mu, p in ((0, '42.3'), (0.1, ''), (10, '50.2'))]
+XTOK = [Row('student', 'sft (reference solutions)', 'sft', ('--prompts_per_step=64',),
+            teacher='xteacher'),
         Row('student', 'opd_chunk (sampled token, per chunk)', 'opd_chunk', teacher='xteacher'),
         Row('student', 'oprd + learned projector, least-squares start', 'oprd',
             ('--projector=True', '--projector_init=lstsq'), teacher='xteacher')] + [
     Row('student', label, method, (), 'config/tiny_bridge.py', r, 'xteacher')
-    for label, method, r in (('oprd_bridge (r = 4)', 'oprd_bridge', 4), ('oprd_bridge (r = 8)', 'oprd_bridge', 8),
-                             ('opd_chunk + oprd_bridge (r = 4, µ = 1)', 'opd_chunk+oprd_bridge', 4))]
-PARTS = {'main': ('student', 'teacher'), 'small': ('small', 'teacher'), 'xtok': ('student', 'xteacher')}
-PAPER_XTOK = dict(before=0.028, bridge=0.050, teacher=0.500)  # Phi-4-mini-reasoning -> Qwen3-1.7B-Base, AIME24
-DEFAULTS = {'layers': ('all', 'paper default'), 'positions': ('all', ''), 'distance': ('mse', 'paper default'),
-            'align': ('predict', "the paper's text"), 'µ (opd + µ·oprd)': ('µ = 1', '47.7')}
+    for label, method, r in (
+        ('oprd_bridge (r = 4)', 'oprd_bridge', 4),
+        ('oprd_bridge (r = 8)', 'oprd_bridge', 8),
+        ('opd_chunk + oprd_bridge (r = 4, µ = 1)', 'opd_chunk+oprd_bridge', 4))]
+PARTS = {'main': ('student', 'teacher'), 'small': ('small', 'teacher'),
+         'xtok': ('student', 'xteacher')}
+# Phi-4-mini-reasoning -> Qwen3-1.7B-Base, AIME24
+PAPER_XTOK = dict(before=0.028, bridge=0.050, teacher=0.500)
+DEFAULTS = {'layers': ('all', 'paper default'), 'positions': ('all', ''),
+            'distance': ('mse', 'paper default'), 'align': ('predict', "the paper's text"),
+            'µ (opd + µ·oprd)': ('µ = 1', '47.7')}
 
 
 # ----------------------------------------------------------------------------- choosing the rate
 
 def choose_rate(val):
-    """The rate with the best validation accuracy ({lr: accuracy}); a tie goes to the smaller rate."""
+    """The rate with the best validation accuracy ({lr: accuracy}); a tie goes to the smaller
+    rate."""
     return max(sorted(val), key=lambda lr: val[lr])
 
 
@@ -134,25 +162,28 @@ def study_path(*parts):
 
 
 def run_quietly(args, log):
-    """One of the project's scripts, on one thread, nothing on the terminal: `jobs` of them share the cores."""
+    """One of the project's scripts, on one thread, nothing on the terminal: `jobs` of them share
+    the cores."""
     tiny.run_script(args, log, echo=False, threads=1)
 
 
 def score(ckpt, name, split):
-    """Greedy accuracy of a checkpoint on 'val' (the validation split) or 'test' (the held-out problems); an
-    evaluation finished by an earlier invocation is reused."""
+    """Greedy accuracy of a checkpoint on 'val' (the validation split) or 'test' (the held-out
+    problems); an evaluation finished by an earlier invocation is reused."""
     bench = study_path('val.jsonl') if split == 'val' else 'tiny'
-    return tiny.accuracy(ckpt, study_path('eval', name), study_path('logs', f'eval-{name}.log'), bench,
-                         reuse=True, echo=False, threads=1)
+    return tiny.accuracy(ckpt, study_path('eval', name), study_path('logs', f'eval-{name}.log'),
+                         bench, reuse=True, echo=False, threads=1)
 
 
 def fit_bridge(rank, student='small', teacher='teacher'):
-    """OPRD-Bridge stage 1 at this rank from a student to a teacher (seed 0; every seed of stage 2 shares it)."""
+    """OPRD-Bridge stage 1 at this rank from a student to a teacher (seed 0; every seed of stage 2
+    shares it)."""
     path = study_path('bridges', f'r{rank}')
     if not os.path.isfile(os.path.join(path, 'bridge.json')):
         run_quietly(['distill.py', 'config/tiny_bridge.py', '--method=bridge_fit', '--seed=0',
                      f'--bridge_rank={rank}', f'--bridge_path={path}',
-                     f'--student={tiny.model_path(student)}', f'--teacher={tiny.model_path(teacher)}',
+                     f'--student={tiny.model_path(student)}',
+                     f'--teacher={tiny.model_path(teacher)}',
                      '--backend=torch',
                      f"--out_dir={study_path('runs', f'fit_r{rank}')}"],
                     study_path('logs', f'fit_r{rank}.log'))
@@ -161,15 +192,16 @@ def fit_bridge(rank, student='small', teacher='teacher'):
 
 
 def train(row, lr, seed, splits):
-    """Train row at lr (unless its run is finished), then score its checkpoints: {split: {step: accuracy}}, the
-    last step on 'val', every kept step on 'test'."""
+    """Train row at lr (unless its run is finished), then score its checkpoints: {split: {step:
+    accuracy}}, the last step on 'val', every kept step on 'test'."""
     name = f'{row.key}-lr{lr:g}-s{seed}'
     out, steps = study_path('runs', name), tiny.distill_steps
     if not os.path.isdir(os.path.join(out, f'step_{steps:07d}')):
         shutil.rmtree(out, ignore_errors=True)
-        bridge = (f"--bridge_path={study_path('bridges', f'r{row.bridge}')}",) if row.bridge else ()
-        run_quietly(['distill.py', row.config, f'--method={row.method}', f'--seed={seed}', f'--lr={lr}',
-                     f'--out_dir={out}', f'--student={tiny.model_path(row.who)}',
+        bridge = ((f"--bridge_path={study_path('bridges', f'r{row.bridge}')}",) if row.bridge
+                  else ())
+        run_quietly(['distill.py', row.config, f'--method={row.method}', f'--seed={seed}',
+                     f'--lr={lr}', f'--out_dir={out}', f'--student={tiny.model_path(row.who)}',
                      f'--teacher={tiny.model_path(row.teacher)}',
                      f'--max_steps={steps}', '--backend=torch', f'--save_every={EVAL_EVERY}',
                      f'--keep_checkpoints={steps // EVAL_EVERY}', *row.args, *bridge],
@@ -177,17 +209,19 @@ def train(row, lr, seed, splits):
     acc = {}
     for split in splits:
         scored = range(EVAL_EVERY, steps + 1, EVAL_EVERY) if split == 'test' else [steps]
-        acc[split] = {s: score(os.path.join(out, f'step_{s:07d}'), f'{name}-{split}{s}', split) for s in scored}
+        acc[split] = {s: score(os.path.join(out, f'step_{s:07d}'), f'{name}-{split}{s}', split)
+                      for s in scored}
     return acc
 
 
 def diagnose(row, lr):
-    """From seed 0's log, at steps 0, EVAL_EVERY, ... and the last: the alignment (the mean cosine over layers, or
-    the KL for output-space rows), the response length and the truncation rate."""
+    """From seed 0's log, at steps 0, EVAL_EVERY, ... and the last: the alignment (the mean cosine
+    over layers, or the KL for output-space rows), the response length and the truncation rate."""
     with open(study_path('runs', f'{row.key}-lr{lr:g}-s0', 'log.jsonl')) as f:
         records = [json.loads(line) for line in f]
     records = records[::EVAL_EVERY] + ([records[-1]] if (len(records) - 1) % EVAL_EVERY else [])
-    series = {k: [r[k] for r in records] for k in ('mean_response_len', 'trunc_rate', 'kl') if k in records[0]}
+    series = {k: [r[k] for r in records]
+              for k in ('mean_response_len', 'trunc_rate', 'kl') if k in records[0]}
     cosines = [k for k in records[0] if k.startswith('cos/')]
     if cosines:
         series['cos'] = [statistics.mean(r[k] for k in cosines) for r in records]
@@ -195,8 +229,9 @@ def diagnose(row, lr):
 
 
 def parallel(fn, items, describe):
-    """fn over items, `jobs` at a time, in threads that each wait on a subprocess; a line as each finishes. The
-    first failure cancels what has not started and is raised once the running ones end."""
+    """fn over items, `jobs` at a time, in threads that each wait on a subprocess; a line as each
+    finishes. The first failure cancels what has not started and is raised once the running ones
+    end."""
     t0, results = time.time(), [None] * len(items)
     pool = ThreadPoolExecutor(max(1, jobs))
     try:
@@ -204,8 +239,8 @@ def parallel(fn, items, describe):
         for n, done in enumerate(as_completed(futures)):
             i = futures[done]
             results[i] = done.result()
-            print(f"  [{n + 1}/{len(items)}] {describe(items[i], results[i])} ({(time.time() - t0) / 60:.1f} min)",
-                  flush=True)
+            print(f"  [{n + 1}/{len(items)}] {describe(items[i], results[i])} "
+                  f"({(time.time() - t0) / 60:.1f} min)", flush=True)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return results
@@ -215,13 +250,15 @@ def describe_run(job, acc):
     """'student oprd, lr 0.001, seed 0: val 93.2%' for a run (row, lr, seed) and its scores."""
     row, lr, seed = job
     split = next(iter(acc))
-    return f"{row.who} {row.label}, lr {lr:g}, seed {seed}: {split} {pct(acc[split][max(acc[split])])}%"
+    return (f"{row.who} {row.label}, lr {lr:g}, seed {seed}: "
+            f"{split} {pct(acc[split][max(acc[split])])}%")
 
 
 def minutes_so_far(since):
-    """(minutes the study has cost so far, now): earlier invocations' minutes (work_dir/study/minutes, cleared with
-    the runs when the models are remade) plus this one's since `since`, written back. A rerun that reuses finished
-    runs thus reports what they cost, not the seconds it took to read them."""
+    """(minutes the study has cost so far, now): earlier invocations' minutes
+    (work_dir/study/minutes, cleared with the runs when the models are remade) plus this one's since
+    `since`, written back. A rerun that reuses finished runs thus reports what they cost, not the
+    seconds it took to read them."""
     path, now = study_path('minutes'), time.time()
     total = (float(open(path).read()) if os.path.isfile(path) else 0.0) + (now - since) / 60
     with open(path, 'w') as f:
@@ -230,8 +267,8 @@ def minutes_so_far(since):
 
 
 def choose_rates(rows, since):
-    """Seed 0 of every row at each rate, scored on the validation split, until no row's best rate sits at an edge
-    of those tried: ({row: {lr: accuracy}}, {row: the chosen rate}, since)."""
+    """Seed 0 of every row at each rate, scored on the validation split, until no row's best rate
+    sits at an edge of those tried: ({row: {lr: accuracy}}, {row: the chosen rate}, since)."""
     print("rates: seed 0 of every row at each rate, scored on the validation split", flush=True)
     val = {row: {} for row in rows}
     todo = [(row, lr, 0) for row in rows for lr in GRID]
@@ -245,7 +282,8 @@ def choose_rates(rows, since):
 
 
 def seed_runs(todo):
-    """Every (row, lr, seed) of todo trained and scored on the test problems: {job: {'test': {step: accuracy}}}."""
+    """Every (row, lr, seed) of todo trained and scored on the test problems: {job: {'test': {step:
+    accuracy}}}."""
     return dict(zip(todo, parallel(lambda job: train(*job, ('test',)), todo, describe_run)))
 
 
@@ -256,16 +294,19 @@ def curves(row, lr, test, before):
 
 
 def table(row, val, rate, test, before):
-    return dict(label=row.label, val={f'{lr:g}': a for lr, a in sorted(val[row].items())}, lr=f'{rate[row]:g}',
-                curves=curves(row, rate[row], test, before), diagnosis=diagnose(row, rate[row]))
+    return dict(label=row.label, val={f'{lr:g}': a for lr, a in sorted(val[row].items())},
+                lr=f'{rate[row]:g}', curves=curves(row, rate[row], test, before),
+                diagnosis=diagnose(row, rate[row]))
 
 
 def common(res, since):
     """What every block's study.json records besides its tables."""
-    return dict(res, minutes=minutes_so_far(since)[0], steps=tiny.distill_steps, eval_every=EVAL_EVERY, seeds=seeds,
-                jobs=jobs, diagnosis_steps=[str(s) for s in range(0, tiny.distill_steps, EVAL_EVERY)] +
-                [str(tiny.distill_steps - 1)],
-                shapes={k: f"{v['num_hidden_layers']} layers, d = {v['hidden_size']}" for k, v in tiny.SHAPES.items()})
+    return dict(res, minutes=minutes_so_far(since)[0], steps=tiny.distill_steps,
+                eval_every=EVAL_EVERY, seeds=seeds, jobs=jobs,
+                diagnosis_steps=([str(s) for s in range(0, tiny.distill_steps, EVAL_EVERY)]
+                                 + [str(tiny.distill_steps - 1)]),
+                shapes={k: f"{v['num_hidden_layers']} layers, d = {v['hidden_size']}"
+                        for k, v in tiny.SHAPES.items()})
 
 
 def bridge_figures(bridges):
@@ -283,17 +324,19 @@ def prepare(who, shipped, make=()):
     for folder in ('runs', 'eval', 'logs', 'bridges'):
         os.makedirs(study_path(folder), exist_ok=True)
     tiny.write_val(study_path('val.jsonl'))
-    return {w: {split: score(tiny.model_path(w), f'{w}-{split}', split) for split in ('val', 'test')}
+    return {w: {split: score(tiny.model_path(w), f'{w}-{split}', split)
+                for split in ('val', 'test')}
             for w in who}
 
 
 def run_study():
-    """The models, the rates (validation), the seeds and ablations (test), then every figure the tables and the
-    plot need, as the dict that study.json keeps."""
+    """The models, the rates (validation), the seeds and ablations (test), then every figure the
+    tables and the plot need, as the dict that study.json keeps."""
     since = time.time()
     base = prepare(('student', 'small', 'teacher'), (tiny.pair_models, tiny.small_models))
     ranks = sorted({row.bridge for row in SMALL if row.bridge})
-    bridges = dict(zip(ranks, parallel(fit_bridge, ranks, lambda rank, _: f"bridge r = {rank} fitted")))
+    bridges = dict(zip(ranks, parallel(fit_bridge, ranks,
+                                       lambda rank, _: f"bridge r = {rank} fitted")))
     rows = MAIN + SMALL
     _, since = minutes_so_far(since)
     val, rate, since = choose_rates(rows, since)
@@ -301,20 +344,24 @@ def run_study():
 
     print(f"test: {seeds} seeds at the chosen rates, and the ablations", flush=True)
     todo = [(row, rate[row], s) for row in rows for s in range(seeds)]
-    todo += [(row, rate_of_label[base_label], s) for _, _, row, base_label, _ in ABLATIONS for s in range(seeds)]
+    todo += [(row, rate_of_label[base_label], s)
+             for _, _, row, base_label, _ in ABLATIONS for s in range(seeds)]
     test = seed_runs(todo)
     return common({
         'k_positions': K_POSITIONS, 'base': base,
         'main': [table(row, val, rate, test, base['student']['test']) for row in MAIN],
         'small': [table(row, val, rate, test, base['small']['test']) for row in SMALL],
-        'ablations': [dict(group=group, setting=setting, lr=f'{rate_of_label[base_label]:g}', paper=paper,
-                           test=[c[-1] for c in curves(row, rate_of_label[base_label], test, base['student']['test'])])
+        'ablations': [dict(group=group, setting=setting, lr=f'{rate_of_label[base_label]:g}',
+                           paper=paper,
+                           test=[c[-1] for c in curves(row, rate_of_label[base_label], test,
+                                                       base['student']['test'])])
                       for group, setting, row, base_label, paper in ABLATIONS],
         'bridges': bridge_figures(bridges)}, since)
 
 
 def run_xtok():
-    """The cross-tokenizer block: the rates (validation) and the seeds (test) of XTOK, as the dict study.json keeps."""
+    """The cross-tokenizer block: the rates (validation) and the seeds (test) of XTOK, as the dict
+    study.json keeps."""
     since = time.time()
     base = prepare(('student', 'xteacher'), (tiny.pair_models,), (tiny.make_xteacher,))
     ranks = sorted({row.bridge for row in XTOK if row.bridge})
@@ -324,7 +371,8 @@ def run_xtok():
     val, rate, since = choose_rates(XTOK, since)
     print(f"test: {seeds} seeds at the chosen rates", flush=True)
     test = seed_runs([(row, rate[row], s) for row in XTOK for s in range(seeds)])
-    return common({'base': base, 'xtok': [table(row, val, rate, test, base['student']['test']) for row in XTOK],
+    return common({'base': base,
+                   'xtok': [table(row, val, rate, test, base['student']['test']) for row in XTOK],
                    'bridges': bridge_figures(bridges)}, since)
 
 
@@ -348,26 +396,29 @@ def gap(after, before, teacher):
 
 
 def accuracy_table(res, part, every_rate=True):
-    """The main table (part 'main'), the cross-width one ('small') or the cross-tokenizer one ('xtok'): validation
-    accuracy at every rate tried with the chosen one in bold (or, for README's headline, only the chosen rate), test
-    accuracy and the gap closed."""
+    """The main table (part 'main'), the cross-width one ('small') or the cross-tokenizer one
+    ('xtok'): validation accuracy at every rate tried with the chosen one in bold (or, for README's
+    headline, only the chosen rate), test accuracy and the gap closed."""
     who, teacher_name = PARTS[part]
     before, teacher = res['base'][who]['test'], res['base'][teacher_name]['test']
-    rate_header = ("validation accuracy (%) at each learning rate, seed 0 (**chosen**)" if every_rate else
-                   "learning rate (chosen on validation)")
-    lines = [f"| {who} ({res['shapes'][who]}) | {rate_header} | test accuracy (%) | gap closed |", "|---|---|---|---|",
+    rate_header = ("validation accuracy (%) at each learning rate, seed 0 (**chosen**)"
+                   if every_rate else "learning rate (chosen on validation)")
+    lines = [f"| {who} ({res['shapes'][who]}) | {rate_header} | test accuracy (%) | gap closed |",
+             "|---|---|---|---|",
              f"| before | | {pct(before)} | |"]
     for entry in res[part]:
         final = [c[-1] for c in entry['curves']]
-        lines.append(f"| {entry['label']} | {rate_cell(entry) if every_rate else entry['lr']} | {mean_sd(final)} | "
-                     f"{gap(statistics.mean(final), before, teacher)} |")
-    lines.append(f"| teacher ({res['shapes'].get(teacher_name, res['shapes']['student'])}) | | {pct(teacher)} | |")
+        lines.append(f"| {entry['label']} | {rate_cell(entry) if every_rate else entry['lr']} | "
+                     f"{mean_sd(final)} | {gap(statistics.mean(final), before, teacher)} |")
+    teacher_shape = res['shapes'].get(teacher_name, res['shapes']['student'])
+    lines.append(f"| teacher ({teacher_shape}) | | {pct(teacher)} | |")
     return lines
 
 
 def ablation_table(res):
     entries = {entry['label']: entry for entry in res['main']}
-    reference = {'µ (opd + µ·oprd)': entries['opd+oprd (µ = 1)']}  # every other group's: the oprd row
+    # every other group's: the oprd row
+    reference = {'µ (opd + µ·oprd)': entries['opd+oprd (µ = 1)']}
     lines = ["| ablation | setting | test accuracy (%) | the paper |", "|---|---|---|---|"]
     for group, (setting, paper) in DEFAULTS.items():
         ref = reference.get(group, entries['oprd'])
@@ -379,65 +430,85 @@ def ablation_table(res):
 
 
 def diagnosis_table(res, rows):
-    """What happened inside the runs (seed 0) of rows, (label, table entry) pairs; then how much of the teacher's
-    states a linear map of the student's can reach (the bridge's stage 1)."""
+    """What happened inside the runs (seed 0) of rows, (label, table entry) pairs; then how much of
+    the teacher's states a linear map of the student's can reach (the bridge's stage 1)."""
     def series(diagnosis, key, fmt):
         return ' → '.join(fmt(x) for x in diagnosis[key]) if key in diagnosis else '—'
-    lines = [f"| seed 0 at the chosen rate; at steps {', '.join(res['diagnosis_steps'])} | KL to the teacher | cosine "
-             "to the teacher (after the projector / in the bridge) | response length | truncated (%) |",
+    lines = [f"| seed 0 at the chosen rate; at steps {', '.join(res['diagnosis_steps'])} "
+             "| KL to the teacher | cosine to the teacher (after the projector / in the bridge) "
+             "| response length | truncated (%) |",
              "|---|---|---|---|---|"]
     for label, entry in rows:
         d = entry['diagnosis']
-        lines.append(f"| {label} | {series(d, 'kl', '{:.3f}'.format)} | {series(d, 'cos', '{:.3f}'.format)} | "
+        lines.append(f"| {label} | {series(d, 'kl', '{:.3f}'.format)} | "
+                     f"{series(d, 'cos', '{:.3f}'.format)} | "
                      f"{series(d, 'mean_response_len', '{:.0f}'.format)} | "
                      f"{series(d, 'trunc_rate', lambda x: f'{100 * x:.0f}')} |")
-    by_rank = next(iter(res['bridges'].values()))['cos_by_rank_mean']  # the same rows for every fit: seed 0
-    lines += ["", "| bridge (stage 1): held-out cosine at rank r | " + ' | '.join(f'r = {k}' for k in by_rank) + " |",
+    # the same rows for every fit: seed 0
+    by_rank = next(iter(res['bridges'].values()))['cos_by_rank_mean']
+    lines += ["",
+              "| bridge (stage 1): held-out cosine at rank r | "
+              + ' | '.join(f'r = {k}' for k in by_rank) + " |",
               "|---" * (len(by_rank) + 1) + "|",
-              "| least-squares P_S (closed form) | " + ' | '.join(f'{c:.3f}' for c in by_rank.values()) + " |",
-              "| the fitted P_S of the bridge used | " + ' | '.join(
-                  f"{res['bridges'][k]['heldout_cos']:.3f}" if k in res['bridges'] else '' for k in by_rank) + " |"]
+              "| least-squares P_S (closed form) | "
+              + ' | '.join(f'{c:.3f}' for c in by_rank.values()) + " |",
+              "| the fitted P_S of the bridge used | "
+              + ' | '.join(f"{res['bridges'][k]['heldout_cos']:.3f}" if k in res['bridges'] else ''
+                           for k in by_rank) + " |"]
     return lines
 
 
 def render(res):
-    """RESULTS.md's generated block: how the figures were made, the three tables, the diagnosis and the plot."""
+    """RESULTS.md's generated block: how the figures were made, the three tables, the diagnosis and
+    the plot."""
     every = ', '.join(str(s) for s in range(res['eval_every'], res['steps'] + 1, res['eval_every']))
     return '\n'.join([
         BEGIN,
-        f"`python -m lab.study`: {res['minutes']:.0f} minutes on this 2-core CPU (every invocation that made these "
-        f"figures), {res['jobs']} runs at a time. Every run: {res['steps']} steps of 32 prompts × 2 rollouts (sft: 64 "
-        f"reference solutions), the torch sampler. Test: greedy accuracy on the 256 held-out problems, mean ± sd over "
-        f"{res['seeds']} seeds; gap closed = (after − before) / (teacher − before). Validation: 512 other problems "
-        f"(seed 0).", "",
+        f"`python -m lab.study`: {res['minutes']:.0f} minutes on this 2-core CPU (every "
+        f"invocation that made these figures), {res['jobs']} runs at a time. Every run: "
+        f"{res['steps']} steps of 32 prompts × 2 rollouts (sft: 64 reference solutions), the "
+        f"torch sampler. Test: greedy accuracy on the 256 held-out problems, mean ± sd over "
+        f"{res['seeds']} seeds; gap closed = (after − before) / (teacher − before). "
+        f"Validation: 512 other problems (seed 0).", "",
         *accuracy_table(res, 'main'), "",
-        f"Ablations of OPRD at its chosen rate (the µ rows at opd+oprd's), {res['seeds']} seeds each; first_k and "
-        f"last_k supervise k = {res['k_positions']} positions. The paper's figures are AIME24 Avg@16.", "",
+        f"Ablations of OPRD at its chosen rate (the µ rows at opd+oprd's), {res['seeds']} seeds "
+        f"each; first_k and last_k supervise k = {res['k_positions']} positions. The paper's "
+        f"figures are AIME24 Avg@16.", "",
         *ablation_table(res), "",
-        "The smaller student, another width and depth, with its own rate per row. OPRD-Bridge: one stage-1 fit "
-        "per rank (seed 0), shared by the seeds of stage 2.", "",
+        "The smaller student, another width and depth, with its own rate per row. OPRD-Bridge: "
+        "one stage-1 fit per rank (seed 0), shared by the seeds of stage 2.", "",
         *accuracy_table(res, 'small'), "",
-        *diagnosis_table(res, [(f"student: {e['label']} (same width, no map)", e) for e in res['main']
-                               if e['label'] == 'oprd'] + [(f"small: {e['label']}", e) for e in res['small']]), "",
-        f"![test accuracy after 0, {every} steps, mean and min-max over seeds]({FIGURES}/study.png)",
+        *diagnosis_table(res,
+                         [(f"student: {e['label']} (same width, no map)", e)
+                          for e in res['main'] if e['label'] == 'oprd']
+                         + [(f"small: {e['label']}", e) for e in res['small']]), "",
+        f"![test accuracy after 0, {every} steps, mean and min-max over seeds]"
+        f"({FIGURES}/study.png)",
         END])
 
 
 def render_xtok(res):
-    """RESULTS.md's xstudy block: the cross-tokenizer table and its diagnosis, with the paper's pair beside it."""
-    before, teacher, paper = res['base']['student']['test'], res['base']['xteacher']['test'], PAPER_XTOK
-    after = statistics.mean(c[-1] for e in res['xtok'] if e['label'] == 'oprd_bridge (r = 4)' for c in e['curves'])
+    """RESULTS.md's xstudy block: the cross-tokenizer table and its diagnosis, with the paper's pair
+    beside it."""
+    before = res['base']['student']['test']
+    teacher = res['base']['xteacher']['test']
+    paper = PAPER_XTOK
+    after = statistics.mean(c[-1] for e in res['xtok'] if e['label'] == 'oprd_bridge (r = 4)'
+                            for c in e['curves'])
     return '\n'.join([
         XBEGIN,
-        f"`python -m lab.study --xtok=True`: {res['minutes']:.0f} minutes on this 2-core CPU, {res['jobs']} runs at a "
-        f"time. Student: tiny.py's (Qwen3, byte-level, {res['shapes']['student']}); teacher: tiny.py --xtok=True's "
-        f"(Llama, a BPE of {tiny.BPE_VOCAB} tokens, {res['shapes']['xteacher']}). Runs, validation and test as in the "
-        f"main study, {res['seeds']} seeds.", "",
+        f"`python -m lab.study --xtok=True`: {res['minutes']:.0f} minutes on this 2-core CPU, "
+        f"{res['jobs']} runs at a time. Student: tiny.py's (Qwen3, byte-level, "
+        f"{res['shapes']['student']}); teacher: tiny.py --xtok=True's (Llama, a BPE of "
+        f"{tiny.BPE_VOCAB} tokens, {res['shapes']['xteacher']}). Runs, validation and test as in "
+        f"the main study, {res['seeds']} seeds.", "",
         *accuracy_table(res, 'xtok'), "",
-        f"OPRD-Bridge (r = 4) here: {pct(before)} → {pct(after)} with the teacher at {pct(teacher)} "
-        f"({gap(after, before, teacher)} of the gap). The paper's pair across tokenizers (Phi-4-mini-reasoning → "
-        f"Qwen3-1.7B-Base, AIME24 Avg@16): {pct(paper['before'])} → {pct(paper['bridge'])} with the teacher at "
-        f"{pct(paper['teacher'])} ({gap(paper['bridge'], paper['before'], paper['teacher'])} of the gap).", "",
+        f"OPRD-Bridge (r = 4) here: {pct(before)} → {pct(after)} with the teacher at "
+        f"{pct(teacher)} ({gap(after, before, teacher)} of the gap). The paper's pair across "
+        f"tokenizers (Phi-4-mini-reasoning → Qwen3-1.7B-Base, AIME24 Avg@16): "
+        f"{pct(paper['before'])} → {pct(paper['bridge'])} with the teacher at "
+        f"{pct(paper['teacher'])} ({gap(paper['bridge'], paper['before'], paper['teacher'])} "
+        f"of the gap).", "",
         *diagnosis_table(res, [(e['label'], e) for e in res['xtok']]),
         XEND])
 
@@ -450,7 +521,8 @@ def render_headline(res):
 def replace_block(doc, begin, end, text, path):
     """doc with its begin ... end block replaced by text (which carries the markers)."""
     if begin not in doc or end not in doc:
-        raise SystemExit(f"error: {path} has no generated block (its markers: {begin!r} ... {end!r})")
+        raise SystemExit(f"error: {path} has no generated block "
+                         f"(its markers: {begin!r} ... {end!r})")
     head, rest = doc.split(begin, 1)
     return head + text + rest.split(end, 1)[1]
 
@@ -459,41 +531,47 @@ def blocks(res, results, readme):
     """(document, begin, end, text) of every generated block this invocation writes."""
     if xtok:
         return [(results, XBEGIN, XEND, render_xtok(res))]
-    return [(results, BEGIN, END, render(res)), (readme, HEADLINE_BEGIN, HEADLINE_END, render_headline(res))]
+    return [(results, BEGIN, END, render(res)),
+            (readme, HEADLINE_BEGIN, HEADLINE_END, render_headline(res))]
 
 
-def write_outputs(res, results=os.path.join(tiny.ROOT, RESULTS), readme=os.path.join(tiny.ROOT, README),
+def write_outputs(res, results=os.path.join(tiny.ROOT, RESULTS),
+                  readme=os.path.join(tiny.ROOT, README),
                   figures=os.path.join(tiny.ROOT, FIGURES)):
-    """study.json and study.md beside the runs; figures/study.json and .png (xtok: figures/xstudy.json); RESULTS.md's
-    block and README.md's headline replaced. The documents are checked for their markers before anything is
-    written."""
+    """study.json and study.md beside the runs; figures/study.json and .png (xtok:
+    figures/xstudy.json); RESULTS.md's block and README.md's headline replaced. The documents are
+    checked for their markers before anything is written."""
     docs, todo = {}, blocks(res, results, readme)
     for path, begin, end, block in todo:
         with open(path) as f:
             docs[path] = replace_block(f.read(), begin, end, block, path)
     text = todo[0][3]
-    for path, body in ((study_path('study.json'), json.dumps(res, indent=1)), (study_path('study.md'), text)):
+    for path, body in ((study_path('study.json'), json.dumps(res, indent=1)),
+                       (study_path('study.md'), text)):
         with open(path, 'w') as f:
             f.write(body + '\n')
     os.makedirs(figures, exist_ok=True)
-    shutil.copy(study_path('study.json'), os.path.join(figures, 'xstudy.json' if xtok else 'study.json'))
+    shutil.copy(study_path('study.json'),
+                os.path.join(figures, 'xstudy.json' if xtok else 'study.json'))
     if not xtok:
         plot.save(res, os.path.join(figures, 'study.png'))
     for path, doc in docs.items():
         with open(path, 'w') as f:
             f.write(doc)
     print(text)
-    print(f"wrote {study_path('study.md')}, {figures}/ and " + ' and '.join(f"{p}'s {b.split(':')[0][5:]} block"
-                                                                        for p, b, _, _ in todo))
+    print(f"wrote {study_path('study.md')}, {figures}/ and "
+          + ' and '.join(f"{p}'s {b.split(':')[0][5:]} block" for p, b, _, _ in todo))
 
 
 if __name__ == '__main__':
     from configurator import configure
     configure(globals(), __file__)
     if jobs < 1 or seeds < 1:
-        print(f"error: jobs and seeds must be at least 1 (got jobs={jobs}, seeds={seeds})", file=sys.stderr)
+        print(f"error: jobs and seeds must be at least 1 (got jobs={jobs}, seeds={seeds})",
+              file=sys.stderr)
         sys.exit(2)
-    markers = [(XBEGIN, XEND, RESULTS)] if xtok else [(BEGIN, END, RESULTS), (HEADLINE_BEGIN, HEADLINE_END, README)]
+    markers = ([(XBEGIN, XEND, RESULTS)] if xtok else
+               [(BEGIN, END, RESULTS), (HEADLINE_BEGIN, HEADLINE_END, README)])
     for begin, end, doc in markers:  # before any work
         with open(os.path.join(tiny.ROOT, doc)) as f:
             replace_block(f.read(), begin, end, '', doc)

@@ -1,7 +1,8 @@
-"""model.py's llama (Llama 3.x scaling) and phi3 (fused projections, partial LongRoPE) against transformers: parity
-of logits and every tap below and above the rope switch, both config.json spellings, the published configs'
-shapes and frequencies, saving, ModelConfig round trips, the KV cache across LongRoPE's switch, the torch and
-vLLM samplers (one engine per family), the refusals, and one distill.py + eval.py run of a llama pair.
+"""model.py's llama (Llama 3.x scaling) and phi3 (fused projections, partial LongRoPE) against
+transformers: parity of logits and every tap below and above the rope switch, both config.json
+spellings, the published configs' shapes and frequencies, saving, ModelConfig round trips, the KV
+cache across LongRoPE's switch, the torch and vLLM samplers (one engine per family), the refusals,
+and one distill.py + eval.py run of a llama pair.
 The tiny configs switch LongRoPE at SWITCH tokens, so "above" is short."""
 
 import json
@@ -15,38 +16,48 @@ from kvcache import KVCache
 from model import SUPPORTED, CheckpointError, ModelConfig, Transformer, check_checkpoint
 
 SWITCH = 16  # original_max_position_embeddings of the tiny configs
-TOL = 1e-5  # fp32 logits and taps against transformers (measured: 0, the same kernels in the same order)
+# fp32 logits and taps against transformers (measured: 0, the same kernels in the same order)
+TOL = 1e-5
 LP_TOL = 1e-4  # fp32 log-probs, vLLM's CPU kernels against model.py
-LONGROPE = dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0 + 0.05 * i for i in range(24)],
+LONGROPE = dict(rope_type="longrope", rope_theta=10000.0,
+                short_factor=[1.0 + 0.05 * i for i in range(24)],
                 long_factor=[1.0 + 1.5 * i for i in range(24)])
-LLAMA3 = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-              original_max_position_embeddings=SWITCH)
-FAMILIES = {  # head_dim 32 / 64: sizes vLLM's CPU attention serves; phi3 rotates 48 of 64 like Phi-4-mini 96 of 128
+LLAMA3 = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+              high_freq_factor=4.0, original_max_position_embeddings=SWITCH)
+# head_dim 32 / 64: sizes vLLM's CPU attention serves;
+# phi3 rotates 48 of 64 like Phi-4-mini 96 of 128
+FAMILIES = {
     "llama": dict(hidden_size=64, head_dim=32, rope_parameters=LLAMA3),
-    "phi3": dict(hidden_size=128, partial_rotary_factor=0.75, original_max_position_embeddings=SWITCH,
-                 rope_parameters=LONGROPE, tie_word_embeddings=True, sliding_window=None,
-                 initializer_range=0.1),  # at 0.02 a tied head over a weak residual repeats the input token
+    "phi3": dict(hidden_size=128, partial_rotary_factor=0.75,
+                 original_max_position_embeddings=SWITCH, rope_parameters=LONGROPE,
+                 tie_word_embeddings=True, sliding_window=None,
+                 # at 0.02 a tied head over a weak residual repeats the input token
+                 initializer_range=0.1),
 }
 PARITY = {
     "llama3_untied": ("llama", {}),
-    "llama_plain_tied_smollm2": ("llama", dict(rope_parameters=dict(rope_type="default", rope_theta=1e5),
-                                               tie_word_embeddings=True)),
+    "llama_plain_tied_smollm2": ("llama", dict(
+        rope_parameters=dict(rope_type="default", rope_theta=1e5), tie_word_embeddings=True)),
     "llama_attention_and_mlp_bias": ("llama", dict(attention_bias=True, mlp_bias=True)),
     "phi3_longrope_tied": ("phi3", {}),
-    "phi3_plain_untied_half_rotary": ("phi3", dict(rope_parameters=dict(rope_type="default", rope_theta=1e4),
-                                                   partial_rotary_factor=0.5, tie_word_embeddings=False)),
+    "phi3_plain_untied_half_rotary": ("phi3", dict(
+        rope_parameters=dict(rope_type="default", rope_theta=1e4), partial_rotary_factor=0.5,
+        tie_word_embeddings=False)),
 }
 
 
 def make_family(out_dir, family, seed=0, tokenizer=True, **kw):
-    """Save a tiny random LlamaForCausalLM / Phi3ForCausalLM with transformers; return the folder."""
+    """Save a tiny random LlamaForCausalLM / Phi3ForCausalLM with transformers; return the
+    folder."""
     from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
     vocab = build_tokenizer(out_dir) if tokenizer else 384
     args = dict(vocab_size=vocab, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
-                num_key_value_heads=1, max_position_embeddings=64, rms_norm_eps=1e-5, eos_token_id=vocab - 3,
-                pad_token_id=vocab - 5, bos_token_id=None, tie_word_embeddings=False)
+                num_key_value_heads=1, max_position_embeddings=64, rms_norm_eps=1e-5,
+                eos_token_id=vocab - 3, pad_token_id=vocab - 5, bos_token_id=None,
+                tie_word_embeddings=False)
     args.update(FAMILIES[family], **kw)
-    cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "phi3": (Phi3Config, Phi3ForCausalLM)}[family]
+    cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM),
+                          "phi3": (Phi3Config, Phi3ForCausalLM)}[family]
     torch.manual_seed(seed)
     return save_perturbed(model_cls(cfg_cls(**args)).float(), out_dir)
 
@@ -100,8 +111,9 @@ def test_parity_with_transformers_below_and_above_the_switch(tmp_path, name):
 
 
 def test_the_tiny_configs_exercise_their_rope(llama, phi3):
-    """Non-vacuous parity: llama3 scaling moves the frequencies away from plain RoPE, and per transformers a
-    sequence past the switch changes the logits of its first positions (the long set, everywhere)."""
+    """Non-vacuous parity: llama3 scaling moves the frequencies away from plain RoPE, and per
+    transformers a sequence past the switch changes the logits of its first positions (the long
+    set, everywhere)."""
     ref = hf_model(llama)
     plain = 1.0 / (LLAMA3["rope_theta"] ** (torch.arange(0, 32, 2).float() / 32))
     assert (ref.model.rotary_emb.inv_freq - plain).abs().max() > 1e-3
@@ -113,11 +125,13 @@ def test_the_tiny_configs_exercise_their_rope(llama, phi3):
 
 
 def test_longrope_set_is_chosen_per_row(phi3):
-    """A right-padded batch of a row above the switch and one below: each row equals transformers on it alone
-    (transformers itself would give the short row the long set, chosen on the batch's longest row)."""
+    """A right-padded batch of a row above the switch and one below: each row equals transformers
+    on it alone (transformers itself would give the short row the long set, chosen on the batch's
+    longest row)."""
     ref, model = hf_model(phi3), Transformer.from_pretrained(phi3).eval()
     rows = [batch(3 * SWITCH, 1, seed=1)[0], batch(SWITCH - 4, 1, seed=2)[0]]
-    idx, mask = torch.zeros(2, 3 * SWITCH, dtype=torch.long), torch.zeros(2, 3 * SWITCH, dtype=torch.long)
+    idx = torch.zeros(2, 3 * SWITCH, dtype=torch.long)
+    mask = torch.zeros(2, 3 * SWITCH, dtype=torch.long)
     for i, r in enumerate(rows):
         idx[i, :len(r)], mask[i, :len(r)] = r, 1
     with torch.no_grad():
@@ -127,9 +141,10 @@ def test_longrope_set_is_chosen_per_row(phi3):
 
 
 def legacy_spelling(cfg):
-    """A transformers-5 config.json rewritten as older files spell it: rope_theta, partial_rotary_factor (and
-    Phi's original_max_position_embeddings) at the top level, rope_scaling holding the scaling keys (Phi-4-mini
-    spells its type 'type', Llama 3.2 'rope_type')."""
+    """A transformers-5 config.json rewritten as older files spell it: rope_theta,
+    partial_rotary_factor (and Phi's original_max_position_embeddings) at the top level,
+    rope_scaling holding the scaling keys (Phi-4-mini spells its type 'type', Llama 3.2
+    'rope_type')."""
     rope = cfg.pop("rope_parameters")
     cfg["rope_theta"] = rope.pop("rope_theta")
     if "partial_rotary_factor" in rope:
@@ -156,41 +171,52 @@ def test_older_config_spelling_is_the_same_model(tmp_path, request, family):
         torch.testing.assert_close(old(idx), hf_model(path)(idx).logits, atol=TOL, rtol=0)
 
 
-LLAMA_3 = dict(model_type="llama", vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
-               hidden_act="silu", rms_norm_eps=1e-5, attention_bias=False, mlp_bias=False, pretraining_tp=1)
-PUBLISHED = {  # the fields that shape the model, as the published config.json files spell them (2 layers, for time)
-    "Llama-3.2-1B": dict(LLAMA_3, hidden_size=2048, intermediate_size=8192, num_attention_heads=32, head_dim=64,
-                         num_key_value_heads=8, tie_word_embeddings=True, rope_scaling=dict(
-                             factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0,
-                             original_max_position_embeddings=8192, rope_type="llama3")),
-    "DeepSeek-R1-Distill-Llama-8B": dict(LLAMA_3, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                                         num_key_value_heads=8, tie_word_embeddings=False, rope_scaling=dict(
-                                             factor=8.0, high_freq_factor=4.0, low_freq_factor=1.0,
-                                             original_max_position_embeddings=8192, rope_type="llama3")),
-    "SmolLM2-135M": dict(LLAMA_3, vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
-                         num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000, rope_scaling=None,
-                         tie_word_embeddings=True),
-    "Phi-4-mini": dict(model_type="phi3", vocab_size=200064, hidden_size=3072, intermediate_size=8192,
-                       num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=131072,
-                       original_max_position_embeddings=4096, partial_rotary_factor=0.75, rope_theta=10000.0,
-                       rope_scaling=dict(type="longrope", short_factor=[1.0 + 0.01 * i for i in range(48)],
-                                         long_factor=[1.0 + 0.5 * i for i in range(48)]),
-                       sliding_window=262144, tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
-                       lm_head_bias=False, full_attn_mod=1, interpolate_factor=1, hidden_act="silu", rms_norm_eps=1e-5),
+LLAMA_3 = dict(model_type="llama", vocab_size=128256, max_position_embeddings=131072,
+               rope_theta=500000.0, hidden_act="silu", rms_norm_eps=1e-5, attention_bias=False,
+               mlp_bias=False, pretraining_tp=1)
+# the fields that shape the model, as the published config.json files spell them
+# (2 layers, for time)
+PUBLISHED = {
+    "Llama-3.2-1B": dict(
+        LLAMA_3, hidden_size=2048, intermediate_size=8192, num_attention_heads=32, head_dim=64,
+        num_key_value_heads=8, tie_word_embeddings=True,
+        rope_scaling=dict(factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0,
+                          original_max_position_embeddings=8192, rope_type="llama3")),
+    "DeepSeek-R1-Distill-Llama-8B": dict(
+        LLAMA_3, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+        num_key_value_heads=8, tie_word_embeddings=False,
+        rope_scaling=dict(factor=8.0, high_freq_factor=4.0, low_freq_factor=1.0,
+                          original_max_position_embeddings=8192, rope_type="llama3")),
+    "SmolLM2-135M": dict(
+        LLAMA_3, vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000, rope_scaling=None,
+        tie_word_embeddings=True),
+    "Phi-4-mini": dict(
+        model_type="phi3", vocab_size=200064, hidden_size=3072, intermediate_size=8192,
+        num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=131072,
+        original_max_position_embeddings=4096, partial_rotary_factor=0.75, rope_theta=10000.0,
+        rope_scaling=dict(type="longrope", short_factor=[1.0 + 0.01 * i for i in range(48)],
+                          long_factor=[1.0 + 0.5 * i for i in range(48)]),
+        sliding_window=262144, tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
+        lm_head_bias=False, full_attn_mod=1, interpolate_factor=1, hidden_act="silu",
+        rms_norm_eps=1e-5),
 }
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_published_configs_build_what_transformers_builds(name):
-    """The families' real shapes and rope settings (no weights): the same tensors by name and shape as
-    transformers' model of the config, the same inverse frequencies (both LongRoPE sets) and attention factor."""
+    """The families' real shapes and rope settings (no weights): the same tensors by name and
+    shape as transformers' model of the config, the same inverse frequencies (both LongRoPE sets)
+    and attention factor."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     d = dict(PUBLISHED[name], num_hidden_layers=2)
     hf_cfg = AutoConfig.for_model(**d)
     with torch.device("meta"):
         ref, model = AutoModelForCausalLM.from_config(hf_cfg), Transformer(ModelConfig.from_hf(d))
-    assert {k: t.shape for k, t in model.state_dict().items()} == {k: t.shape for k, t in ref.state_dict().items()}
+    shapes = {k: t.shape for k, t in model.state_dict().items()}
+    ref_shapes = {k: t.shape for k, t in ref.state_dict().items()}
+    assert shapes == ref_shapes
     rotary = type(ref.model.rotary_emb)(hf_cfg)  # on the CPU: the short (or only) set
     sets = [rotary.inv_freq] + ([ROPE_INIT_FUNCTIONS["longrope"](hf_cfg, "cpu", seq_len=4097)[0]]
                                 if name == "Phi-4-mini" else [])
@@ -212,7 +238,8 @@ def test_save_is_key_for_key_and_transformers_reloads_it(tmp_path, request, fami
     out = tmp_path / "out"
     model.save_pretrained(out)
     keys = [set(safe_open(os.path.join(d, "model.safetensors"), "pt").keys()) for d in (src, out)]
-    assert keys[0] == keys[1]  # fused qkv_proj / gate_up_proj under their HF names; a tied head not stored
+    # fused qkv_proj / gate_up_proj under their HF names; a tied head not stored
+    assert keys[0] == keys[1]
     assert ("lm_head.weight" in keys[1]) == (family == "llama")
     assert read_config(out) == read_config(src)
     assert os.path.isfile(out / "tokenizer.json")
@@ -222,16 +249,21 @@ def test_save_is_key_for_key_and_transformers_reloads_it(tmp_path, request, fami
 
 
 def model_config(family):
-    """A ModelConfig like the tiny checkpoints of each family (for models built from scratch, as tiny.py does)."""
-    shape = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, head_dim=32, max_position_embeddings=64, rope_theta=10000.0)
+    """A ModelConfig like the tiny checkpoints of each family (for models built from scratch, as
+    tiny.py does)."""
+    shape = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                 max_position_embeddings=64, rope_theta=10000.0)
     if family == "llama":
         scaling = {k: v for k, v in LLAMA3.items() if k != "rope_theta"}
         shape.update(rope_theta=LLAMA3["rope_theta"], rope_scaling=scaling, attention_bias=True)
     if family == "phi3":
-        shape.update(hidden_size=128, head_dim=64, partial_rotary_factor=0.75, tie_word_embeddings=True,
-                     rope_scaling=dict(rope_type="longrope", short_factor=LONGROPE["short_factor"],
-                                       long_factor=LONGROPE["long_factor"], original_max_position_embeddings=SWITCH))
+        shape.update(hidden_size=128, head_dim=64, partial_rotary_factor=0.75,
+                     tie_word_embeddings=True,
+                     rope_scaling=dict(rope_type="longrope",
+                                       short_factor=LONGROPE["short_factor"],
+                                       long_factor=LONGROPE["long_factor"],
+                                       original_max_position_embeddings=SWITCH))
     return ModelConfig(model_type=family, **shape)
 
 
@@ -251,8 +283,8 @@ def test_a_model_config_saves_a_checkpoint_transformers_reads(tmp_path, family):
 
 
 def cached_logits(model, prompt, tokens, capacity):
-    """(len(tokens), V): the logits that predict each token as a decode with a cache of this capacity computes
-    them, teacher-forced in one prefill."""
+    """(len(tokens), V): the logits that predict each token as a decode with a cache of this
+    capacity computes them, teacher-forced in one prefill."""
     with torch.no_grad():
         out = model(torch.tensor([list(prompt) + list(tokens)]), cache=KVCache(model, 1, capacity))
     return out[0, len(prompt) - 1:-1]
@@ -261,10 +293,11 @@ def cached_logits(model, prompt, tokens, capacity):
 @pytest.mark.parametrize("case, prompt_lens, steps", [("llama", (7, 3), 12), ("phi3", (7, 3), 6),
                                                       ("phi3", (9, 5), 16)])
 def test_kv_cache_decoding(request, case, prompt_lens, steps):
-    """Greedy decoding with the cache (left-padded prefill, then one token a step) against the full forward.
-    LongRoPE's set is the cache's (by its capacity, prompt + steps): within the switch every step equals the
-    full forward; with a capacity above it, the steps whose sequence is past the switch do, and those before it
-    differ (the full forward of a short sequence uses the short set) -- the documented choice, as in vLLM."""
+    """Greedy decoding with the cache (left-padded prefill, then one token a step) against the full
+    forward. LongRoPE's set is the cache's (by its capacity, prompt + steps): within the switch
+    every step equals the full forward; with a capacity above it, the steps whose sequence is past
+    the switch do, and those before it differ (the full forward of a short sequence uses the short
+    set) -- the documented choice, as in vLLM."""
     model = Transformer.from_pretrained(request.getfixturevalue(case)).eval()
     prompts = [batch(n, 1, seed=n)[0].tolist() for n in prompt_lens]
     T = max(prompt_lens)
@@ -292,11 +325,12 @@ def test_kv_cache_decoding(request, case, prompt_lens, steps):
 
 @pytest.mark.parametrize("family", ["llama", "phi3"])
 def test_torch_and_vllm_samplers_agree(tmp_path, request, family):
-    """Greedy rollouts of prompts below the switch that decode past it, from the torch sampler (eager and static
-    decode loops) and vLLM (one engine, serving the checkpoint model.py saved): the same tokens, each the argmax
-    of the cached decode's logits, with the same log-probs. All three use LongRoPE's long set here: the torch
-    sampler's cache capacity is above the switch, and so is vLLM's max_model_len (vLLM's default for a LongRoPE
-    model stops at the switch, with the short set)."""
+    """Greedy rollouts of prompts below the switch that decode past it, from the torch sampler
+    (eager and static decode loops) and vLLM (one engine, serving the checkpoint model.py saved):
+    the same tokens, each the argmax of the cached decode's logits, with the same log-probs. All
+    three use LongRoPE's long set here: the torch sampler's cache capacity is above the switch, and
+    so is vLLM's max_model_len (vLLM's default for a LongRoPE model stops at the switch, with the
+    short set)."""
     from rollout import make_sampler
     model = Transformer.from_pretrained(request.getfixturevalue(family)).eval()
     with torch.no_grad():
@@ -320,20 +354,26 @@ def test_torch_and_vllm_samplers_agree(tmp_path, request, family):
         assert (lp.max(-1).values - chosen).max() < 1e-5
         for name in ("static", "vllm"):
             s = runs[name][i][0]
-            t = next((t for t, (x, y) in enumerate(zip(s.tokens, ref.tokens)) if x != y), len(ref.tokens))
-            assert t == len(ref.tokens) or lp[t].max() - min(lp[t, s.tokens[t]], lp[t, ref.tokens[t]]) < LP_TOL, name
-            torch.testing.assert_close(torch.tensor(s.logprobs[:t]), chosen[:t], atol=LP_TOL, rtol=0)
+            t = next((t for t, (x, y) in enumerate(zip(s.tokens, ref.tokens)) if x != y),
+                     len(ref.tokens))
+            assert (t == len(ref.tokens)
+                    or lp[t].max() - min(lp[t, s.tokens[t]], lp[t, ref.tokens[t]]) < LP_TOL), name
+            torch.testing.assert_close(torch.tensor(s.logprobs[:t]), chosen[:t], atol=LP_TOL,
+                                       rtol=0)
 
 
 # ------------------------------------------------------------------ what is not implemented
 
 
 @pytest.mark.parametrize("family, change, message", [
-    ("llama", dict(rope_parameters=dict(LLAMA3, rope_type="yarn")), r"rope_type='yarn' is not implemented"),
-    ("llama", dict(rope_parameters=dict(rope_type="dynamic", rope_theta=1e4, factor=2.0)), "rope_type='dynamic'"),
+    ("llama", dict(rope_parameters=dict(LLAMA3, rope_type="yarn")),
+     r"rope_type='yarn' is not implemented"),
+    ("llama", dict(rope_parameters=dict(rope_type="dynamic", rope_theta=1e4, factor=2.0)),
+     "rope_type='dynamic'"),
     ("llama", dict(rope_parameters={k: v for k, v in LLAMA3.items() if k != "low_freq_factor"}),
      r"rope_type='llama3' needs \['low_freq_factor'\]"),
-    ("llama", dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5 in config.json is implemented for phi3 only"),
+    ("llama", dict(partial_rotary_factor=0.5),
+     "partial_rotary_factor=0.5 in config.json is implemented for phi3 only"),
     ("llama", dict(hidden_act="gelu"), "hidden_act='gelu'"),
     ("phi3", dict(sliding_window=8), "sliding_window=8 below max_position_embeddings=64"),
     ("phi3", dict(attention_bias=True), r"attention_bias=true \(phi3 has no attention biases\)"),
@@ -349,7 +389,8 @@ def test_unimplemented_config_features_are_refused(tmp_path, request, family, ch
 
 
 def test_a_sliding_window_wider_than_the_context_is_no_window(tmp_path, phi3):
-    """Phi-4-mini's config.json has sliding_window=262144 over a 131072 context: it never acts, and loads."""
+    """Phi-4-mini's config.json has sliding_window=262144 over a 131072 context: it never acts, and
+    loads."""
     path = shutil.copytree(phi3, tmp_path / "c")
     write_config(path, dict(read_config(path), sliding_window=128))
     ref, model = hf_model(path), Transformer.from_pretrained(path).eval()
@@ -362,22 +403,24 @@ def test_a_sliding_window_wider_than_the_context_is_no_window(tmp_path, phi3):
 
 
 def test_distill_then_eval_a_llama_pair(tmp_path, settings_restored, monkeypatch, capsys):
-    """One OPRD run (2 steps, torch backend, one process) with a llama teacher and student that share a
-    tokenizer, then eval.py on the student it saved (both main()s in this process)."""
+    """One OPRD run (2 steps, torch backend, one process) with a llama teacher and student that
+    share a tokenizer, then eval.py on the student it saved (both main()s in this process)."""
     import eval as ev
     from test_bad_input import main_in_process
     teacher = make_family(tmp_path / "teacher", "llama", seed=3, max_position_embeddings=512)
     student = make_family(tmp_path / "student", "llama", seed=4, max_position_embeddings=512)
     out, res = tmp_path / "out", tmp_path / "res"
     bench = os.path.join(ROOT, "tests", "fixtures", "mini_bench.jsonl")
-    args = dict(student=student, teacher=teacher, out_dir=out, prompts=bench, backend="torch", device="cpu",
-                method="oprd", prompts_per_step=2, n_samples=2, max_new_tokens=6, max_prompt_len=256, layers="all",
-                positions="last_k", k_positions=4, max_steps=2, micro_batch_size=4, lr=1e-3, warmup_frac=0.0, seed=0)
+    args = dict(student=student, teacher=teacher, out_dir=out, prompts=bench, backend="torch",
+                device="cpu", method="oprd", prompts_per_step=2, n_samples=2, max_new_tokens=6,
+                max_prompt_len=256, layers="all", positions="last_k", k_positions=4, max_steps=2,
+                micro_batch_size=4, lr=1e-3, warmup_frac=0.0, seed=0)
+    eval_args = dict(ckpt=out / "step_0000002", benchmarks=bench, out=res, n_samples=1,
+                     max_new_tokens=6, backend="torch", limit=2)
     for main, script, a in ((settings_restored.main, "distill.py", args),
-                            (ev.main, "eval.py", dict(ckpt=out / "step_0000002", benchmarks=bench, out=res,
-                                                      n_samples=1, max_new_tokens=6, backend="torch", limit=2))):
-        code, stdout, err = main_in_process(main, [script] + [f"--{k}={v}" for k, v in a.items()], monkeypatch,
-                                            capsys)
+                            (ev.main, "eval.py", eval_args)):
+        argv = [script] + [f"--{k}={v}" for k, v in a.items()]
+        code, stdout, err = main_in_process(main, argv, monkeypatch, capsys)
         assert code == 0, f"{script}: exit {code}\n{stdout[-2000:]}\n" + "\n".join(err[-40:])
     with open(out / "log.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [0, 1]

@@ -1,7 +1,8 @@
-"""tiny.py: the shipped models (they load, and their recorded recipe is the code's), the recipe run for
-real at a few steps, the remake and reuse rules with the SFT run mocked, the quick start on the shipped
-pair (no SFT run), the validation split, the runner's filtered output (the quick start) and its quiet
-mode (lab/study.py), and the accuracy helper's reuse. Seconds, the recipe run about ten."""
+"""tiny.py: the shipped models (they load, and their recorded recipe is the code's), the recipe run
+for real at a few steps, the remake and reuse rules with the SFT run mocked, the quick start on the
+shipped pair (no SFT run), the validation split, the runner's filtered output (the quick start) and
+its quiet mode (lab/study.py), and the accuracy helper's reuse. Seconds, the recipe run about
+ten."""
 
 import json
 import os
@@ -47,7 +48,8 @@ def step_of(path):
 
 # ----------------------------------------------------------------------------- the shipped models
 
-SHIPPED = (('student', tiny.pair_models), ('teacher', tiny.pair_models), ('small', tiny.small_models))
+SHIPPED = (('student', tiny.pair_models), ('teacher', tiny.pair_models),
+           ('small', tiny.small_models))
 
 
 @pytest.mark.parametrize('who, models', SHIPPED)
@@ -70,9 +72,9 @@ def test_the_shipped_models_load_as_hf_checkpoints_of_their_shape(who, models):
 
 @pytest.mark.parametrize('models', [tiny.pair_models, tiny.small_models])
 def test_the_shipped_models_are_their_recipes(models):
-    """pair.json and small.json record what recipe() records for this code, so the shipped models are
-    the recipe's. torch's version is recorded for the reader and left out here: the suite also runs on
-    GPU nodes, whose torch build is another."""
+    """pair.json and small.json record what recipe() records for this code, so the shipped models
+    are the recipe's. torch's version is recorded for the reader and left out here: the suite also
+    runs on GPU nodes, whose torch build is another."""
     with open(models().record()) as f:
         recorded = json.load(f)
     want = models().recipe()
@@ -82,8 +84,8 @@ def test_the_shipped_models_are_their_recipes(models):
 
 
 def test_the_recipe_runs_for_real_at_a_few_steps(tmp_path, monkeypatch, capsys):
-    """make_models end to end with distill.py's SFT run, 4 steps: the checkpoints kept, without their
-    resume state, and the recipe recorded beside them and beside the run."""
+    """make_models end to end with distill.py's SFT run, 4 steps: the checkpoints kept, without
+    their resume state, and the recipe recorded beside them and beside the run."""
     from transformers import AutoConfig
     monkeypatch.setattr(tiny, 'work_dir', str(tmp_path / 'tiny'))
     os.makedirs(tiny.work_dir)
@@ -184,8 +186,8 @@ def test_models_without_a_record_are_never_reused(fake_sft, capsys):
 
 def test_the_quick_start_distils_the_shipped_pair_without_making_it(tmp_path, monkeypatch,
                                                                     capsys):
-    """No SFT run: the student and the teacher evaluated from models/tiny, OPRD from its student; the
-    printed block's format."""
+    """No SFT run: the student and the teacher evaluated from models/tiny, OPRD from its student;
+    the printed block's format."""
     calls = []
 
     def run_script(args, log, every=1, echo=True, threads=None):
@@ -206,7 +208,8 @@ def test_the_quick_start_distils_the_shipped_pair_without_making_it(tmp_path, mo
     tiny.quick_start()
     assert [args[0] for args in calls] == ['eval.py', 'eval.py', 'distill.py', 'eval.py']
     assert '--ckpt=models/tiny/student' in calls[0] and '--ckpt=models/tiny/teacher' in calls[1]
-    assert '--student=models/tiny/student' in calls[2] and '--teacher=models/tiny/teacher' in calls[2]
+    assert ('--student=models/tiny/student' in calls[2]
+            and '--teacher=models/tiny/teacher' in calls[2])
     lines = capsys.readouterr().out.splitlines()
     assert 'note:' not in '\n'.join(lines)
     assert lines[-5:-1] == ["tiny task, greedy accuracy on 256 held-out problems:",
@@ -264,8 +267,8 @@ def test_runner_failure_shows_the_log_tail_and_exits(tmp_path, capsys):
 
 
 def test_runner_quiet_prints_nothing_and_sets_the_threads(tmp_path, monkeypatch, capsys):
-    """lab/study.py's parallel runs: nothing on the terminal, everything in the log, one thread each,
-    offline."""
+    """lab/study.py's parallel runs: nothing on the terminal, everything in the log, one thread
+    each, offline."""
     monkeypatch.setattr(tiny, 'verbose', False)
     script = tmp_path / 'env.py'
     script.write_text("import os\nprint('step 0: loss 1')\n"
