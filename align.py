@@ -10,7 +10,7 @@ identical tokenizers every chunk is one token and nothing changes.
     # once, before any work: ValueError naming what cannot work
     check_tokenizers(student_tok, teacher_tok)
     view = align_rollout(student_tok, teacher_tok, messages, response_ids,
-                         finished=(finish == 'stop'), name=f"rollout {i} of step {step}")
+                         finished=(finish == 'stop'))
     view.prompt_ids, view.response_ids      # what the teacher reads
     view.pairs                              # (C, 2) response positions (student, teacher) compared
     # chunk-level sampled-token OPD on those chunks:
@@ -20,6 +20,13 @@ Bytes, not characters: a token may hold part of a multi-byte character (byte-lev
 tokenizer), so every offset here counts UTF-8 bytes, from a table of each token id's bytes built
 once per tokenizer. A stop token counts as one byte past the text, whatever its spelling: both
 models' ends of turn close the last chunk together.
+
+A rollout is the model's output, so nothing in it stops a run. The text both models read ends
+before the first of: a byte that is not UTF-8, an id the student's tokenizer does not have (an
+embedding's padding row: spelled as such a byte), a stop token inside the response, and the first
+byte the teacher's tokenizer reads back differently (a normaliser: NFC composes accents). The
+teacher reads special-token text as text (encode_text), as the student wrote it. A view with no
+chunk is not aligned (view.aligned); distill.py leaves it out of the step and counts it.
 """
 import functools
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +37,8 @@ import numpy as np
 from tokenizer import PROBE_TEXTS
 
 WHITESPACE = np.frombuffer(b" \t\n\r\x0b\x0c", np.uint8)
+# how an id outside the tokenizer is spelled: one byte that is never UTF-8
+NOT_TEXT = b"\xff"
 
 
 # --------------------------------------------------------------------------- what each token spells
@@ -77,16 +86,20 @@ def token_bytes(tok):
 
 def byte_ends(tok, ids):
     """The UTF-8 byte offset where each token of ids ends, counted from the first; a stop token
-    is one byte."""
+    is one byte, and so is an id outside the tokenizer."""
     ids = np.asarray(ids, dtype=np.int64)
-    lengths = token_bytes(tok)[1][ids]
+    table_lengths = token_bytes(tok)[1]
+    known = (ids >= 0) & (ids < len(table_lengths))
+    lengths = np.ones(len(ids), dtype=np.int64)
+    lengths[known] = table_lengths[ids[known]]
     lengths[np.isin(ids, tok.eos_ids)] = 1
     return np.cumsum(lengths)
 
 
 def spelled(tok, ids):
+    """The bytes ids spell; an id outside the tokenizer spells NOT_TEXT."""
     table = token_bytes(tok)[0]
-    return b''.join([table[i] for i in ids])
+    return b''.join([table[i] if 0 <= i < len(table) else NOT_TEXT for i in ids])
 
 
 @functools.cache
@@ -122,56 +135,58 @@ def check_tokenizers(student_tok, teacher_tok):
 
 # ---------------------------------------------------------------- the teacher's view of one rollout
 
-def response_text(student_tok, response_ids, finished, name='rollout'):
+def response_text(student_tok, response_ids, finished):
     """The text (UTF-8 bytes) of a student response, without its stop token, and whether the teacher
-    reads all of it (then its end of turn closes it when the student stopped). Bytes that are not
-    UTF-8 (a cut-off character of a truncated response, a stray byte of a byte-level student) end
-    the text before them: no teacher token can read them, so the chunks both models read stop there
-    and the rest of the response is not compared."""
+    reads all of it (then its end of turn closes it when the student stopped). The text ends before
+    the first byte that is not UTF-8 (a cut-off character of a truncated response, a stray byte of a
+    byte-level student, an id outside the tokenizer) and before a stop token inside the response:
+    no teacher token can read on from there, so the chunks both models read stop there and the rest
+    of the response is not compared."""
     ids = list(response_ids)
-    if finished:
-        if not ids or ids[-1] not in student_tok.eos_ids:
-            raise ValueError(f"{name}: finished, but it does not end with a student stop token "
-                             f"{student_tok.eos_ids}")
-        ids = ids[:-1]
-    early = [i for i, t in enumerate(ids) if t in student_tok.eos_ids]
-    if early:
-        raise ValueError(f"{name}: a stop token inside the response (position {early[0]})")
+    stops = [k for k, t in enumerate(ids) if t in student_tok.eos_ids]
+    whole = finished and bool(stops) and stops[0] == len(ids) - 1
+    if stops:
+        ids = ids[:stops[0]]
     raw = spelled(student_tok, ids)
     try:
         raw.decode('utf-8')
     except UnicodeDecodeError as e:
         return raw[:e.start], False
-    return raw, finished
+    return raw, whole
 
 
-def teacher_response(teacher_tok, text, finished, name='rollout'):
-    """The response text re-encoded by the teacher, closed by its end of turn when the student
-    stopped; refused unless the teacher's tokens spell exactly that text (the round trip
-    decode(encode(text)) == text, on bytes)."""
-    ids = teacher_tok.encode(text.decode('utf-8'))
-    back = spelled(teacher_tok, ids)
-    if back != text:
-        k = next((i for i, (x, y) in enumerate(zip(back, text)) if x != y),
-                 min(len(back), len(text)))
-        raise ValueError(f"{name}: the response text does not survive the teacher tokenizer "
-                         f"{tokenizer_name(teacher_tok)!r} (first difference at byte {k}: "
-                         f"{text[k:k + 12]!r} read back as {back[k:k + 12]!r})")
-    stops = [t for t in ids if t in teacher_tok.eos_ids]
+def first_difference(a, b):
+    """The first byte offset where a and b differ (the shorter length if one is the other's
+    start; len(a) if they are equal)."""
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def teacher_response(teacher_tok, text, finished):
+    """The response text re-encoded by the teacher, read as text (special-token spellings stay
+    text), closed by its end of turn when the student stopped. Where the teacher's tokens do not
+    spell the text back (a normaliser changed it, or a tokenizer that cannot split special tokens
+    read a stop token), the teacher keeps only its tokens that end by the first byte that differs,
+    and gets no end of turn. Returns (ids, whether the teacher read all of the text)."""
+    ids = teacher_tok.encode_text(text.decode('utf-8'))
+    stops = [k for k, t in enumerate(ids) if t in teacher_tok.eos_ids]
     if stops:
-        raise ValueError(f"{name}: the response text contains {teacher_tok.decode(stops[:1])!r}, "
-                         "a stop token of the teacher")
-    return ids + [end_of_turn(teacher_tok)] if finished else ids
+        ids = ids[:stops[0]]
+    back = spelled(teacher_tok, ids)
+    if back == text:
+        return (ids + [end_of_turn(teacher_tok)] if finished else ids), True
+    same_up_to = first_difference(back, text)
+    ends = byte_ends(teacher_tok, ids)
+    return ids[:int(np.searchsorted(ends, same_up_to, side='right'))], False
 
 
-def teacher_view(student_tok, teacher_tok, messages, response_ids, finished, name='rollout',
+def teacher_view(student_tok, teacher_tok, messages, response_ids, finished,
                  enable_thinking=False):
     """The teacher's (prompt ids, response ids) for one rollout. messages: the conversation the
     student's prompt was rendered from; finished: the response ended with the student's stop token
     (finish == 'stop')."""
-    text, whole = response_text(student_tok, response_ids, finished, name)
+    text, whole = response_text(student_tok, response_ids, finished)
     return (teacher_tok.chat(messages, enable_thinking=enable_thinking),
-            teacher_response(teacher_tok, text, whole, name))
+            teacher_response(teacher_tok, text, whole)[0])
 
 
 # --------------------------------------------------------------------- chunks both models have read
@@ -216,19 +231,32 @@ class TeacherView:
     pairs: np.ndarray      # (C, 2) response positions (student, teacher) of each chunk's last token
     s_spans: np.ndarray    # (C, 2) each chunk's [start, end) student tokens
     t_spans: np.ndarray    # (C, 2) each chunk's [start, end) teacher tokens
+    # bytes of the response text inside the chunks compared, and of the whole response (its stop
+    # token not counted; an id outside the tokenizer as one byte)
+    compared_bytes: int = 0
+    response_bytes: int = 0
+
+    @property
+    def aligned(self):
+        """At least one chunk of the response is compared."""
+        return len(self.pairs) > 0
 
 
 def align_rollout(student_tok, teacher_tok, messages, response_ids, finished, whitespace_only=False,
-                  name='rollout', enable_thinking=False):
+                  enable_thinking=False):
     """teacher_view and align_chunks for one rollout: the per-rollout work beside the sampler
     (lab/bench.py times it)."""
-    text, whole = response_text(student_tok, response_ids, finished, name)
-    t_response = teacher_response(teacher_tok, text, whole, name)
+    text, whole = response_text(student_tok, response_ids, finished)
+    t_response, read_all = teacher_response(teacher_tok, text, whole)
     s_ends = byte_ends(student_tok, response_ids)
     t_ends = byte_ends(teacher_tok, t_response)
     pairs, s_spans, t_spans = align_chunks(s_ends, t_ends, whitespace_only, text)
     t_prompt = teacher_tok.chat(messages, enable_thinking=enable_thinking)
-    return TeacherView(t_prompt, t_response, pairs, s_spans, t_spans)
+    # the last chunk's end, less the stop token's byte past the text
+    compared = min(int(s_ends[pairs[-1, 0]]), len(text)) if len(pairs) else 0
+    stops = np.isin(np.asarray(response_ids, dtype=np.int64), student_tok.eos_ids)
+    total = int(s_ends[-1]) - int(stops.sum()) if len(response_ids) else 0
+    return TeacherView(t_prompt, t_response, pairs, s_spans, t_spans, compared, total)
 
 
 def rollout_view(messages, response_ids, finish, student_tok, teacher_tok, whitespace_only=False,
@@ -236,7 +264,7 @@ def rollout_view(messages, response_ids, finish, student_tok, teacher_tok, white
     """align_rollout of one rollout as distill.py holds it (batch.Rollout's messages,
     response and finish)."""
     return align_rollout(student_tok, teacher_tok, messages, response_ids, finish == 'stop',
-                         whitespace_only, f"a rollout of prompt {messages[:40]!r}", enable_thinking)
+                         whitespace_only, enable_thinking)
 
 
 class Aligner:

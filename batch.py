@@ -8,6 +8,8 @@ supervises.
     batch = supervise(collate([rollout, ...], pad_id, device), plan)
     # any two
     batch = micro_batch([rollout, ...], plan, Tokenizers(student, teacher), device)
+    # across tokenizers: the rollouts the teacher can read, and the step's Alignment
+    rollouts, alignment = aligned_rollouts(rollouts)
     batches, counts, n_micro = micro_batches(rollouts, plan, tokenizers, device, size,
                                              check_tokens, check_seed)
 
@@ -252,3 +254,34 @@ def micro_batches(rollouts, plan, tokenizers, device, size, check_tokens, check_
     states = sum(b.oprd_mask.sum().item() for b in batches)
     counts = StepCounts(all_reduce_sum(outputs).item(), all_reduce_sum(states).item())
     return batches, counts, int(all_reduce_max(len(batches)))
+
+
+# ------------------------------------------------------------------- what the teacher could read
+
+@dataclass
+class Alignment:
+    """How much of a step's rollouts the teacher could read, summed over ranks (across
+    tokenizers)."""
+    rollouts: int
+    unaligned: int        # rollouts without one chunk both models read: left out of the step
+    compared_bytes: int   # response bytes inside the chunks compared
+    response_bytes: int
+
+    @property
+    def unaligned_share(self):
+        return self.unaligned / max(self.rollouts, 1)
+
+    @property
+    def byte_share(self):
+        return self.compared_bytes / max(self.response_bytes, 1)
+
+
+def aligned_rollouts(rollouts):
+    """The rollouts whose view (align.TeacherView) compares at least one chunk, and the step's
+    Alignment over ranks (a collective: every rank calls it). The others are left out of the step;
+    a rank left with fewer micro-batches runs zero-weight fillers, as always."""
+    views = [r.view for r in rollouts]
+    kept = [r for r in rollouts if r.view.aligned]
+    counts = [len(rollouts), len(rollouts) - len(kept), sum(v.compared_bytes for v in views),
+              sum(v.response_bytes for v in views)]
+    return kept, Alignment(*[int(x) for x in all_reduce_sum(counts).tolist()])

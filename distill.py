@@ -35,7 +35,8 @@ import torch.nn as nn
 
 import align as align_tokens
 import data
-from batch import DistillError, Rollout, Tokenizers, filler_batch, micro_batch, micro_batches
+from batch import (DistillError, Rollout, Tokenizers, aligned_rollouts, filler_batch, micro_batch,
+                   micro_batches)
 from bridge import arch, check_bridge, fit_stage1, init_projector, load_bridge
 from configurator import configure
 from fsdp import (MemoryMeter, StepClock, all_reduce_max, all_reduce_sum, balance,
@@ -89,6 +90,8 @@ align = 'predict'             # 'predict': the state that predicts token t (posi
                               # 'token': the state at t
 align_whitespace = False      # across tokenizers (align.py): compare only chunks that end at
                               # whitespace (ALM)
+max_unaligned_share = 0.5     # across tokenizers: stop when more than this share of a step's
+                              # rollouts has no chunk the teacher reads as the student wrote it
 oprd_coef = 1.0
 mu = 1.0                      # weight of OPRD in the combined objectives opd+oprd, opd_topk+oprd
 projector = False             # learn a linear map d_S -> d_T per layer when the widths differ
@@ -238,6 +241,8 @@ def check_settings():
         raise bad_setting('grad_clip', grad_clip, '>= 0')
     if not mu >= 0:
         raise bad_setting('mu', mu, '>= 0')
+    if not 0 <= max_unaligned_share < 1:
+        raise bad_setting('max_unaligned_share', max_unaligned_share, 'in [0, 1)')
     if not oprd_coef >= 0:
         raise bad_setting('oprd_coef', oprd_coef, '>= 0')
     if not temperature >= 0:
@@ -410,7 +415,7 @@ def start(cfg, dev, resume_path, state):
             tensor_parallel_size=tensor_parallel_size, seed=seed,
             max_model_len=max_prompt_len + max_new_tokens, max_num_seqs=max_num_seqs,
             enable_sleep_mode=dev.type == 'cuda' and method != 'bridge_fit',
-            enforce_eager=dev.type == 'cpu')
+            enforce_eager=dev.type == 'cpu', n_tokens=tok.vocab_size)
     _samplers.append(sampler)
     return stu, tea, Tokenizers(tok, t_tok), plan, items, sampler, (student_path, teacher_path)
 
@@ -608,6 +613,16 @@ def train(cfg):
         # sft), dealt by length; the sampler is asleep once they are in
         seqs = rollouts(sampler, items, step, rank, world, tokenizers, settings)
         clock.lap('rollout')
+        # across tokenizers, a rollout the teacher cannot read at all is left out and counted
+        alignment = None
+        if tokenizers.teacher is not None:
+            seqs, alignment = aligned_rollouts(seqs)
+            if alignment.unaligned_share > max_unaligned_share:
+                raise DistillError(
+                    f"step {step}: {alignment.unaligned} of {alignment.rollouts} rollouts have no "
+                    f"text the teacher's tokenizer reads as the student wrote it (more than "
+                    f"max_unaligned_share={max_unaligned_share}): this pair of tokenizers does "
+                    "not fit")
         seqs, load = balance(seqs, world)
         mem.start()
         lr_now = lr_at(step)
@@ -685,7 +700,7 @@ def train(cfg):
         rec = None
         if logged:
             rec = step_record(step, totals, seqs, counts, plan, clock, sampler is not None,
-                              check_tokens > 0)
+                              check_tokens > 0, alignment)
         stale = None
         if sampler and check_tokens:
             stale = stale_sampler(step, totals.gap, first_gap, stale_factor)

@@ -366,7 +366,7 @@ def evaluate(rank, world):
         dev = torch.device('cpu')
     sampler = rollout.make_sampler(
         backend, path, seed=seed, max_model_len=max_prompt_tokens + max_new_tokens, device=dev,
-        gpu_memory_utilization=gpu_memory_utilization if on_gpu else None,
+        gpu_memory_utilization=gpu_memory_utilization if on_gpu else None, n_tokens=tok.vocab_size,
         enforce_eager=not on_gpu)  # vLLM's CPU build would compile at every start
     summaries, all_records = {}, []
     for name, problems in sets.items():

@@ -17,7 +17,9 @@ both generate through this file, with one interface and two backends:
 
     # tokenizer.py; or "byte": the built-in byte-level one
     tok = load_tokenizer("path/to/hf_dir")
-    sampler = make_sampler("auto", "path/to/hf_dir", gpu_memory_utilization=0.3)
+    # n_tokens: the ids it may draw (never the embedding's padding rows past the tokenizer)
+    sampler = make_sampler("auto", "path/to/hf_dir", gpu_memory_utilization=0.3,
+                           n_tokens=tok.vocab_size)
     out = sampler.generate([tok.chat("What is 12 + 30?")], n=4, temperature=1.0,
                            max_new_tokens=256, stop_ids=tok.eos_ids, seed=step, logprobs=True)
     # prompt 0, sample 3
@@ -32,6 +34,12 @@ both generate through this file, with one interface and two backends:
 
 $ python rollout.py path/to/hf_dir "What is 12 + 30?"          # a quick look, default backend
 $ python rollout.py path/to/hf_dir "What is 12 + 30?" torch    # the torch backend (-h: usage)
+
+Neither backend draws an id the tokenizer does not have (checkpoints pad their embedding past it:
+Qwen2.5 has 151,936 rows for 151,665 tokens). Given the tokenizer's size, n_tokens, the torch
+sampler samples from the logits' first n_tokens columns (a view: nothing is copied), and vLLM gets a
+logit bias of -inf on the padding rows (an indexed add over those few hundred ids per step). The
+log-probs stay raw, over every row, as the trainer computes them.
 
 dtypes: checkpoints are saved in fp32. On a GPU both backends sample in bf16 unless given a dtype
 (vLLM's own 'auto' would pick fp16 or bf16 depending on its version); on a CPU in the checkpoint's
@@ -81,6 +89,8 @@ def make_sampler(backend="auto", model_path=None, model=None, **engine_kw):
     then a copy onto itself, i.e. nothing), else one is loaded from model_path; dtype, device,
     gpu_memory_utilization, sync_every, decode; the vLLM-only options (VLLM_ONLY) are ignored, so
     one config serves both backends.
+    Both: n_tokens, the tokenizer's size (ids past it, an embedding's padding rows, are never
+    drawn; None draws from every row).
     A model_path is checked (check_checkpoint) before any engine starts; backend is checked where
     it is read (distill.py's and eval.py's settings, the CLI below).
     """
@@ -99,6 +109,23 @@ def make_sampler(backend="auto", model_path=None, model=None, **engine_kw):
         return VLLMSampler(model_path, **vllm_kw)
     torch_kw = {k: v for k, v in engine_kw.items() if k not in VLLM_ONLY}
     return TorchSampler(model_path, model=model, **torch_kw)
+
+
+# vLLM's V2 model runner takes at most this many logit-bias ids per request
+MAX_LOGIT_BIAS_IDS = 1024
+
+
+def padding_bias(hf_config, n_tokens):
+    """The logit bias that keeps vLLM from drawing the embedding's padding rows past the tokenizer's
+    n_tokens ids: -inf on each (None when there are none, or n_tokens is not given)."""
+    rows = hf_config.get("vocab_size") or hf_config.get("text_config", {}).get("vocab_size")
+    if n_tokens is None or rows is None or n_tokens >= rows:
+        return None
+    if rows - n_tokens > MAX_LOGIT_BIAS_IDS:
+        raise ValueError(f"the model has {rows - n_tokens} embedding rows past its tokenizer's "
+                         f"{n_tokens} tokens; vLLM masks at most {MAX_LOGIT_BIAS_IDS} per request: "
+                         "use the torch backend")
+    return {i: float("-inf") for i in range(n_tokens, rows)}
 
 
 def vllm_device_type():
@@ -350,7 +377,7 @@ class VLLMSampler:
     present; VLLM_USE_V2_MODEL_RUNNER=0 falls back to the V1 runner (the CPU build runs V1).
     """
 
-    def __init__(self, model_path, device=None, bucket_mb=256, **engine_kw):
+    def __init__(self, model_path, device=None, bucket_mb=256, n_tokens=None, **engine_kw):
         from vllm import LLM
         runs_on = vllm_device_type()
         device = torch.device(device or runs_on or "cpu")
@@ -370,6 +397,7 @@ class VLLMSampler:
         self.dp_rank = rank // tp
         self.dp_size = world // tp
         hf_config = read_json(os.path.join(model_path, "config.json"))
+        self.padding_bias = padding_bias(hf_config, n_tokens)
         args = engine_args(model_path, hf_config, device.type, world, **engine_kw)
         self.device = device
         self.sleep_mode = args["enable_sleep_mode"]
@@ -441,7 +469,8 @@ class VLLMSampler:
                     n=1, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
                     max_tokens=max_new_tokens, stop_token_ids=stop, ignore_eos=True,
                     seed=hash32(key ^ hash32(place[i * n + j])),
-                    logprobs=0 if logprobs else None, detokenize=False))
+                    logprobs=0 if logprobs else None, detokenize=False,
+                    logit_bias=self.padding_bias))
         # enqueue returns the engine's ids, '<the request's own id>-<8 random hex>'; outputs carry
         # the own id
         engine_ids = self.llm.enqueue(requests, params, use_tqdm=False)
@@ -555,7 +584,7 @@ def main(argv):
         path = check_checkpoint(path)[0]
         tok = load_tokenizer(path)
         ids = tok.chat(prompt)
-        sampler = make_sampler(backend, path)
+        sampler = make_sampler(backend, path, n_tokens=tok.vocab_size)
     # CheckpointError is a ValueError; no chat template: OSError
     except (ValueError, OSError, VLLMVersionError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

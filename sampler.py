@@ -198,7 +198,7 @@ class TorchSampler:
     """
 
     def __init__(self, model_path=None, model=None, dtype=None, device=None, sync_every=None,
-                 decode="auto", gpu_memory_utilization=None):
+                 decode="auto", gpu_memory_utilization=None, n_tokens=None):
         if isinstance(dtype, str):
             # the vLLM spelling: 'auto', 'bfloat16', ...
             dtype = None if dtype == "auto" else getattr(torch, dtype)
@@ -221,6 +221,9 @@ class TorchSampler:
         self.device = next(model.parameters()).device
         # the dtype update_weights receives: the trainer casts its shards to it before the gather
         self.dtype = next(model.parameters()).dtype
+        # ids drawn: those of the tokenizer (n_tokens, its size), never the embedding's padding
+        # rows past it. The logits are sliced before sampling (a view: nothing is copied)
+        self.n_tokens = min(n_tokens or model.config.vocab_size, model.config.vocab_size)
         on_gpu = self.device.type == "cuda"
         if not on_gpu:
             # random and tiny models produce denormals, 10x slower on some CPUs
@@ -295,14 +298,14 @@ class TorchSampler:
             logits = logits[rows]
         # each row's key, from its place
         row_keys = hash32(key ^ hash32(torch.tensor(place, device=dev)))
-        token_keys = hash32(torch.arange(logits.shape[-1], device=dev))
+        token_keys = hash32(torch.arange(self.n_tokens, device=dev))
         # the rows of `out` still in the batch
         alive = torch.arange(B, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         for t in range(max_new_tokens):
             step_key = step_noise_key(key, t)
-            tok = sample_next(logits, temperature, top_k, top_p, row_keys[alive], step_key,
-                              token_keys)
+            tok = sample_next(logits[:, :self.n_tokens], temperature, top_k, top_p,
+                              row_keys[alive], step_key, token_keys)
             out[alive, t] = tok
             if logprobs:
                 # log p = logit - logsumexp: no (B, V) log-softmax written
@@ -333,7 +336,8 @@ class TorchSampler:
         if self.static is None or self.static.max_len < max_len or self.static.wanted < want:
             # free the old one first: what memory allows is measured without it
             self.static = None
-            self.static = StaticDecoder(self.model, want, max_len, graphs=self.decode == "graph")
+            self.static = StaticDecoder(self.model, want, max_len, self.n_tokens,
+                                        graphs=self.decode == "graph")
         decoder = self.static
         decoder.start(settings, stop, key, place)
         # more rows than fit: in turns (a row's samples do not depend on it)
@@ -420,9 +424,11 @@ class StaticDecoder:
     # prompt tokens per prefill forward: bounds its (rows, chunk, cache) attention mask
     PREFILL_CHUNK = 2048
 
-    def __init__(self, model, rows, max_len, graphs):
+    def __init__(self, model, rows, max_len, n_tokens, graphs):
         dev = next(model.parameters()).device
         self.model = model
+        # ids at or past n_tokens (an embedding's padding rows) are never drawn
+        self.n_tokens = n_tokens
         self.device = dev
         self.max_len = max_len
         self.graphs = graphs
@@ -447,7 +453,7 @@ class StaticDecoder:
         self.t = torch.zeros(1, dtype=torch.long, device=dev)
         # mix_seed(seed, rank)
         self.key = torch.zeros(1, dtype=torch.long, device=dev)
-        self.token_keys = hash32(torch.arange(V, device=dev))
+        self.token_keys = hash32(torch.arange(n_tokens, device=dev))
         # a lookup table: isin() may sync the host
         self.is_stop = torch.zeros(V, dtype=torch.bool, device=dev)
         # (rows, window, settings) -> torch.cuda.CUDAGraph
@@ -556,8 +562,8 @@ class StaticDecoder:
         logits = logits.float()
         temperature, top_k, top_p, logprobs = self.settings
         step_key = step_noise_key(self.key, self.t)
-        tok = sample_next(logits, temperature, top_k, top_p, self.row_keys[:B], step_key,
-                          self.token_keys)
+        tok = sample_next(logits[:, :self.n_tokens], temperature, top_k, top_p, self.row_keys[:B],
+                          step_key, self.token_keys)
         self.tok[:B] = tok
         # the step as a tensor: a graph replays it unchanged
         self.out[:B].index_copy_(1, self.t, tok[:, None])

@@ -93,10 +93,11 @@ class StepTotals:
         self.gap = gap_sum / max(gap_count, 1)
 
 
-def step_record(step, totals, rollouts, counts, plan, clock, sampled, checked):
+def step_record(step, totals, rollouts, counts, plan, clock, sampled, checked, alignment=None):
     """The step's figures, reduced over ranks: what is printed and appended to log.jsonl. sampled:
     the rollouts came from a sampler (not sft); checked: it re-scored their tokens
-    (check_tokens > 0)."""
+    (check_tokens > 0); alignment: across tokenizers, batch.Alignment (the rollouts left out, the
+    share of response bytes compared)."""
     n_seqs = all_reduce_sum(len(rollouts)).item()
     generated = all_reduce_sum(sum(len(r.response) for r in rollouts)).item()
     truncated = all_reduce_sum(sum(r.finish == 'length' for r in rollouts)).item()
@@ -114,6 +115,9 @@ def step_record(step, totals, rollouts, counts, plan, clock, sampled, checked):
             rec['sampler_logp_gap'] = totals.gap
         if totals.reserved_at_wake:
             rec['reserved_mb_at_wake'] = totals.reserved_at_wake / 2**20
+    if alignment is not None:
+        rec['rollouts_unaligned'] = alignment.unaligned
+        rec['aligned_byte_share'] = alignment.byte_share
     for j, layer in enumerate(plan.s_layers):
         layer_loss = all_reduce_sum(totals.layer_loss[j]).item()
         layer_cos = all_reduce_sum(totals.layer_cos[j]).item()
@@ -136,6 +140,9 @@ def write_record(rec, plan, out_dir, wandb_log=False):
         extra += f" | rollout {rec['rollout_tok_s']:.0f} tok/s"
     if 'sampler_logp_gap' in rec:
         extra += f" | dlogp {rec['sampler_logp_gap']:.4f}"
+    if 'aligned_byte_share' in rec:
+        extra += (f" | aligned {rec['aligned_byte_share']:.0%} of bytes, "
+                  f"{rec['rollouts_unaligned']} rollouts left out")
     shown = [k for k in StepClock.PARTS if rec.get(f'time/{k}', 0) >= 0.005]
     times = ' '.join(f"{k} {rec[f'time/{k}']:.2f}" for k in shown)
     print(f"step {rec['step']}: loss {rec['loss']:.6f} | grad {rec['grad_norm']:.3f} | "

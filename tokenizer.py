@@ -32,10 +32,24 @@ class Tokenizer:
     pad_id: int
 
     def encode(self, text):
+        """Token ids of text; text that spells a special token becomes that token."""
+        raise NotImplementedError
+
+    def encode_text(self, text):
+        """Token ids of text read as text: a special token's spelling stays ordinary tokens (how
+        a teacher reads a response the student wrote, align.py)."""
         raise NotImplementedError
 
     def decode(self, ids, skip_special=False):
+        """The text of ids up to the first id the tokenizer does not have (an embedding's padding
+        row), which ends it."""
         raise NotImplementedError
+
+    def known_prefix(self, ids):
+        """ids up to the first one outside the tokenizer (0 <= id < vocab_size)."""
+        ids = list(ids)
+        unknown = next((k for k, i in enumerate(ids) if not 0 <= i < self.vocab_size), len(ids))
+        return ids[:unknown]
 
     def chat(self, messages, enable_thinking=False):
         """The rendered prompt (token ids) for a conversation, ending with the assistant's
@@ -82,12 +96,27 @@ class HFTokenizer(Tokenizer):
         self.eos_ids = sorted(eos)
         self.pad_id = (self.tok.pad_token_id if self.tok.pad_token_id is not None
                        else self.eos_ids[0])
+        # a copy of the Rust tokenizer that splits special-token text into ordinary tokens: its own
+        # object, so the flag never changes under another thread's encode
+        self.text_tok = None
+        backend = getattr(self.tok, "backend_tokenizer", None)
+        if backend is not None and hasattr(backend, "encode_special_tokens"):
+            from tokenizers import Tokenizer as RustTokenizer
+            self.text_tok = RustTokenizer.from_str(backend.to_str())
+            self.text_tok.encode_special_tokens = True
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False)
 
+    def encode_text(self, text):
+        # a tokenizer that cannot split special tokens reads them as specials (align.py cuts the
+        # text there)
+        if self.text_tok is None:
+            return self.encode(text)
+        return self.text_tok.encode(text, add_special_tokens=False).ids
+
     def decode(self, ids, skip_special=False):
-        return self.tok.decode(ids, skip_special_tokens=skip_special)
+        return self.tok.decode(self.known_prefix(ids), skip_special_tokens=skip_special)
 
     def chat(self, messages, enable_thinking=False):
         if isinstance(messages, str):
@@ -122,10 +151,14 @@ class ByteTokenizer(Tokenizer):
         # special-token text becomes the special token, as in HF
         return self.enc.encode(text, allowed_special="all")
 
+    def encode_text(self, text):
+        return self.enc.encode_ordinary(text)
+
     def decode(self, ids, skip_special=False):
+        ids = self.known_prefix(ids)
         if skip_special:
             ids = [i for i in ids if i < 256]
-        return self.enc.decode(list(ids), errors="replace")
+        return self.enc.decode(ids, errors="replace")
 
     def chat(self, messages, enable_thinking=False):
         if isinstance(messages, str):

@@ -303,25 +303,38 @@ def test_end_of_turn_is_the_templates(toks):
     assert len(phi.eos_ids) == 2 and end_of_turn(phi) == phi.tok.convert_tokens_to_ids("<|end|>")
 
 
-def test_refusals_name_the_problem(toks, tmp_path):
+def test_a_missing_template_is_refused(toks, tmp_path):
+    with pytest.raises(ValueError, match="has no chat template"):
+        check_tokenizers(toks["byte"], phi_like(tmp_path / "bare", template=None))
+
+
+def test_what_the_teacher_cannot_read_ends_the_text_without_a_refusal(toks, tmp_path):
+    """A rollout never raises: the text both read ends before a normaliser's change, a byte that
+    is not UTF-8, a stop token inside the response; a finished rollout without its stop token is
+    read as truncated. Expected chunks: the byte student's one-byte tokens against the teacher's
+    own encoding of the text kept, walked by hand."""
     from tokenizers import normalizers
     byte, phi = toks["byte"], toks["phi"]
-    with pytest.raises(ValueError, match="has no chat template"):
-        check_tokenizers(byte, phi_like(tmp_path / "bare", template=None))
     infinity = phi_like(tmp_path / "inf", normalizer=normalizers.Replace("∞", "inf"))
-    check_tokenizers(byte, infinity)  # the probe texts pass; the rollout below does not
-    refusal = r"rollout 3 of step 7: the response text does not survive .* byte 5"
-    with pytest.raises(ValueError, match=refusal):
-        align_rollout(byte, infinity, MESSAGES, byte.encode("x -> ∞") + [258], True,
-                      name="rollout 3 of step 7")
-    # a stray byte that is not UTF-8: the text both read ends before it,
-    # and no end of turn closes it
-    stray = align_rollout(byte, phi, MESSAGES, [65, 0xff, 66, 258], True, name="rollout 1")
+    # the probe texts pass; the rollout below is read up to the ∞ (bytes 0..4, "x -> ")
+    check_tokenizers(byte, infinity)
+    view = align_rollout(byte, infinity, MESSAGES, byte.encode("x -> ∞") + [258], True)
+    kept = infinity.encode("x -> ")
+    assert view.response_ids == kept[:len(view.response_ids)]
+    assert infinity.decode(view.response_ids) == "x -> "[:byte_ends(infinity, kept)[-1]]
+    expected = walk_chunks(list("x -> "), [infinity.decode([t]) for t in view.response_ids])
+    assert view.s_spans.tolist() == [list(s) for s, _ in expected]
+    assert (view.compared_bytes, view.response_bytes) == (5, 8)
+    # a stray byte that is not UTF-8: the text both read ends before it, no end of turn
+    stray = align_rollout(byte, phi, MESSAGES, [65, 0xff, 66, 258], True)
     assert stray.response_ids == phi.encode("A") and stray.pairs.tolist() == [[0, 0]]
-    with pytest.raises(ValueError, match="contains '<\\|end\\|>', a stop token of the teacher"):
-        teacher_view(byte, phi, MESSAGES, list(b"42<|end|>") + [258], True)
-    with pytest.raises(ValueError, match="finished, but it does not end with a student stop token"):
-        teacher_view(byte, phi, MESSAGES, byte.encode("42"), True)
+    assert (stray.compared_bytes, stray.response_bytes) == (1, 3)
+    # a stop token inside the response ends the text there
+    early = align_rollout(byte, phi, MESSAGES, byte.encode("42") + [258] + byte.encode("7"), True)
+    assert early.response_ids == phi.encode("42") and early.pairs[-1, 0] == 1
+    # finished without its stop token: read as truncated, no end of turn
+    _, t_response = teacher_view(byte, phi, MESSAGES, byte.encode("42"), True)
+    assert t_response == phi.encode("42")
 
 
 def test_the_aligner_aligns_the_samples_a_rank_keeps_on_its_thread(toks, monkeypatch):

@@ -187,7 +187,7 @@ def test_static_step_has_no_host_sync():
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       head_dim=16)
     with torch.inference_mode(), FakeTensorMode():
-        dec = StaticDecoder(Transformer(cfg).eval(), 8, 512, graphs=False)
+        dec = StaticDecoder(Transformer(cfg).eval(), 8, 512, 100, graphs=False)
         dec.start((0, -1, 1.0, False), torch.tensor([5]), key=1, place=list(range(8)))
         for settings in [(0, -1, 1.0, False), (1.0, -1, 1.0, True), (0.7, 10, 0.9, True)]:
             dec.settings = settings
@@ -255,7 +255,7 @@ def test_graphs_are_recorded_and_replayed_on_the_models_device(model, monkeypatc
     model's kernels and replays nothing, silently. Checked with fake CUDA calls; the step itself
     runs on the CPU."""
     fake = FakeCuda(monkeypatch)
-    decoder = StaticDecoder(model, 4, 16, graphs=True)
+    decoder = StaticDecoder(model, 4, 16, model.config.vocab_size, graphs=True)
     # the model's device as the CUDA calls see it (the buffers stay on the CPU)
     decoder.device = torch.device("cuda", 1)
     decoder.start((1.0, -1, 1.0, False), torch.tensor([5]), key=1, place=list(range(4)))
