@@ -140,6 +140,26 @@ def test_longrope_set_is_chosen_per_row(phi3):
             torch.testing.assert_close(padded[i, :len(r)], ref(r[None]).logits[0], atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("length", [SWITCH, SWITCH + 1])
+def test_longrope_switches_one_token_past_the_original_context(phi3, length):
+    """A sequence of exactly original_max_position_embeddings tokens uses LongRoPE's short set, one
+    token more the long set, as transformers does: in a full forward, and in decoding with a cache
+    of exactly that capacity (a prompt, then one token a step)."""
+    ref, model = hf_model(phi3), Transformer.from_pretrained(phi3).eval()
+    idx = batch(length, 1, seed=7)
+    prompt = length - 4
+    with torch.no_grad():
+        want = ref(idx).logits[0]
+        full = model(idx)[0]
+        cache = KVCache(model, 1, length)
+        ones = torch.ones(1, prompt, dtype=torch.long)
+        steps = [model(idx[:, :prompt], attention_mask=ones, cache=cache)[0]]
+        for t in range(prompt, length):
+            steps.append(model(idx[:, t:t + 1], cache=cache)[0])
+    torch.testing.assert_close(full, want, atol=TOL, rtol=0)
+    torch.testing.assert_close(torch.cat(steps), want, atol=TOL, rtol=0)
+
+
 def legacy_spelling(cfg):
     """A transformers-5 config.json rewritten as older files spell it: rope_theta,
     partial_rotary_factor (and Phi's original_max_position_embeddings) at the top level,

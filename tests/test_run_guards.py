@@ -100,22 +100,37 @@ def test_resume_from_an_older_checkpoint_logs_each_step_once(pair, tmp_path, dis
     assert [r["loss"] for r in rows[:2]] == [r["loss"] for r in first[:2]]
 
 
-def test_eval_two_ranks_vllm_ends_cleanly(tmp_path, tiny_qwen3):
+def test_eval_vllm_on_two_ranks_ends_cleanly_and_draws_what_one_rank_draws(
+        tmp_path, tiny_qwen3, settings_restored, monkeypatch, capsys):
     """vLLM's teardown destroys the process group it shares with eval.py: the ranks must still exit
-    0."""
-    out = tmp_path / "res"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "eval.py", f"--ckpt={tiny_qwen3}", f"--benchmarks={FIXTURE}", "--n_samples=2",
-           "--max_new_tokens=6", "--backend=vllm", f"--out={out}", "--device=cpu"]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400,
+    0. Each problem's samples are seeded by its index in the set, so 2 ranks with one problem per
+    batch draw, at temperature 1, exactly the texts 1 rank (in this process) draws with every
+    problem in one batch."""
+    import eval as ev
+    from test_bad_input import main_in_process
+    args = ["eval.py", f"--ckpt={tiny_qwen3}", f"--benchmarks={FIXTURE}", "--n_samples=2",
+            "--max_new_tokens=6", "--temperature=1.0", "--backend=vllm", "--device=cpu"]
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    p = subprocess.run(cmd + args + ["--batch_problems=1", f"--out={two}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=400,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Process group cannot be None" not in p.stderr
-    with open(out / "samples.jsonl") as f:
-        rows = [json.loads(line) for line in f]
+    one = tmp_path / "one"
+    code, _, err = main_in_process(ev.main, args + ["--batch_problems=32", f"--out={one}"],
+                                   monkeypatch, capsys)
+    assert code == 0, err[-40:]
+    texts = {}
+    for name, out in (("one", one), ("two", two)):
+        with open(out / "samples.jsonl") as f:
+            texts[name] = {r["id"]: r["text"] for r in map(json.loads, f)}
     with open(FIXTURE) as f:
         # both ranks' problems gathered
-        assert len(rows) == 2 * sum(1 for line in f if line.strip())
+        assert len(texts["two"]) == 2 * sum(1 for line in f if line.strip())
+    assert texts["one"] == texts["two"]
+    # sampled, not the same text everywhere
+    assert len(set(texts["one"].values())) > len(texts["one"]) // 2
 
 
 def test_eval_samples_do_not_depend_on_ranks_or_batches(tmp_path, tiny_qwen3, settings_restored,
