@@ -247,7 +247,7 @@ def align_rollout(student_tok, teacher_tok, messages, response_ids, finished, wh
     """teacher_view and align_chunks for one rollout: the per-rollout work beside the sampler
     (lab/bench.py times it)."""
     text, whole = response_text(student_tok, response_ids, finished)
-    t_response, read_all = teacher_response(teacher_tok, text, whole)
+    t_response = teacher_response(teacher_tok, text, whole)[0]
     s_ends = byte_ends(student_tok, response_ids)
     t_ends = byte_ends(teacher_tok, t_response)
     pairs, s_spans, t_spans = align_chunks(s_ends, t_ends, whitespace_only, text)

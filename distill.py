@@ -38,6 +38,7 @@ import data
 from batch import (DistillError, Rollout, Tokenizers, aligned_rollouts, filler_batch, micro_batch,
                    micro_batches)
 from bridge import arch, check_bridge, fit_stage1, init_projector, load_bridge
+from checks import ONE_VOCABULARY, THROUGH_BRIDGE, check_resume, check_settings
 from configurator import configure
 from fsdp import (MemoryMeter, StepClock, all_reduce_max, all_reduce_sum, balance,
                   clip_grad_norm, drop_logged_steps_from, is_dist, load_training_state,
@@ -147,12 +148,6 @@ wandb_log = False
 wandb_project = 'oprd'
 # -----------------------------------------------------------------------------
 
-METHODS = ('oprd', 'opd', 'opd_topk', 'opd_full', 'opd+oprd', 'opd_topk+oprd', 'sft',
-           'bridge_fit', 'oprd_bridge', 'opd_chunk', 'opd_chunk+oprd', 'opd_chunk+oprd_bridge')
-# stage 2 of OPRD-Bridge, alone or with chunk-level OPD
-THROUGH_BRIDGE = ('oprd_bridge', 'opd_chunk+oprd_bridge')
-# token-level output losses
-ONE_VOCABULARY = ('opd', 'opd_topk', 'opd_full', 'opd+oprd', 'opd_topk+oprd')
 # started samplers, closed by main() before the process group goes (vLLM's teardown needs it)
 _samplers = []
 
@@ -168,152 +163,6 @@ def lr_at(step):
 
 
 # ---------------------------------------------------------------------- set-up, before any work
-
-def bad_setting(key, value, allowed):
-    """The one-line error for a setting outside what it allows."""
-    return DistillError(f"{key}={value!r}: must be {allowed}")
-
-
-def check_settings():
-    """One DistillError for the first setting or input that cannot work, before any model loads or
-    any folder is made. Checks that need the models (layers in range, widths, tokenizers) come right
-    after loading."""
-    if method not in METHODS:
-        raise DistillError(f"method={method!r} does not exist: choose one of {', '.join(METHODS)}")
-    if init_from not in ('scratch', 'resume'):
-        raise bad_setting('init_from', init_from, 'scratch or resume')
-    if backend not in ('auto', 'vllm', 'torch'):
-        raise bad_setting('backend', backend, 'auto, vllm or torch')
-    if device not in ('auto', 'cpu', 'cuda'):
-        raise bad_setting('device', device, 'auto, cpu or cuda')
-    if positions not in ('all', 'first_k', 'last_k'):
-        raise bad_setting('positions', positions, 'all, first_k or last_k')
-    if distance not in ('mse', 'normalized_mse'):
-        raise bad_setting('distance', distance, 'mse or normalized_mse')
-    if align not in ('predict', 'token'):
-        raise bad_setting('align', align, 'predict or token')
-    if projector_init not in ('random', 'lstsq'):
-        raise bad_setting('projector_init', projector_init, 'random or lstsq')
-    if bridge_init not in ('random', 'lstsq'):
-        raise bad_setting('bridge_init', bridge_init, 'random or lstsq')
-    if not prompts_per_step >= 1:
-        raise bad_setting('prompts_per_step', prompts_per_step, '>= 1')
-    if not n_samples >= 1:
-        raise bad_setting('n_samples', n_samples, '>= 1')
-    if not max_new_tokens >= 1:
-        raise bad_setting('max_new_tokens', max_new_tokens, '>= 1')
-    if not max_prompt_len >= 1:
-        raise bad_setting('max_prompt_len', max_prompt_len, '>= 1')
-    if not k_positions >= 1:
-        raise bad_setting('k_positions', k_positions, '>= 1')
-    if not topk >= 1:
-        raise bad_setting('topk', topk, '>= 1')
-    if not vocab_chunk_tokens >= 1:
-        raise bad_setting('vocab_chunk_tokens', vocab_chunk_tokens, '>= 1')
-    if not max_steps >= 1:
-        raise bad_setting('max_steps', max_steps, '>= 1')
-    if not micro_batch_size >= 1:
-        raise bad_setting('micro_batch_size', micro_batch_size, '>= 1')
-    if not max_bad_steps >= 1:
-        raise bad_setting('max_bad_steps', max_bad_steps, '>= 1')
-    if not log_every >= 1:
-        raise bad_setting('log_every', log_every, '>= 1')
-    if not save_every >= 1:
-        raise bad_setting('save_every', save_every, '>= 1')
-    if not keep_checkpoints >= 1:
-        raise bad_setting('keep_checkpoints', keep_checkpoints, '>= 1')
-    if not tensor_parallel_size >= 1:
-        raise bad_setting('tensor_parallel_size', tensor_parallel_size, '>= 1')
-    # the configurator has already refused a value that is not an int (max_num_seqs's default is)
-    if not max_num_seqs >= 1:
-        raise bad_setting('max_num_seqs', max_num_seqs, '>= 1')
-    if not bridge_rows >= 1:
-        raise bad_setting('bridge_rows', bridge_rows, '>= 1')
-    if not bridge_epochs >= 1:
-        raise bad_setting('bridge_epochs', bridge_epochs, '>= 1')
-    if not bridge_batch_size >= 1:
-        raise bad_setting('bridge_batch_size', bridge_batch_size, '>= 1')
-    if not dist_timeout_min >= 1:
-        raise bad_setting('dist_timeout_min', dist_timeout_min, '>= 1')
-    if not weight_decay >= 0:
-        raise bad_setting('weight_decay', weight_decay, '>= 0')
-    if not grad_clip >= 0:
-        raise bad_setting('grad_clip', grad_clip, '>= 0')
-    if not mu >= 0:
-        raise bad_setting('mu', mu, '>= 0')
-    if not 0 <= max_unaligned_share < 1:
-        raise bad_setting('max_unaligned_share', max_unaligned_share, 'in [0, 1)')
-    if not oprd_coef >= 0:
-        raise bad_setting('oprd_coef', oprd_coef, '>= 0')
-    if not temperature >= 0:
-        raise bad_setting('temperature', temperature, '>= 0')
-    if not stop_step >= 0:
-        raise bad_setting('stop_step', stop_step, '>= 0')
-    if not bridge_rank >= 0:
-        raise bad_setting('bridge_rank', bridge_rank, '>= 0')
-    if not 0 <= warmup_frac < 1:
-        raise bad_setting('warmup_frac', warmup_frac, 'in [0, 1)')
-    if not 0 <= beta1 < 1:
-        raise bad_setting('beta1', beta1, 'in [0, 1)')
-    if not 0 <= beta2 < 1:
-        raise bad_setting('beta2', beta2, 'in [0, 1)')
-    if not 0 < top_p <= 1:
-        raise bad_setting('top_p', top_p, 'in (0, 1]')
-    if not 0 < gpu_memory_utilization <= 1:
-        raise bad_setting('gpu_memory_utilization', gpu_memory_utilization, 'in (0, 1]')
-    if not lr > 0:
-        raise bad_setting('lr', lr, '> 0')
-    if not bridge_lr > 0:
-        raise bad_setting('bridge_lr', bridge_lr, '> 0')
-    if not 0 <= min_lr <= lr:
-        raise bad_setting('min_lr', min_lr, 'in [0, lr]')
-    if top_k != -1 and top_k < 1:
-        raise bad_setting('top_k', top_k, '-1 (off) or >= 1')
-    if device == 'cuda' and not torch.cuda.is_available():
-        raise DistillError("device='cuda' but torch sees no GPU: use device=cpu (or auto)")
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    if world % tensor_parallel_size:
-        raise DistillError(f"tensor_parallel_size={tensor_parallel_size} does not divide the "
-                           f"{world} ranks")
-    if init_from == 'scratch' and not student:
-        raise DistillError("no student checkpoint: set student=<HF folder or hub id>")
-    if method != 'sft' and not teacher:
-        raise DistillError(f"method={method} needs a teacher: set teacher=<HF folder or hub id>")
-    if method in ('bridge_fit', *THROUGH_BRIDGE) and projector:
-        raise DistillError(f"method={method} with projector=True: the bridge replaces the "
-                           "projector")
-    if method in ('bridge_fit', *THROUGH_BRIDGE) and not bridge_path:
-        raise DistillError(f"method={method} needs bridge_path=<folder of the bridge>")
-    used = []
-    if checkpoints_in(out_dir):
-        used.append('step_*')
-    if os.path.exists(os.path.join(out_dir, 'log.jsonl')):
-        used.append('log.jsonl')
-    # stage 1 writes bridge_path, not out_dir
-    if init_from == 'scratch' and used and method != 'bridge_fit':
-        raise DistillError(f"out_dir {out_dir!r} holds another run ({' and '.join(used)}): "
-                           "continue it with --init_from=resume, or choose another --out_dir")
-    if init_from == 'resume' and not checkpoints_in(out_dir):
-        raise DistillError(f"init_from='resume' but {out_dir!r} has no step_* checkpoint")
-
-
-def check_resume(saved, cfg, world, stu_cfg, tea_cfg):
-    """A resumed run must be the same experiment: refuse another method, layer or position set,
-    teacher or world size; print any other setting that changed."""
-    now = dict(cfg, world=world, student_arch=arch(stu_cfg),
-               teacher_arch=arch(tea_cfg) if tea_cfg else None)
-    then = dict(saved['config'], world=saved.get('world'), student_arch=saved.get('student_arch'),
-                teacher_arch=saved.get('teacher_arch'))
-    for k in ('method', 'layers', 'positions', 'world', 'student_arch', 'teacher_arch'):
-        if then.get(k) != now[k]:
-            raise DistillError(f"cannot resume {out_dir!r} with {k}={now[k]!r}: the run was "
-                               f"started with {then.get(k)!r} (continue it as it was, or start "
-                               "another out_dir)")
-    changed = [f"{k} {then[k]!r} -> {now[k]!r}" for k in now
-               if k in then and then[k] != now[k] and k != 'init_from']
-    if changed and dist.get_rank() == 0:
-        print(f"resuming with changed settings: {', '.join(changed)}")
-
 
 def load_models(student_path, dev):
     """The student (fp32 master weights) and the frozen teacher (compute dtype; None under sft),
@@ -730,7 +579,7 @@ def train(cfg):
 def main():
     cfg = configure(globals(), __file__)
     try:
-        check_settings()
+        check_settings(cfg)
         torch.manual_seed(seed)
         # tiny CPU models: denormals made steps 4x slower
         torch.set_flush_denormal(True)

@@ -77,6 +77,7 @@ DISTILL = [
     (dict(top_p=1.5), "top_p=1.5: must be in (0, 1]", 1),
     (dict(lr=0), "lr=0.0: must be > 0", 1),
     (dict(warmup_frac=1.0), "warmup_frac=1.0: must be in [0, 1)", 1),
+    (dict(max_unaligned_share=1.0), "max_unaligned_share=1.0: must be in [0, 1)", 1),
     (dict(backend="jax"), "backend='jax': must be auto, vllm or torch", 1),
     (dict(device="tpu"), "device='tpu': must be auto, cpu or cuda", 1),
     (dict(init_from="latest"), "init_from='latest': must be scratch or resume", 1),
