@@ -98,6 +98,13 @@ def check_settings(cfg):
         raise bad_setting('grad_clip', s.grad_clip, '>= 0')
     if not s.mu >= 0:
         raise bad_setting('mu', s.mu, '>= 0')
+    if s.off_policy_steps not in (0, 1):
+        raise bad_setting('off_policy_steps', s.off_policy_steps, '0 or 1')
+    if s.off_policy_steps and s.method in ('sft', 'bridge_fit'):
+        raise DistillError(f"off_policy_steps=1 with method={s.method}: it has no rollouts of "
+                           "the trained weights to delay")
+    if not (s.importance_cap == 0 or s.importance_cap >= 1):
+        raise bad_setting('importance_cap', s.importance_cap, '0 (off) or >= 1')
     if not 0 <= s.max_unaligned_share < 1:
         raise bad_setting('max_unaligned_share', s.max_unaligned_share, 'in [0, 1)')
     if not s.oprd_coef >= 0:
@@ -162,7 +169,10 @@ def check_resume(saved, cfg, world, stu_cfg, tea_cfg):
                teacher_arch=arch(tea_cfg) if tea_cfg else None)
     then = dict(saved['config'], world=saved.get('world'), student_arch=saved.get('student_arch'),
                 teacher_arch=saved.get('teacher_arch'))
-    for k in ('method', 'layers', 'positions', 'world', 'student_arch', 'teacher_arch'):
+    # runs saved before off_policy_steps existed sampled on-policy
+    then.setdefault('off_policy_steps', 0)
+    for k in ('method', 'layers', 'positions', 'world', 'student_arch', 'teacher_arch',
+              'off_policy_steps'):
         if then.get(k) != now[k]:
             raise DistillError(f"cannot resume {out_dir!r} with {k}={now[k]!r}: the run was "
                                f"started with {then.get(k)!r} (continue it as it was, or start "

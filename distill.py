@@ -81,6 +81,12 @@ max_num_seqs = 64             # vLLM's most concurrent sequences: enough for one
                               # 16 on one. More is fine: vLLM queues what does not fit
 tensor_parallel_size = 1      # vLLM tensor parallelism: a group's ranks share prompts, then split
                               # the rollouts
+off_policy_steps = 0          # s (0 or 1): step t trains on rollouts of the weights after
+                              # max(t - s, 0) updates; 1 samples step t+1's rollouts before step t
+                              # trains, so they come from the weights one update old
+importance_cap = 2.0          # off_policy_steps=1, opd and opd_chunk only: each sampled token
+                              # (chunk) weighs min(p_student / p_sampler, importance_cap), the
+                              # truncated importance ratio; 0: no weight
 # OPRD (METHOD.md §2)
 layers = 'all'                # last | all | even | odd | '4,8,12'
                               # (student layers, output_hidden_states indices)
@@ -250,7 +256,8 @@ def start(cfg, dev, resume_path, state):
     stu, tea, tok, t_tok, student_path, teacher_path = load_models(resume_path or student, dev)
     tea_config = tea.config if tea is not None else None
     plan = make_plan(method, stu.config, tea_config, layers, positions, k_positions, align,
-                     distance, oprd_coef, mu, topk, vocab_chunk_tokens)
+                     distance, oprd_coef, mu, topk, vocab_chunk_tokens,
+                     importance_cap if off_policy_steps else 0.0)
     if state is not None:
         check_resume(state, cfg, dist.get_world_size(), stu.config, tea_config)
     items = load_prompts(tok)
@@ -300,10 +307,12 @@ class RolloutSettings:
     enable_thinking: bool
 
 
-def rollout_settings():
+def rollout_settings(plan):
     reference = method == 'sft'
+    # the sampler check and the importance weight read the sampler's log-probs
+    logprobs = check_tokens > 0 or plan.importance_cap > 0
     return RolloutSettings(prompts_per_step, n_samples, temperature, top_p, top_k, max_new_tokens,
-                           seed, check_tokens > 0, 1 if reference else tensor_parallel_size,
+                           seed, logprobs, 1 if reference else tensor_parallel_size,
                            reference, align_whitespace, enable_thinking)
 
 
@@ -357,13 +366,55 @@ def rollouts(sampler, items, step, rank, world, tokenizers, settings):
     return out
 
 
+def check_ahead(stu, ahead, plan, tokenizers, dev, filler, check_seed):
+    """The sampler check under off_policy_steps=1: the sampler holds the weights this step trains,
+    which made the next step's rollouts (ahead), so the student re-scores check_tokens of those
+    (one no-grad forward of a micro-batch on every rank, the filler where a rank has none).
+    Returns sampler_gap's (sum, count)."""
+    gen = torch.Generator().manual_seed(check_seed)
+    batch = filler
+    if ahead:
+        batch = micro_batch(ahead[:micro_batch_size], plan, tokenizers, dev, gen, check_tokens)
+    with torch.no_grad():
+        final = stu(batch.ids, attention_mask=batch.attention_mask, taps=[plan.L_s])[plan.L_s]
+        gap = (0.0, 0)
+        if ahead and batch.check.any():
+            gap = sampler_gap(final, stu.lm_head.weight, batch)
+    # a forward without backward leaves the root's parameters gathered: resharded, the optimizer
+    # step and the weight sync see the sharded ones (else the sync sends the root's stale copy)
+    stu.reshard()
+    return gap
+
+
+def rollouts_to_save(ahead):
+    """This rank's rollouts sampled ahead, as plain lists for resume.pt (no view: a resume aligns
+    them again), gathered from every rank: [rank][i] -> dict."""
+    mine = [dict(prompt=r.prompt, response=r.response, finish=r.finish, logprobs=r.logprobs,
+                 messages=r.messages) for r in ahead]
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return every
+
+
+def saved_rollouts(state, rank, tokenizers):
+    """This rank's rollouts sampled ahead, from a checkpoint (rollouts_to_save), aligned again
+    across tokenizers."""
+    seqs = [Rollout(**d) for d in state['ahead'][rank]]
+    if tokenizers.teacher is not None:
+        for r in seqs:
+            r.view = align_tokens.rollout_view(r.messages, r.response, r.finish,
+                                               tokenizers.student, tokenizers.teacher,
+                                               align_whitespace, enable_thinking)
+    return seqs
+
+
 # ---------------------------------------------------------------------- OPRD-Bridge stage 1
 
 def bridge_batches(sampler, items, rank, world, tokenizers, dev, plan):
     """Stage 1's input, one rollout step at a time: the student's rollouts of the training prompts
     (the training steps' order and seeds, one pass at most) as micro-batches, each with the
     positions stage 2 supervises."""
-    settings = rollout_settings()
+    settings = rollout_settings(plan)
     for step in range(max(1, len(items) // prompts_per_step)):
         seqs = rollouts(sampler, items, step, rank, world, tokenizers, settings)
         batches = [micro_batch(seqs[i:i + micro_batch_size], plan, tokenizers, dev)
@@ -420,7 +471,7 @@ def train(cfg):
     proj, bridge, bridge_meta = width_maps(plan, stu, tea, dev)
     archs = {'student_arch': arch(stu.config),
              'teacher_arch': arch(tea.config) if tea is not None else None}
-    settings = rollout_settings()
+    settings = rollout_settings(plan)
     # least squares on step 0's rollouts, replicated
     if proj is not None and state is None and projector_init == 'lstsq':
         step0 = next(bridge_batches(sampler, items, rank, world, tokenizers, dev, plan))
@@ -457,10 +508,21 @@ def train(cfg):
     bad_steps = 0
     first_gap = None
     reserved = 0
+    # off_policy_steps=1: the rollouts of the next step, sampled before this one trains
+    ahead = None
+    if state is not None and state.get('ahead') is not None:
+        ahead = saved_rollouts(state, rank, tokenizers)
     for step in range(start_step, max_steps):
         # 1. rollouts of this rank's prompts with the current weights (reference solutions under
-        # sft), dealt by length; the sampler is asleep once they are in
-        seqs = rollouts(sampler, items, step, rank, world, tokenizers, settings)
+        # sft), dealt by length; the sampler is asleep once they are in. off_policy_steps=1: this
+        # step trains those sampled one step before, and the next step's are sampled now
+        if ahead is not None:
+            seqs = ahead
+        else:
+            seqs = rollouts(sampler, items, step, rank, world, tokenizers, settings)
+        ahead = None
+        if off_policy_steps and step + 1 < max_steps:
+            ahead = rollouts(sampler, items, step + 1, rank, world, tokenizers, settings)
         clock.lap('rollout')
         # across tokenizers, a rollout the teacher cannot read at all is left out and counted
         alignment = None
@@ -477,8 +539,10 @@ def train(cfg):
         lr_now = lr_at(step)
         for group in opt.param_groups:
             group['lr'] = lr_now
+        # one step behind, the check reads the rollouts ahead instead (check_ahead)
+        step_check = 0 if off_policy_steps else check_tokens
         batches, counts, n_micro = micro_batches(seqs, plan, tokenizers, dev, micro_batch_size,
-                                                 check_tokens, seed * 1_000_003 + step)
+                                                 step_check, seed * 1_000_003 + step)
         totals = StepTotals.start(len(plan.s_layers), load, reserved)
         stu.train()
         clock.lap('rest')
@@ -514,6 +578,11 @@ def train(cfg):
             clock.lap('student')
             if weight:
                 totals.add(loss, stats, b, gap)
+        if off_policy_steps and check_tokens and step + 1 < max_steps:
+            gap_sum, gap_count = check_ahead(stu, ahead, plan, tokenizers, dev, filler,
+                                             seed * 1_000_003 + step + 1)
+            totals.gap_sum += gap_sum
+            totals.gap_count += gap_count
         totals.reduce_gap()
 
         # 4. optimizer step, skipped when the loss or the gradient is not finite
@@ -561,8 +630,9 @@ def train(cfg):
                 write_record(rec, plan, out_dir, wandb_log)
             raise DistillError(stale or f"{bad_steps} non-finite steps in a row: stopping")
         if (step + 1) % save_every == 0 or step == max_steps - 1:
+            saved_ahead = rollouts_to_save(ahead) if ahead is not None else None
             save_checkpoint(out_dir, keep_checkpoints, raw_stu, stu, opt, proj, step + 1,
-                            dict(archs, config=cfg))
+                            dict(archs, config=cfg, ahead=saved_ahead))
         clock.lap('log_ckpt')
         # a collective: every rank, every step
         times = clock.split()

@@ -68,10 +68,14 @@ class Plan:
     oprd_weight: float = 1.0      # oprd_coef, times mu in the combined objectives
     topk: int = 16
     chunk: int = 1024
+    # opd, opd_chunk on rollouts of older weights: each sampled token (chunk) weighs
+    # min(p_student / p_sampler, importance_cap); 0: no weight (on-policy rollouts)
+    importance_cap: float = 0.0
 
 
 def make_plan(method, stu_cfg, tea_cfg, layers='all', positions='last_k', k_positions=2000,
-              align='predict', distance='mse', oprd_coef=1.0, mu=1.0, topk=16, chunk=1024):
+              align='predict', distance='mse', oprd_coef=1.0, mu=1.0, topk=16, chunk=1024,
+              importance_cap=0.0):
     out_kinds = {'opd': 'opd', 'opd_topk': 'opd_topk', 'opd_full': 'opd_full', 'opd+oprd': 'opd',
                  'opd_topk+oprd': 'opd_topk'}
     out_kind = out_kinds.get(method, 'opd_chunk' if method.startswith('opd_chunk') else None)
@@ -85,8 +89,12 @@ def make_plan(method, stu_cfg, tea_cfg, layers='all', positions='last_k', k_posi
     t_taps = sorted(set(t_layers) | ({L_t} if out_kind else set()))
     vocab = (min(stu_cfg.vocab_size, tea_cfg.vocab_size) if tea_cfg is not None
              else stu_cfg.vocab_size)
+    # only the sampled-token losses weigh a token by its probability; the others need no weight
+    if out_kind not in ('opd', 'opd_chunk'):
+        importance_cap = 0.0
     return Plan(method, out_kind, s_layers, t_layers, s_taps, t_taps, L_s, L_t, vocab, positions,
-                k_positions, align, distance, oprd_coef * (mu if out_kind else 1.0), topk, chunk)
+                k_positions, align, distance, oprd_coef * (mu if out_kind else 1.0), topk, chunk,
+                importance_cap)
 
 
 # --------------------------------------------------------- losses (sums; divided by a global count)
@@ -108,11 +116,18 @@ def oprd_loss(h_s, h_t, distance='mse', proj=None, t_proj=None):
     return (h_s - h_t).pow(2).sum() / h_s.shape[-1], cos
 
 
-def output_loss_chunk(kind, h_s, h_t, targets, w_s, w_t, vocab, k):
+def importance_weight(logp_student, logp_sampler, cap):
+    """Truncated importance sampling (verl, AReaL): min(p_student / p_sampler, cap) of each
+    sampled token or chunk, from log-probs, without gradient."""
+    return (logp_student.detach() - logp_sampler).exp().clamp(max=cap)
+
+
+def output_loss_chunk(kind, h_s, h_t, targets, w_s, w_t, vocab, k, logp_sampler=None, cap=0.0):
     """One chunk of output-space OPD: rows (n, d) of final-norm states,
     targets (n,) the sampled tokens.
 
     Returns (loss sum, KL-estimate sum). Log-probs are over the common vocabulary prefix, in fp32.
+    opd with cap > 0: each token's term weighs importance_weight(log p_S, logp_sampler (n,), cap).
     """
     logp_s = F.log_softmax(F.linear(h_s, w_s)[:, :vocab].float(), dim=-1)
     with torch.no_grad():
@@ -120,6 +135,8 @@ def output_loss_chunk(kind, h_s, h_t, targets, w_s, w_t, vocab, k):
     if kind == 'opd':  # sampled token: REINFORCE with per-token advantage -sg(u_t)
         lp = logp_s.gather(1, targets[:, None])[:, 0]
         u = (lp - logp_t.gather(1, targets[:, None])[:, 0]).detach()
+        if cap:
+            return (importance_weight(lp, logp_sampler, cap) * u * lp).sum(), u.sum()
         return (u * lp).sum(), u.sum()
     if kind == 'opd_topk':  # the student's top-k, probabilities renormalised on it
         top_lp, top_i = logp_s.detach().topk(k, dim=-1)
@@ -179,7 +196,7 @@ class FullKL(torch.autograd.Function):
         return grad_h * grad_out, grad_w * grad_out, None, None, None, None, None
 
 
-def output_loss(kind, h_s, h_t, targets, w_s, w_t, vocab, k, chunk):
+def output_loss(kind, h_s, h_t, targets, w_s, w_t, vocab, k, chunk, logp_sampler=None, cap=0.0):
     """Output-space loss over all rows, chunk rows at a time; each chunk's logits are
     recomputed in backward (activation checkpointing), so no (rows, V) tensor of the whole
     batch ever exists. opd_full makes its exact gradient in the forward pass instead (FullKL).
@@ -193,7 +210,8 @@ def output_loss(kind, h_s, h_t, targets, w_s, w_t, vocab, k, chunk):
     kl = 0.0
     for i in range(0, h_s.shape[0], chunk):
         sl = slice(i, i + chunk)
-        args = (kind, h_s[sl], h_t[sl], targets[sl], w_s, w_t, vocab, k)
+        sampler_rows = logp_sampler[sl] if cap else None
+        args = (kind, h_s[sl], h_t[sl], targets[sl], w_s, w_t, vocab, k, sampler_rows, cap)
         if torch.is_grad_enabled():
             l, e = torch.utils.checkpoint.checkpoint(output_loss_chunk, *args, use_reentrant=False)
         else:
@@ -222,15 +240,20 @@ def token_logprobs(h, w, targets, vocab, chunk):
     return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
 
 
-def chunk_opd_loss(lp_s, lp_t, s_spans, t_spans):
+def chunk_opd_loss(lp_s, lp_t, s_spans, t_spans, lp_sampler=None, cap=0.0):
     """Chunk-level sampled-token OPD (METHOD.md §4b): per chunk c, l_S(c) and l_T(c) sum each
     model's log-probs of its own tokens in c (lp_s, lp_t: 1-D over each side's response tokens;
     spans (C, 2) [start, end) into them, align.align_chunks' output offset and concatenated over the
     micro-batch's rollouts). Returns (sum_c sg(l_S - l_T) * l_S, sum_c (l_S - l_T)); the step
-    divides both by its global chunk count. One-token chunks make it sampled-token OPD exactly."""
+    divides both by its global chunk count. One-token chunks make it sampled-token OPD exactly.
+    cap > 0: each chunk's term weighs importance_weight(l_S(c), the sampler's sum over c of
+    lp_sampler (its log-probs of the student's tokens), cap)."""
     l_s = chunk_sums(lp_s, s_spans)
     l_t = chunk_sums(lp_t.detach(), t_spans)
     u = (l_s - l_t).detach()
+    if cap:
+        weight = importance_weight(l_s, chunk_sums(lp_sampler, s_spans), cap)
+        return (weight * u * l_s).sum(), u.sum().item()
     return (u * l_s).sum(), u.sum().item()
 
 
@@ -310,7 +333,8 @@ def chunk_term(plan, batch, student_taps, teacher_rows, maps):
         teacher_states = teacher_rows[plan.L_t][teacher_side.out_mask[teacher_side.keep]]
         lp_t = token_logprobs(teacher_states, maps.teacher_head, teacher_side.targets, vocab,
                               plan.chunk)
-    return chunk_opd_loss(lp_s, lp_t, *batch.chunk_spans)
+    lp_sampler = batch.logp_next[batch.out_mask] if plan.importance_cap else None
+    return chunk_opd_loss(lp_s, lp_t, *batch.chunk_spans, lp_sampler, plan.importance_cap)
 
 
 def output_term(plan, batch, student_taps, teacher_rows, maps):
@@ -324,8 +348,10 @@ def output_term(plan, batch, student_taps, teacher_rows, maps):
         logits = F.linear(rows_s, maps.student_head)[:, :plan.vocab]
         return sft_loss(logits, batch.targets), 0.0, None
     rows_t = teacher_rows[plan.L_t][batch.out_mask[batch.keep]]
+    lp_sampler = batch.logp_next[batch.out_mask] if plan.importance_cap else None
     return output_loss(plan.out_kind, rows_s, rows_t, batch.targets, maps.student_head,
-                       maps.teacher_head, plan.vocab, plan.topk, plan.chunk)
+                       maps.teacher_head, plan.vocab, plan.topk, plan.chunk, lp_sampler,
+                       plan.importance_cap)
 
 
 def micro_batch_loss(plan, batch, student_taps, teacher_rows, counts, maps):

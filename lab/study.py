@@ -4,7 +4,7 @@ ablations of OPRD, and a student of another width and depth, on the built-in tin
 from the models tiny.py ships (models/tiny: the pair and the small student, used as they are)
 through tiny.py's runner and evaluation.
 
-$ python -m lab.study            # 83 minutes on 2 CPU cores; finished runs and evaluations
+$ python -m lab.study            # 66 minutes on 2 CPU cores; finished runs and evaluations
                                  # are reused
 $ python -m lab.study --jobs=1   # one run at a time (each run uses one thread)
 $ python -m lab.study --xtok=True   # the cross-tokenizer block instead (below)
