@@ -171,8 +171,8 @@ def test_chunks_match_an_independent_walk(toks, student):
 
 
 def test_multibyte_characters_split_differently(tmp_path):
-    """é (2 bytes), 数 (3), 🙂 (4) split at different bytes by two hand-made byte-level BPEs: ends and
-    chunks by hand."""
+    """é (2 bytes), 数 (3), 🙂 (4) split at different bytes by two hand-made byte-level
+    BPEs: ends and chunks by hand."""
     from tokenizers import pre_tokenizers
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     spell = {}

@@ -9,13 +9,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, make_checkpoint
+from conftest import make_checkpoint
 from safetensors.torch import load_file
 
 from losses import chunk_opd_loss, output_loss_chunk
-
-FIXTURE = os.path.join(ROOT, "tests", "fixtures", "mini_bench.jsonl")
-
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
@@ -26,18 +23,14 @@ def pair(tmp_path_factory):
 
 @pytest.fixture
 def distill(settings_restored, monkeypatch, capsys):
-    """distill(pair, out, **kw): distill.main() in this process; returns (exit status, stderr
-    lines)."""
+    """distill(pair, out, **kw): distill.main() in this process with the guards' tiny settings,
+    opd one step behind unless kw says otherwise; returns (exit status, stderr lines)."""
     from test_bad_input import main_in_process
+    from test_run_guards import distill_args
 
     def run(pair, out, **kw):
-        teacher, student = pair
-        args = dict(student=student, teacher=teacher, out_dir=str(out), prompts=FIXTURE,
-                    backend="torch", device="cpu", prompts_per_step=2, n_samples=2,
-                    max_new_tokens=8, max_prompt_len=256, layers="all", max_steps=3, lr=3e-2,
-                    warmup_frac=0.0, seed=0, method="opd", off_policy_steps=1)
-        args.update(kw)
-        argv = ["distill.py"] + [f"--{k}={v}" for k, v in args.items()]
+        settings = {"method": "opd", "off_policy_steps": 1, **kw}
+        argv = ["distill.py"] + distill_args(pair, out, **settings)
         code, _, err = main_in_process(settings_restored.main, argv, monkeypatch, capsys)
         return code, err
     return run

@@ -103,9 +103,9 @@ def test_a_response_that_spells_a_teacher_special_token_is_read_as_text(toks, sp
 
 
 def test_decomposed_accents_against_an_nfc_teacher_compare_up_to_the_first_change(toks):
-    """e + U+0301 (3 bytes) is read by an NFC teacher as é (2 bytes): the text both read ends at the
-    first byte that differs, the teacher keeps its tokens up to there and no end of turn, and the
-    rollout is partly aligned."""
+    """e + U+0301 (3 bytes) is read by an NFC teacher as é (2 bytes): the text both read ends
+    at the first byte that differs, the teacher keeps its tokens up to there and no end of turn,
+    and the rollout is partly aligned."""
     qwen, nfc = toks["qwen"], toks["nfc"]
     text = "the answer is 42, cafe\u0301 au lait"
     response = qwen.encode_text(text) + qwen.eos_ids[-1:]
