@@ -9,9 +9,10 @@ supervises.
     # any two
     batch = micro_batch([rollout, ...], plan, Tokenizers(student, teacher), device)
     # across tokenizers: the rollouts the teacher can read, and the step's Alignment
-    rollouts, alignment = aligned_rollouts(rollouts)
+    # the ranks that train: their process group (distill.py's roles.train_group)
+    rollouts, alignment = aligned_rollouts(rollouts, group)
     batches, counts, n_micro = micro_batches(rollouts, plan, tokenizers, device, size,
-                                             check_tokens, check_seed)
+                                             check_tokens, check_seed, group)
 
 Every (B, T) mask is over the right-padded ids. Across tokenizers batch.teacher is the teacher's own
 batch of the same rollouts (align.py), and the OPRD mask and the chunks are those both models have
@@ -238,10 +239,11 @@ class StepCounts:
     states: float     # OPRD positions
 
 
-def micro_batches(rollouts, plan, tokenizers, device, size, check_tokens, check_seed):
-    """This rank's micro-batches of at most size rollouts, the step's StepCounts, and how many
-    micro-batches the busiest rank has (every rank runs as many). check_tokens sampled tokens are
-    re-scored, spread over the micro-batches, drawn with a generator seeded by check_seed."""
+def micro_batches(rollouts, plan, tokenizers, device, size, check_tokens, check_seed, group):
+    """This rank's micro-batches of at most size rollouts, the step's StepCounts over group's ranks
+    (the trainers), and how many micro-batches the busiest rank has (every rank runs as many).
+    check_tokens sampled tokens are re-scored, spread over the micro-batches, drawn with a generator
+    seeded by check_seed."""
     gen = torch.Generator().manual_seed(check_seed)
     n_batches = ceil_div(len(rollouts), size)
     n_check = ceil_div(check_tokens, max(1, n_batches))
@@ -252,8 +254,9 @@ def micro_batches(rollouts, plan, tokenizers, device, size, check_tokens, check_
     else:
         outputs = sum(b.out_mask.sum().item() for b in batches)
     states = sum(b.oprd_mask.sum().item() for b in batches)
-    counts = StepCounts(all_reduce_sum(outputs).item(), all_reduce_sum(states).item())
-    return batches, counts, int(all_reduce_max(len(batches)))
+    counts = StepCounts(all_reduce_sum(outputs, group).item(),
+                        all_reduce_sum(states, group).item())
+    return batches, counts, int(all_reduce_max(len(batches), group))
 
 
 # ------------------------------------------------------------------- what the teacher could read
@@ -276,12 +279,18 @@ class Alignment:
         return self.compared_bytes / max(self.response_bytes, 1)
 
 
-def aligned_rollouts(rollouts):
+def aligned_rollouts(rollouts, group):
     """The rollouts whose view (align.TeacherView) compares at least one chunk, and the step's
-    Alignment over ranks (a collective: every rank calls it). The others are left out of the step;
-    a rank left with fewer micro-batches runs zero-weight fillers, as always."""
+    Alignment over group's ranks (a collective: every rank of it calls it). The others are left out
+    of the step; a rank left with fewer micro-batches runs zero-weight fillers, as always."""
+    kept, counts = keep_aligned(rollouts)
+    return kept, Alignment(*[int(x) for x in all_reduce_sum(counts, group).tolist()])
+
+
+def keep_aligned(rollouts):
+    """aligned_rollouts on one rank: the rollouts kept, and the Alignment's counts of these."""
     views = [r.view for r in rollouts]
     kept = [r for r in rollouts if r.view.aligned]
     counts = [len(rollouts), len(rollouts) - len(kept), sum(v.compared_bytes for v in views),
               sum(v.response_bytes for v in views)]
-    return kept, Alignment(*[int(x) for x in all_reduce_sum(counts).tolist()])
+    return kept, counts

@@ -98,13 +98,14 @@ def teacher_rows(tea, b, m, taps):
 
 
 @torch.no_grad()
-def init_projector(proj, stu, tea, batches, plan):
+def init_projector(proj, stu, tea, batches, plan, group):
     """The learned projector's start under projector_init='lstsq' (distill.py): per aligned layer,
     the least-squares map from the student's states to the teacher's on one step of the student's
-    rollouts (batches: (batch, mask) pairs), the normal equations summed over ranks so every rank
-    starts alike. From nn.Linear's random start the projection is noise, and the first updates bend
-    the student toward that noise before the projector has learned anything; from this start the
-    gradient into the student is only what no linear map explains."""
+    rollouts (batches: (batch, mask) pairs), the normal equations summed over group's ranks (the
+    trainers) so every rank starts alike. From nn.Linear's random start the projection is noise,
+    and the first updates bend the student toward that noise before the projector has learned
+    anything; from this start the gradient into the student is only what no linear map
+    explains."""
     # per layer: x^T x (d_S, d_S) and x^T y (d_S, d_T) in fp64, over this rank's rows
     sums = {}
     for ls in plan.s_layers:
@@ -121,7 +122,7 @@ def init_projector(proj, stu, tea, batches, plan):
             sums[ls][1] += x.T @ y
     for ls, (gram, cross) in sums.items():
         w = proj[str(ls)].weight
-        w.copy_(solve_map(all_reduce_sum(gram), all_reduce_sum(cross)).T.to(w))
+        w.copy_(solve_map(all_reduce_sum(gram, group), all_reduce_sum(cross, group)).T.to(w))
 
 
 def sweep_ranks(k):
@@ -287,7 +288,9 @@ def fit_bridge(rows, s_layers, r, device, max_rows=16384, seed=0, **fit_kw):
     bridge = Bridge({l: fits[l][:3] for l in s_layers})
     tensors = bridge.state_dict().values()
     checksum = sum(t.double().sum().item() + t.double().abs().sum().item() for t in tensors)
-    if all_reduce_max(checksum) != -all_reduce_max(-checksum):  # max == min over ranks
+    # max == min over ranks (stage 1 runs on every rank of the world)
+    world_group = dist.group.WORLD
+    if all_reduce_max(checksum, world_group) != -all_reduce_max(-checksum, world_group):
         raise RuntimeError("the bridge differs between ranks")
     by_rank = {str(l): {str(k): c for k, c in fits[l][4].items()} for l in s_layers}
     ranks = list(fits[s_layers[0]][4])
@@ -327,7 +330,7 @@ def collect_rows(stu, tea, steps, plan, max_rows):
                 rows[ls][0].append(hs_s[ls][m].float().cpu())
                 rows[ls][1].append(hs_t[lt].float().cpu())
             n_local += m.sum().item()
-        n_rows += all_reduce_sum(n_local).item()
+        n_rows += all_reduce_sum(n_local, dist.group.WORLD).item()
         n_steps += 1
         if n_rows >= max_rows:  # the same decision on every rank: n_rows is all-reduced
             break

@@ -136,7 +136,22 @@ def check_settings(cfg):
     if s.device == 'cuda' and not torch.cuda.is_available():
         raise DistillError("device='cuda' but torch sees no GPU: use device=cpu (or auto)")
     world = int(os.environ.get('WORLD_SIZE', 1))
-    if world % s.tensor_parallel_size:
+    if not s.rollout_ranks >= 0:
+        raise bad_setting('rollout_ranks', s.rollout_ranks, '>= 0')
+    if s.rollout_ranks >= world:
+        raise DistillError(f"rollout_ranks={s.rollout_ranks} leaves no rank to train: the world "
+                           f"has {world} rank(s) (torchrun --nproc_per_node), and at least one "
+                           "must train")
+    if s.rollout_ranks and s.method in ('sft', 'bridge_fit'):
+        raise DistillError(f"rollout_ranks={s.rollout_ranks} with method={s.method}: "
+                           + ("it trains on reference solutions, with no sampler"
+                              if s.method == 'sft' else
+                              "stage 1 samples and fits on every rank; sampler ranks are for "
+                              "training runs"))
+    if s.rollout_ranks and s.rollout_ranks % s.tensor_parallel_size:
+        raise DistillError(f"tensor_parallel_size={s.tensor_parallel_size} does not divide the "
+                           f"{s.rollout_ranks} sampler ranks (rollout_ranks)")
+    if not s.rollout_ranks and world % s.tensor_parallel_size:
         raise DistillError(f"tensor_parallel_size={s.tensor_parallel_size} does not divide the "
                            f"{world} ranks")
     if s.init_from == 'scratch' and not s.student:
@@ -163,16 +178,18 @@ def check_settings(cfg):
 
 def check_resume(saved, cfg, world, stu_cfg, tea_cfg):
     """A resumed run must be the same experiment: refuse another method, layer or position set,
-    teacher or world size; print any other setting that changed."""
+    teacher, number of training ranks (world), of sampler ranks or lag; print any other setting
+    that changed."""
     out_dir = cfg['out_dir']
     now = dict(cfg, world=world, student_arch=arch(stu_cfg),
                teacher_arch=arch(tea_cfg) if tea_cfg else None)
     then = dict(saved['config'], world=saved.get('world'), student_arch=saved.get('student_arch'),
                 teacher_arch=saved.get('teacher_arch'))
-    # runs saved before off_policy_steps existed sampled on-policy
+    # runs saved before off_policy_steps and rollout_ranks existed sampled on-policy, on every rank
     then.setdefault('off_policy_steps', 0)
+    then.setdefault('rollout_ranks', 0)
     for k in ('method', 'layers', 'positions', 'world', 'student_arch', 'teacher_arch',
-              'off_policy_steps'):
+              'off_policy_steps', 'rollout_ranks'):
         if then.get(k) != now[k]:
             raise DistillError(f"cannot resume {out_dir!r} with {k}={now[k]!r}: the run was "
                                f"started with {then.get(k)!r} (continue it as it was, or start "

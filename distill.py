@@ -35,16 +35,18 @@ import torch.nn as nn
 
 import align as align_tokens
 import data
-from batch import (DistillError, Rollout, Tokenizers, aligned_rollouts, filler_batch, micro_batch,
-                   micro_batches)
+from batch import (Alignment, DistillError, Rollout, Tokenizers, aligned_rollouts, filler_batch,
+                   keep_aligned, micro_batch, micro_batches)
 from bridge import arch, check_bridge, fit_stage1, init_projector, load_bridge
 from checks import ONE_VOCABULARY, THROUGH_BRIDGE, check_resume, check_settings
 from configurator import configure
 from fsdp import (MemoryMeter, StepClock, all_reduce_max, all_reduce_sum, balance,
-                  clip_grad_norm, drop_logged_steps_from, is_dist, load_training_state,
+                  clip_grad_norm, deal_pool, drop_logged_steps_from, is_dist, load_training_state,
                   read_resume, save_checkpoint, setup_distributed, shard, shard_projector)
 from losses import Maps, make_plan, micro_batch_loss
 from model import CheckpointError, Transformer, checkpoints_in, resolve_checkpoint
+from ranks import (Schedule, agree_to_start, make_roles, receive_rollouts, sampler_figures, serve,
+                   sync_samplers)
 from steplog import StepTotals, sampler_gap, stale_sampler, step_record, write_record
 from tokenizer import load_tokenizer, same_tokenization
 
@@ -81,9 +83,13 @@ max_num_seqs = 64             # vLLM's most concurrent sequences: enough for one
                               # 16 on one. More is fine: vLLM queues what does not fit
 tensor_parallel_size = 1      # vLLM tensor parallelism: a group's ranks share prompts, then split
                               # the rollouts
-off_policy_steps = 0          # s (0 or 1): step t trains on rollouts of the weights after
-                              # max(t - s, 0) updates; 1 samples step t+1's rollouts before step t
-                              # trains, so they come from the weights one update old
+rollout_ranks = 0             # k > 0: the last k ranks only sample (an engine each, its device to
+                              # itself, gpu_memory_utilization of it), the others only train
+                              # (ranks.py); 0: every rank trains and samples
+off_policy_steps = -1         # s (0 or 1): step t trains on rollouts of the weights after
+                              # max(t - s, 0) updates; 1 samples step t+1's rollouts while step t
+                              # trains (before it, without sampler ranks), so they come from the
+                              # weights one update old. -1: 1 with sampler ranks, else 0
 importance_cap = 2.0          # off_policy_steps=1, opd and opd_chunk only: each sampled token
                               # (chunk) weighs min(p_student / p_sampler, importance_cap), the
                               # truncated importance ratio; 0: no weight
@@ -172,9 +178,7 @@ def lr_at(step):
 
 def load_models(student_path, dev):
     """The student (fp32 master weights) and the frozen teacher (compute dtype; None under sft),
-    with their local folders, the student's tokenizer, and the teacher's when it tokenizes
-    differently (else None): then each rollout reaches the teacher as its own encoding of the same
-    text (align.py)."""
+    with their local folders and load_tokenizers' pair."""
     compute_dtype = torch.bfloat16 if dev.type == 'cuda' else torch.float32
     try:
         # a hub id is downloaded once, then used as a folder
@@ -187,10 +191,18 @@ def load_models(student_path, dev):
             tea.requires_grad_(False)
     except CheckpointError as e:
         raise DistillError(str(e)) from None
+    tokenizers = load_tokenizers(student_path, teacher_path if tea is not None else None)
+    return stu, tea, tokenizers, student_path, teacher_path
+
+
+def load_tokenizers(student_path, teacher_path):
+    """The student's tokenizer, and the teacher's when it tokenizes differently (else None): then
+    each rollout reaches the teacher as its own encoding of the same text (align.py). teacher_path
+    None: no teacher (sft)."""
     tok = load_tokenizer(student_path)
-    t_tok = load_tokenizer(teacher_path) if tea is not None else None
+    t_tok = load_tokenizer(teacher_path) if teacher_path is not None else None
     if t_tok is None or same_tokenization(tok, t_tok):
-        return stu, tea, tok, None, student_path, teacher_path
+        return Tokenizers(tok, None)
     if method in ONE_VOCABULARY:
         raise DistillError(f"method={method} compares the two models' next-token distributions "
                            f"over one vocabulary, but teacher {teacher!r} tokenizes differently "
@@ -200,7 +212,7 @@ def load_models(student_path, dev):
         align_tokens.check_tokenizers(tok, t_tok)
     except ValueError as e:
         raise DistillError(str(e)) from None
-    return stu, tea, tok, t_tok, student_path, teacher_path
+    return Tokenizers(tok, t_tok)
 
 
 def width_maps(plan, stu, tea, dev, rank=None):
@@ -248,32 +260,40 @@ def load_prompts(tok):
     return items
 
 
-def start(cfg, dev, resume_path, state):
-    """Everything both stages need, checked before the sampler starts or out_dir is made: the
-    models, the tokenizer, the plan, the prompts; then the sampler of the student's rollouts (None
-    under sft)."""
-    import rollout
-    stu, tea, tok, t_tok, student_path, teacher_path = load_models(resume_path or student, dev)
+def start(cfg, dev, resume_path, state, roles):
+    """Everything both stages need on a rank that trains, checked before the sampler starts or
+    out_dir is made: the models, the tokenizers, the plan, the prompts; then the sampler of the
+    student's rollouts (None under sft, or when sampler ranks draw them)."""
+    stu, tea, tokenizers, student_path, teacher_path = load_models(resume_path or student, dev)
     tea_config = tea.config if tea is not None else None
     plan = make_plan(method, stu.config, tea_config, layers, positions, k_positions, align,
                      distance, oprd_coef, mu, topk, vocab_chunk_tokens,
                      importance_cap if off_policy_steps else 0.0)
     if state is not None:
-        check_resume(state, cfg, dist.get_world_size(), stu.config, tea_config)
-    items = load_prompts(tok)
+        check_resume(state, cfg, roles.n_trainers, stu.config, tea_config)
+    items = load_prompts(tokenizers.student)
     sampler = None
-    if method != 'sft':
-        # max_num_seqs, like the other vLLM-only options, reaches only a vLLM engine: make_sampler
-        # leaves it out for the torch backend. enforce_eager on a CPU: vLLM's CPU build compiles
-        # the model at every start, ~30 s for nothing
-        sampler = rollout.make_sampler(
-            backend, student_path, gpu_memory_utilization=gpu_memory_utilization, device=dev,
-            tensor_parallel_size=tensor_parallel_size, seed=seed,
-            max_model_len=max_prompt_len + max_new_tokens, max_num_seqs=max_num_seqs,
-            enable_sleep_mode=dev.type == 'cuda' and method != 'bridge_fit',
-            enforce_eager=dev.type == 'cpu', n_tokens=tok.vocab_size)
+    if method != 'sft' and not roles.n_samplers:
+        sampler = make_engine(student_path, dev, tokenizers.student.vocab_size,
+                              dev.type == 'cuda' and method != 'bridge_fit')
+    return stu, tea, tokenizers, plan, items, sampler, (student_path, teacher_path)
+
+
+def make_engine(student_path, dev, n_tokens, sleeps, dp_rank=None):
+    """The sampler of the student's rollouts on this rank (rollout.make_sampler): asleep through
+    each update when sleeps (colocated on a GPU); dp_rank: a sampler rank's index among them."""
+    import rollout
+    # max_num_seqs, like the other vLLM-only options, reaches only a vLLM engine: make_sampler
+    # leaves it out for the torch backend. enforce_eager on a CPU: vLLM's CPU build compiles the
+    # model at every start, ~30 s for nothing
+    sampler = rollout.make_sampler(
+        backend, student_path, gpu_memory_utilization=gpu_memory_utilization, device=dev,
+        tensor_parallel_size=tensor_parallel_size, seed=seed,
+        max_model_len=max_prompt_len + max_new_tokens, max_num_seqs=max_num_seqs,
+        enable_sleep_mode=sleeps, enforce_eager=dev.type == 'cpu', n_tokens=n_tokens,
+        dp_rank=dp_rank, own_world=dp_rank is not None)
     _samplers.append(sampler)
-    return stu, tea, Tokenizers(tok, t_tok), plan, items, sampler, (student_path, teacher_path)
+    return sampler
 
 
 def make_optimizer(stu, proj):
@@ -386,20 +406,23 @@ def check_ahead(stu, ahead, plan, tokenizers, dev, filler, check_seed):
     return gap
 
 
-def rollouts_to_save(ahead):
-    """This rank's rollouts sampled ahead, as plain lists for resume.pt (no view: a resume aligns
-    them again), gathered from every rank: [rank][i] -> dict."""
+def rollouts_to_save(ahead, roles):
+    """The rollouts sampled ahead, as plain lists for resume.pt (no view: a resume aligns them
+    again): [rank][i] -> dict, each rank's gathered over the trainers; with sampler ranks one list,
+    the pool every trainer holds."""
     mine = [dict(prompt=r.prompt, response=r.response, finish=r.finish, logprobs=r.logprobs,
                  messages=r.messages) for r in ahead]
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine)
+    if roles.n_samplers:
+        return [mine]
+    every = [None] * roles.n_trainers
+    dist.all_gather_object(every, mine, group=roles.train_group)
     return every
 
 
-def saved_rollouts(state, rank, tokenizers):
-    """This rank's rollouts sampled ahead, from a checkpoint (rollouts_to_save), aligned again
-    across tokenizers."""
-    seqs = [Rollout(**d) for d in state['ahead'][rank]]
+def saved_rollouts(state, index, tokenizers):
+    """This rank's rollouts sampled ahead (the pool, with sampler ranks: index 0), from a checkpoint
+    (rollouts_to_save), aligned again across tokenizers."""
+    seqs = [Rollout(**d) for d in state['ahead'][index]]
     if tokenizers.teacher is not None:
         for r in seqs:
             r.view = align_tokens.rollout_view(r.messages, r.response, r.finish,
@@ -426,7 +449,7 @@ def fit_bridge(cfg):
     """OPRD-Bridge stage 1 (method=bridge_fit): both models frozen and replicated, no optimizer;
     the bridge is fit on the student's rollouts and written to bridge_path (bridge.fit_stage1)."""
     rank, world, dev = setup_distributed(device, dist_timeout_min)
-    stu, tea, tokenizers, plan, items, sampler, paths = start(cfg, dev, None, None)
+    stu, tea, tokenizers, plan, items, sampler, paths = start(cfg, dev, None, None, make_roles(0))
     # the authors' settings
     cfg['bridge_rank'] = bridge_rank or (8 if tokenizers.teacher is None else 4)
     # the rank check
@@ -439,9 +462,12 @@ def fit_bridge(cfg):
 
 # ---------------------------------------------------------------------- the run
 
-def announce(plan, stu, student_path, bridge_meta, world, n_prompts):
+def announce(plan, stu, student_path, bridge_meta, roles, n_prompts):
+    ranks = f"world {roles.world}"
+    if roles.n_samplers:
+        ranks += f" ({roles.n_trainers} train, {roles.n_samplers} sample)"
     print(f"method {method} | student {student_path} ({plan.L_s} layers, "
-          f"d={stu.config.hidden_size}) | teacher {teacher or '-'} | world {world} | "
+          f"d={stu.config.hidden_size}) | teacher {teacher or '-'} | {ranks} | "
           f"{n_prompts} prompts")
     if plan.s_layers:
         k_shown = '' if positions == 'all' else f' (k={k_positions})'
@@ -456,37 +482,96 @@ def announce(plan, stu, student_path, bridge_meta, world, n_prompts):
     else:
         per_step = (f"{prompts_per_step} prompts x {n_samples} samples = "
                     f"{prompts_per_step * n_samples} sequences")
-    print(f"{per_step} per step, {max_steps} steps")
+    lag = f", rollouts {off_policy_steps} update old" if off_policy_steps else ''
+    print(f"{per_step} per step, {max_steps} steps{lag}")
+
+
+def serve_rollouts(cfg, dev, roles, resume_path, state):
+    """A sampler rank's run (rollout_ranks > 0): the tokenizers and prompts the trainers use, one
+    engine on this rank's device with nothing else on it, then ranks.serve until the trainers
+    stop."""
+    sampler, error = None, None
+    try:
+        student_path = resolve_checkpoint(resume_path or student)
+        tokenizers = load_tokenizers(student_path, resolve_checkpoint(teacher))
+        items = load_prompts(tokenizers.student)
+        sampler = make_engine(student_path, dev, tokenizers.student.vocab_size, False,
+                              dp_rank=roles.sampler_index)
+    except (DistillError, ValueError, OSError) as e:
+        error = str(e)
+    offers = agree_to_start(roles, error, sampler.dtype if sampler is not None else None)
+    # trainer 0's
+    settings = offers[0]
+    j, k = roles.sampler_index, roles.n_samplers
+
+    def make_rollouts(step):
+        return rollouts(sampler, items, step, j, k, tokenizers, settings)
+
+    start_step = state['step'] if state is not None else 0
+    in_checkpoint = state is not None and state.get('ahead') is not None
+    serve(roles, sampler, make_rollouts,
+          Schedule(start_step, max_steps, off_policy_steps, in_checkpoint), dev)
 
 
 def train(cfg):
     """The algorithm box: per step, rollouts -> teacher forward -> student forward/backward ->
-    optimizer step -> weight sync -> log -> checkpoint."""
+    optimizer step -> weight sync -> log -> checkpoint. With sampler ranks, the ranks that train
+    run this loop over their own group, and the rollouts and weights cross to the sampler ranks
+    (ranks.py)."""
     from rollout import fsdp_named_tensors
-    rank, world, dev = setup_distributed(device, dist_timeout_min)
+    _, _, dev = setup_distributed(device, dist_timeout_min)
+    roles = make_roles(rollout_ranks)
     resume_path = checkpoints_in(out_dir)[-1] if init_from == 'resume' else None
     state = read_resume(resume_path, DistillError) if resume_path else None
-    stu, tea, tokenizers, plan, items, sampler, paths = start(cfg, dev, resume_path, state)
+    if roles.is_sampler:
+        return serve_rollouts(cfg, dev, roles, resume_path, state)
+    # from here on this rank trains: rank and world are among the trainers
+    group = roles.train_group
+    rank, world = dist.get_rank(group), roles.n_trainers
+    split = roles.n_samplers > 0
+    error = None
+    try:
+        stu, tea, tokenizers, plan, items, sampler, paths = start(cfg, dev, resume_path, state,
+                                                                  roles)
+        proj, bridge, bridge_meta = width_maps(plan, stu, tea, dev)
+    except (DistillError, ValueError, OSError) as e:
+        if not split:
+            raise
+        error = str(e)
+    if split:
+        # the samplers start only if every rank can: they get trainer 0's rollout settings, the
+        # trainers the engines' dtype (every sampler runs the same)
+        offer = rollout_settings(plan) if rank == 0 and error is None else None
+        sampler_dtype = agree_to_start(roles, error, offer)[roles.sampler_rank(0)]
+    settings = rollout_settings(plan)
     student_path, _ = paths
-    proj, bridge, bridge_meta = width_maps(plan, stu, tea, dev)
     archs = {'student_arch': arch(stu.config),
              'teacher_arch': arch(tea.config) if tea is not None else None}
-    settings = rollout_settings(plan)
-    # least squares on step 0's rollouts, replicated
+    # least squares on step 0's rollouts, replicated (with sampler ranks: step 0's rollouts, which
+    # the loop trains on too)
+    first = None
     if proj is not None and state is None and projector_init == 'lstsq':
-        step0 = next(bridge_batches(sampler, items, rank, world, tokenizers, dev, plan))
-        init_projector(proj, stu, tea, step0, plan)
+        if split:
+            first = received(roles)
+            mine = dealt(first[0], roles, tokenizers)[0]
+            step0 = [(b, b.oprd_mask) for b in
+                     [micro_batch(mine[i:i + micro_batch_size], plan, tokenizers, dev)
+                      for i in range(0, len(mine), micro_batch_size)]]
+        else:
+            step0 = next(bridge_batches(sampler, items, rank, world, tokenizers, dev, plan))
+        init_projector(proj, stu, tea, step0, plan, group)
         # those rollouts left the engine asleep and no update_weights follows them (the student
         # has not changed), so it is woken here: the one wake that update_weights does not do
-        sampler.wake()
+        if sampler is not None:
+            sampler.wake()
 
     # the student (and projector) under FSDP2, the optimizer, resumed state
     stu.activation_checkpointing = activation_checkpointing
     raw_stu = stu
-    stu = shard(stu, dev, torch.bfloat16 if dev.type == 'cuda' else torch.float32)
+    stu = shard(stu, dev, torch.bfloat16 if dev.type == 'cuda' else torch.float32, group)
     if tea is not None and teacher_fsdp:
-        tea = shard(tea, dev, next(tea.parameters()).dtype)
-    proj = shard_projector(proj, dev) if proj is not None else None
+        tea = shard(tea, dev, next(tea.parameters()).dtype, group)
+    proj = shard_projector(proj, dev, group) if proj is not None else None
     opt, params = make_optimizer(stu, proj)
     start_step = state['step'] if state is not None else 0
     if state is not None:
@@ -498,51 +583,59 @@ def train(cfg):
             # steps logged after the checkpoint ran again: their records go
             print(f"resuming from {resume_path} at step {start_step}")
             drop_logged_steps_from(out_dir, start_step)
-        announce(plan, stu, student_path, bridge_meta, world, len(items))
+        announce(plan, stu, student_path, bridge_meta, roles, len(items))
         if wandb_log:
             import wandb
             wandb.init(project=wandb_project, config=cfg)
+
+    def sampled(step):
+        """The step's rollouts: this rank's own share, or with sampler ranks every sampler's
+        (the pool; received() also returns their Deliveries' figures)."""
+        if split:
+            return received(roles)
+        return rollouts(sampler, items, step, rank, world, tokenizers, settings), None
 
     mem = MemoryMeter(dev)
     clock = StepClock(dev)
     bad_steps = 0
     first_gap = None
     reserved = 0
-    # off_policy_steps=1: the rollouts of the next step, sampled before this one trains
-    ahead = None
+    # off_policy_steps=1: the rollouts of the next step, sampled before this one trains (with
+    # sampler ranks: while it trains)
+    ahead, ahead_figures = None, None
     if state is not None and state.get('ahead') is not None:
-        ahead = saved_rollouts(state, rank, tokenizers)
+        ahead = saved_rollouts(state, 0 if split else rank, tokenizers)
     for step in range(start_step, max_steps):
         # 1. rollouts of this rank's prompts with the current weights (reference solutions under
         # sft), dealt by length; the sampler is asleep once they are in. off_policy_steps=1: this
-        # step trains those sampled one step before, and the next step's are sampled now
+        # step trains those sampled one step before, and the next step's are sampled now (with
+        # sampler ranks, they arrive after the backward)
         if ahead is not None:
-            seqs = ahead
+            seqs, figures = ahead, ahead_figures
+        elif first is not None:
+            seqs, figures = first
         else:
-            seqs = rollouts(sampler, items, step, rank, world, tokenizers, settings)
-        ahead = None
-        if off_policy_steps and step + 1 < max_steps:
-            ahead = rollouts(sampler, items, step + 1, rank, world, tokenizers, settings)
+            seqs, figures = sampled(step)
+        ahead, ahead_figures, first = None, None, None
+        more = step + 1 < max_steps
+        if off_policy_steps and more and not split:
+            ahead, _ = sampled(step + 1)
         clock.lap('rollout')
-        # across tokenizers, a rollout the teacher cannot read at all is left out and counted
-        alignment = None
-        if tokenizers.teacher is not None:
-            seqs, alignment = aligned_rollouts(seqs)
-            if alignment.unaligned_share > max_unaligned_share:
-                raise DistillError(
-                    f"step {step}: {alignment.unaligned} of {alignment.rollouts} rollouts have no "
-                    f"text the teacher's tokenizer reads as the student wrote it (more than "
-                    f"max_unaligned_share={max_unaligned_share}): this pair of tokenizers does "
-                    "not fit")
-        seqs, load = balance(seqs, world)
+        seqs, load, alignment = dealt(seqs, roles, tokenizers)
+        if alignment is not None and alignment.unaligned_share > max_unaligned_share:
+            raise DistillError(
+                f"step {step}: {alignment.unaligned} of {alignment.rollouts} rollouts have no "
+                f"text the teacher's tokenizer reads as the student wrote it (more than "
+                f"max_unaligned_share={max_unaligned_share}): this pair of tokenizers does "
+                "not fit")
         mem.start()
         lr_now = lr_at(step)
-        for group in opt.param_groups:
-            group['lr'] = lr_now
+        for opt_group in opt.param_groups:
+            opt_group['lr'] = lr_now
         # one step behind, the check reads the rollouts ahead instead (check_ahead)
         step_check = 0 if off_policy_steps else check_tokens
         batches, counts, n_micro = micro_batches(seqs, plan, tokenizers, dev, micro_batch_size,
-                                                 step_check, seed * 1_000_003 + step)
+                                                 step_check, seed * 1_000_003 + step, group)
         totals = StepTotals.start(len(plan.s_layers), load, reserved)
         stu.train()
         clock.lap('rest')
@@ -578,16 +671,21 @@ def train(cfg):
             clock.lap('student')
             if weight:
                 totals.add(loss, stats, b, gap)
-        if off_policy_steps and check_tokens and step + 1 < max_steps:
-            gap_sum, gap_count = check_ahead(stu, ahead, plan, tokenizers, dev, filler,
+        if off_policy_steps and more and split:
+            ahead, ahead_figures = sampled(step + 1)
+            clock.lap('rollout')
+        if off_policy_steps and check_tokens and more:
+            # this rank's share of them (with sampler ranks the pool, dealt as the next step will)
+            mine = deal_pool(ahead, world, rank)[0] if split else ahead
+            gap_sum, gap_count = check_ahead(stu, mine, plan, tokenizers, dev, filler,
                                              seed * 1_000_003 + step + 1)
             totals.gap_sum += gap_sum
             totals.gap_count += gap_count
-        totals.reduce_gap()
+        totals.reduce_gap(group)
 
         # 4. optimizer step, skipped when the loss or the gradient is not finite
         grad_norm = clip_grad_norm(params, grad_clip)
-        loss = all_reduce_sum(totals.loss).item()
+        loss = all_reduce_sum(totals.loss, group).item()
         bad_steps = 0 if math.isfinite(loss) and math.isfinite(grad_norm) else bad_steps + 1
         if bad_steps == 0:
             opt.step()
@@ -598,57 +696,102 @@ def train(cfg):
         totals.step_loss = loss
         totals.lr = lr_now
         totals.grad_norm = grad_norm
-        totals.transient_mem = all_reduce_max(mem.transient())
+        totals.transient_mem = all_reduce_max(mem.transient(), group)
+        # the same decision on every rank: every figure in it is reduced
+        stale = None
+        if method != 'sft' and check_tokens:
+            stale = stale_sampler(step, totals.gap, first_gap, stale_factor)
+        if first_gap is None:
+            first_gap = totals.gap
+        stopping = bad_steps >= max_bad_steps or stale
+        last = not more or (stop_step and step + 1 >= stop_step)
         clock.lap('optimizer')
 
         # 5. push the new weights to the sampler (streamed one parameter at a time). update_weights
         # wakes the sleeping engine itself (its weights, the sync, then its KV cache); the
         # trainer's cached blocks go back to the device first, so the waking engine finds its
-        # memory
+        # memory. With sampler ranks: the weights in buckets, or that the run stops
         if sampler is not None:
             if dev.type == 'cuda':
                 torch.cuda.empty_cache()
                 reserved = torch.cuda.memory_reserved(dev)
             # each rank casts its fp32 shard to the engine's dtype before the all-gather
             sampler.update_weights(fsdp_named_tensors(stu, dtype=sampler.dtype))
+        elif split:
+            sync_samplers(roles, stu, sampler_dtype, bool(stopping or last), dev)
         clock.lap('sync')
 
         # 6. log (after the checkpoint, so the record carries its time) and checkpoint
         logged = step % log_every == 0 or step == max_steps - 1
         rec = None
         if logged:
-            rec = step_record(step, totals, seqs, counts, plan, clock, sampler is not None,
-                              check_tokens > 0, alignment)
-        stale = None
-        if sampler and check_tokens:
-            stale = stale_sampler(step, totals.gap, first_gap, stale_factor)
-        if first_gap is None:
-            first_gap = totals.gap
+            rec = step_record(step, totals, seqs, counts, plan, clock, method != 'sft',
+                              check_tokens > 0, alignment, group)
+            # (none for rollouts a resume read from the checkpoint)
+            if figures:
+                rec.update(sampler_figures(figures))
         # after the step's log line, so the log shows why the run stopped
-        if bad_steps >= max_bad_steps or stale:
+        if stopping:
             if rank == 0 and logged:
                 write_record(rec, plan, out_dir, wandb_log)
             raise DistillError(stale or f"{bad_steps} non-finite steps in a row: stopping")
         if (step + 1) % save_every == 0 or step == max_steps - 1:
-            saved_ahead = rollouts_to_save(ahead) if ahead is not None else None
+            saved_ahead = rollouts_to_save(ahead, roles) if ahead is not None else None
             save_checkpoint(out_dir, keep_checkpoints, raw_stu, stu, opt, proj, step + 1,
-                            dict(archs, config=cfg, ahead=saved_ahead))
+                            dict(archs, config=cfg, ahead=saved_ahead), group)
         clock.lap('log_ckpt')
         # a collective: every rank, every step
-        times = clock.split()
+        times = clock.split(group)
         if rank == 0 and logged:
             write_record(dict(rec, **times), plan, out_dir, wandb_log)
-        if stop_step and step + 1 >= stop_step:
+        if last:
             break
     # every rank's collectives (FSDP2's asynchronous reduce-scatters too) end before teardown
-    dist.barrier()
+    dist.barrier(group=group)
     if rank == 0:
         print(f"done: {(checkpoints_in(out_dir) or [out_dir])[-1]}")
+
+
+def received(roles):
+    """With sampler ranks: a step's pool of rollouts (every sampler's, in sampler order) and their
+    Deliveries."""
+    deliveries = receive_rollouts(roles)
+    return [r for d in deliveries for r in d.rollouts], deliveries
+
+
+def dealt(seqs, roles, tokenizers):
+    """This rank's share of the step's rollouts, dealt by length over the trainers, the max/mean
+    load, and across tokenizers the step's Alignment (the rollouts the teacher cannot read at all
+    are left out first; else None). seqs: this rank's own, or with sampler ranks the pool every
+    trainer holds, so the share is dealt with no collective."""
+    group = roles.train_group
+    alignment = None
+    if roles.n_samplers:
+        if tokenizers.teacher is not None:
+            seqs, counts = keep_aligned(seqs)
+            alignment = Alignment(*counts)
+        seqs, load = deal_pool(seqs, roles.n_trainers, dist.get_rank(group))
+        return seqs, load, alignment
+    if tokenizers.teacher is not None:
+        seqs, alignment = aligned_rollouts(seqs, group)
+    seqs, load = balance(seqs, group)
+    return seqs, load, alignment
+
+
+def resolve_defaults(cfg):
+    """Settings whose default depends on others, decided once (the checkpoint records and a resume
+    compares the decided value): off_policy_steps=-1 is 1 with sampler ranks (of a method that
+    samples), else 0."""
+    if cfg['off_policy_steps'] == -1:
+        samples = cfg['method'] not in ('sft', 'bridge_fit')
+        cfg['off_policy_steps'] = 1 if cfg['rollout_ranks'] and samples else 0
+    globals().update(cfg)
 
 
 def main():
     cfg = configure(globals(), __file__)
     try:
+        resolve_defaults(cfg)
         check_settings(cfg)
         torch.manual_seed(seed)
         # tiny CPU models: denormals made steps 4x slower

@@ -29,18 +29,19 @@ def _device():
     return torch.device('cpu')
 
 
-def all_reduce_sum(x):
-    """Sum a float (or tensor) over ranks; a no-op in a single process."""
+def all_reduce_sum(x, group):
+    """Sum a float (or tensor) over the ranks of group (the trainers' under sampler ranks); a no-op
+    in a single process."""
     t = torch.as_tensor(x, dtype=torch.float64, device=_device()).clone()
     if is_dist():
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=group)
     return t
 
 
-def all_reduce_max(x):
+def all_reduce_max(x, group):
     t = torch.tensor(float(x), dtype=torch.float64, device=_device())
     if is_dist():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t.item()
 
 
@@ -67,12 +68,18 @@ def setup_distributed(device, timeout_min):
     return dist.get_rank(), dist.get_world_size(), dev
 
 
-def shard(model, device, mp_dtype, reshard=True):
-    """FSDP2: fully_shard each block, then the root. bf16 compute with fp32 reduction on GPU; fp32
-    on CPU."""
-    from torch.distributed.device_mesh import init_device_mesh
+def mesh_of(group, device):
+    """The 1-D device mesh of a process group (every rank's, or the trainers' under sampler ranks):
+    FSDP2 shards over it, and DTensor's gathers and reductions run in it."""
+    from torch.distributed.device_mesh import DeviceMesh
+    return DeviceMesh.from_group(group, device.type)
+
+
+def shard(model, device, mp_dtype, group, reshard=True):
+    """FSDP2 over group's ranks: fully_shard each block, then the root. bf16 compute with fp32
+    reduction on GPU; fp32 on CPU."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = mesh_of(group, device)
     mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32)
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
@@ -80,14 +87,14 @@ def shard(model, device, mp_dtype, reshard=True):
     return model
 
 
-def shard_projector(proj, device):
+def shard_projector(proj, device, group):
     """The learned projector under FSDP2 too (in fp32: it is small): its gradients are reduced with
     the model's, and every parameter the optimizer sees is a DTensor (fused AdamW refuses a mix)."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    for p in proj.parameters():  # one start on every rank
-        dist.broadcast(p.data, 0)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    # one start on every rank: global rank 0 is the first trainer
+    for p in proj.parameters():
+        dist.broadcast(p.data, 0, group=group)
+    mesh = mesh_of(group, device)
     for lin in proj.values():  # each Linear is called on its own, so each is its own FSDP unit
         fully_shard(lin, mesh=mesh)
     return proj
@@ -116,20 +123,25 @@ def deal(lengths, world):
     return owner
 
 
-def balance(seqs, world):
-    """The step's rollouts (batch.Rollout) of every rank, dealt again so that ranks carry about the
-    same tokens. Without it both samples of a prompt stay on one rank, and the update waits for the
-    rank that drew the longest responses. Returns this rank's share and the max/mean token load over
-    ranks."""
+def balance(seqs, group):
+    """The step's rollouts (batch.Rollout) of every rank of group, dealt again so that ranks carry
+    about the same tokens. Without it both samples of a prompt stay on one rank, and the update
+    waits for the rank that drew the longest responses. Returns this rank's share and the max/mean
+    token load over ranks."""
+    world = dist.get_world_size(group)
     if world == 1:
         return seqs, 1.0
     shares = [None] * world
-    dist.all_gather_object(shares, seqs)
-    pool = [s for share in shares for s in share]
+    dist.all_gather_object(shares, seqs, group=group)
+    return deal_pool([s for share in shares for s in share], world, dist.get_rank(group))
+
+
+def deal_pool(pool, world, rank):
+    """Rank's share of a pool of rollouts every rank holds (deal), and the max/mean token load."""
     lengths = [len(r.prompt) + len(r.response) for r in pool]
     owner = deal(lengths, world)
     load = [sum(n for n, r in zip(lengths, owner) if r == k) for k in range(world)]
-    mine = [s for s, r in zip(pool, owner) if r == dist.get_rank()]
+    mine = [s for s, r in zip(pool, owner) if r == rank]
     return mine, max(load) / max(sum(load) / world, 1)
 
 
@@ -188,10 +200,10 @@ class StepClock:
         self.parts[part] += now - self.last
         self.last = now
 
-    def split(self):
-        """This step's parts (max over ranks, as the slowest rank sets the pace) and their sum;
-        starts the next."""
-        parts = {f'time/{k}': all_reduce_max(v) for k, v in self.parts.items()}
+    def split(self, group):
+        """This step's parts (max over group's ranks, as the slowest rank sets the pace) and their
+        sum; starts the next."""
+        parts = {f'time/{k}': all_reduce_max(v, group) for k, v in self.parts.items()}
         self.parts = dict.fromkeys(self.PARTS, 0.0)
         return dict(parts, **{'time/step': sum(parts.values())})
 
@@ -205,48 +217,37 @@ def trained_modules(model, proj):
 
 
 def read_resume(path, error=ValueError):
-    """A checkpoint's resume.pt (path: its folder), read by rank 0 alone, tensors only (loading
-    never runs code); the step, RNG and config go to every rank, the optimizer and projector states
-    stay on rank 0 (load_training_state broadcasts them tensor by tensor). A bad file raises `error`
-    on every rank."""
-    state = None
-    rank = dist.get_rank()
-    if rank == 0:
-        try:
-            state = torch.load(os.path.join(path, 'resume.pt'), weights_only=True, mmap=True,
-                               map_location='cpu')
-        except Exception as e:  # missing, truncated or foreign file
-            state = error(f"corrupt or missing resume state {os.path.join(path, 'resume.pt')}: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    small = [{k: v for k, v in state.items() if k not in ('optimizer', 'projector')}
-             if isinstance(state, dict) else state]
-    dist.broadcast_object_list(small, src=0)
-    if isinstance(small[0], Exception):
-        raise small[0]
-    return dict(small[0], optimizer=state['optimizer'] if rank == 0 else {},
-                projector=state.get('projector') if rank == 0 else {})
+    """A checkpoint's resume.pt (path: its folder), tensors only (loading never runs code), memory-
+    mapped: the ranks of a node read the same pages. A bad file raises `error` on every rank."""
+    try:
+        return torch.load(os.path.join(path, 'resume.pt'), weights_only=True, mmap=True,
+                          map_location='cpu')
+    except Exception as e:  # missing, truncated or foreign file
+        first_line = str(e).splitlines()[0] if str(e) else ''
+        raise error(f"corrupt or missing resume state {os.path.join(path, 'resume.pt')}: "
+                    f"{type(e).__name__}: {first_line}") from None
 
 
 def load_training_state(stu, proj, opt, state):
-    """Optimizer (and projector) state from rank 0's resume.pt, broadcast tensor by tensor into the
-    shards."""
+    """Optimizer (and projector) state from resume.pt, which every rank has read: each takes its
+    own slice of every tensor into its shards (no collective, so it needs no group)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    opts = StateDictOptions(full_state_dict=True)
     if proj is not None:
         set_model_state_dict(proj, state['projector'], options=opts)
     # not strict: a parameter that never had a gradient (an LM head OPRD never uses) has no AdamW
     # state
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    opts = StateDictOptions(full_state_dict=True, strict=False)
     set_optimizer_state_dict(trained_modules(stu, proj), opt, state['optimizer'], options=opts)
     torch.set_rng_state(state['rng'])
 
 
-def save_checkpoint(out_dir, keep, raw_model, model, opt, proj, step, extra):
-    """out_dir/step_NNNNNNN: the student in HF format + resume.pt. Written as step_N.partial and
-    renamed, so a crash mid-save leaves the previous checkpoint whole; only checkpoints older than
-    this one are pruned, to `keep` in all. extra: more entries of resume.pt (the run's config, the
-    models' shapes)."""
+def save_checkpoint(out_dir, keep, raw_model, model, opt, proj, step, extra, group):
+    """out_dir/step_NNNNNNN: the student in HF format + resume.pt, written by the first rank of
+    group (the trainers). Written as step_N.partial and renamed, so a crash mid-save leaves the
+    previous checkpoint whole; only checkpoints older than this one are pruned, to `keep` in all.
+    extra: more entries of resume.pt (the run's config, the models' shapes)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -259,14 +260,15 @@ def save_checkpoint(out_dir, keep, raw_model, model, opt, proj, step, extra):
         shutil.rmtree(partial, ignore_errors=True)
         raw_model.save_pretrained(partial, state_dict=sd)
         torch.save({'step': step, 'optimizer': osd, 'projector': psd, 'rng': torch.get_rng_state(),
-                    'world': dist.get_world_size(), **extra}, os.path.join(partial, 'resume.pt'))
+                    'world': dist.get_world_size(group), **extra},
+                   os.path.join(partial, 'resume.pt'))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         older = [c for c in checkpoints_in(out_dir) if int(c[-7:]) < step]
         for old in older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
         print(f"saved {final}", flush=True)
-    dist.barrier()
+    dist.barrier(group=group)
 
 
 def drop_logged_steps_from(out_dir, step):

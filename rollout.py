@@ -71,7 +71,7 @@ for _logger, _message in QUIET_VLLM:
     logging.getLogger(_logger).addFilter(lambda record, m=_message: m not in record.getMessage())
 
 VLLM_ONLY = ("tensor_parallel_size", "enable_sleep_mode", "seed", "max_model_len", "enforce_eager",
-             "max_num_seqs", "bucket_mb")
+             "max_num_seqs", "bucket_mb", "own_world")
 TORCH_ONLY = ("sync_every", "decode")
 BACKENDS = ("auto", "vllm", "torch")
 
@@ -83,14 +83,17 @@ def make_sampler(backend="auto", model_path=None, model=None, **engine_kw):
     vllm: the engine loads model_path (model= is not used); engine_kw are vLLM's LLM(...)
     arguments: gpu_memory_utilization, tensor_parallel_size, enable_sleep_mode, seed,
     max_model_len, max_num_seqs, dtype, enforce_eager, ...; device (default: the one vLLM's build
-    runs on); bucket_mb sets the weight-sync bucket. The torch-only sync_every and decode are
-    ignored.
+    runs on); bucket_mb sets the weight-sync bucket; own_world=True starts an engine apart from
+    the torch.distributed world, under torchrun, where other ranks start none (distill.py's
+    sampler ranks). The torch-only sync_every and decode are ignored.
     torch: model= an in-memory Transformer to sample from (shared, not copied: update_weights is
     then a copy onto itself, i.e. nothing), else one is loaded from model_path; dtype, device,
     gpu_memory_utilization, sync_every, decode; the vLLM-only options (VLLM_ONLY) are ignored, so
     one config serves both backends.
     Both: n_tokens, the tokenizer's size (ids past it, an embedding's padding rows, are never
-    drawn; None draws from every row).
+    drawn; None draws from every row); dp_rank, the data-parallel rank mixed into every seed
+    (default: this process's rank, over its tensor-parallel group for vLLM; distill.py's sampler
+    ranks pass their index among the sampler ranks).
     A model_path is checked (check_checkpoint) before any engine starts; backend is checked where
     it is read (distill.py's and eval.py's settings, the CLI below).
     """
@@ -143,27 +146,34 @@ def vllm_available():
     return vllm_device_type() is not None
 
 
-def fsdp_named_tensors(model, dtype=None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream a model's parameters as (HF name, full tensor), one at a time, for update_weights.
-
-    For an FSDP2-sharded model each DTensor is all-gathered on its own (full_tensor(), a collective:
-    every rank must iterate), so no rank ever holds a second full copy of the model. Plain tensors,
-    and the shards of a one-rank mesh, pass through as they are (views of the live weights: copy
-    what must outlive the next step). A tied lm_head is skipped (checkpoints store only the
-    embedding). Wrapper prefixes (torch.compile's _orig_mod., activation checkpointing's, DDP's
-    module.) are removed.
-
-    dtype: the engine's (the vLLM sampler's .dtype; bf16 on a GPU). Each rank casts its own shard
-    before the all-gather, so the gather moves and holds half the bytes of the fp32 master weights
-    (7.1 GB per rank per step on the paper's job otherwise); the result is exactly the cast of the
-    full tensor. None keeps the model's dtype.
-    """
+def synced_parameters(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """The parameters a weight sync sends, as (HF name, parameter): wrapper prefixes
+    (torch.compile's _orig_mod., activation checkpointing's, DDP's module.) removed, a tied lm_head
+    skipped (checkpoints store only the embedding)."""
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     for name, p in model.named_parameters():
         name = name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
         name = name.removeprefix("module.")
         if tied and name == "lm_head.weight":
             continue
+        yield name, p
+
+
+def fsdp_named_tensors(model, dtype=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream a model's parameters (synced_parameters) as (HF name, full tensor), one at a time,
+    for update_weights.
+
+    For an FSDP2-sharded model each DTensor is all-gathered on its own (full_tensor(), a collective:
+    every rank of its mesh must iterate), so no rank ever holds a second full copy of the model.
+    Plain tensors, and the shards of a one-rank mesh, pass through as they are (views of the live
+    weights: copy what must outlive the next step).
+
+    dtype: the engine's (the vLLM sampler's .dtype; bf16 on a GPU). Each rank casts its own shard
+    before the all-gather, so the gather moves and holds half the bytes of the fp32 master weights
+    (7.1 GB per rank per step on the paper's job otherwise); the result is exactly the cast of the
+    full tensor. None keeps the model's dtype.
+    """
+    for name, p in synced_parameters(model):
         t = p.detach()
         if dtype is not None:
             # on a DTensor an elementwise cast of the local shard: the placements stay
@@ -360,6 +370,34 @@ def engine_env(device_type, world):
     return {}
 
 
+# what torchrun tells its workers: hidden from an engine's child processes (outside_torchrun)
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                      "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME",
+                      "MASTER_ADDR", "MASTER_PORT", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
+
+
+@contextlib.contextmanager
+def outside_torchrun(device):
+    """While an engine of its own starts: torchrun's variables hidden, so its child processes start
+    a world of their own, and on a GPU only this rank's device visible to them (else they would
+    take the node's first)."""
+    hidden = {k: os.environ.pop(k) for k in list(os.environ)
+              if k in TORCHRUN_VARIABLES or k.startswith("TORCHELASTIC_")}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if device.type == "cuda":
+        physical = visible.split(",") if visible else [str(i) for i in
+                                                       range(torch.cuda.device_count())]
+        os.environ["CUDA_VISIBLE_DEVICES"] = physical[device.index or 0]
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)
+        if visible is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
+
+
 class VLLMSampler:
     """A vLLM engine in this process's reach (see the top of the file for what it does).
 
@@ -371,13 +409,20 @@ class VLLMSampler:
     consecutive ranks), and weights are handed over as tensors with no copy. Call close() before
     dist.destroy_process_group(): vLLM's teardown then destroys the default group itself, so guard
     that call with dist.is_initialized().
+    With own_world=True (distill.py's sampler ranks, where the training ranks start no engine) the
+    engine is a world of one: its core and worker run in child processes (vLLM's default), which
+    start with torchrun's variables hidden and, on a GPU, only this rank's device visible. An
+    engine in this process, or external_launcher, would build its groups over the
+    torch.distributed world, which the ranks without an engine never join: a hang. Its weights
+    arrive as serialised buckets (as for any core in a child process).
 
     At start rank 0 prints one line (summary()): device, dtype, where the engine core runs, and
     which model runner vLLM picked. On CUDA vLLM 0.32 picks its V2 model runner whenever Triton is
     present; VLLM_USE_V2_MODEL_RUNNER=0 falls back to the V1 runner (the CPU build runs V1).
     """
 
-    def __init__(self, model_path, device=None, bucket_mb=256, n_tokens=None, **engine_kw):
+    def __init__(self, model_path, device=None, bucket_mb=256, n_tokens=None, dp_rank=None,
+                 own_world=False, **engine_kw):
         from vllm import LLM
         runs_on = vllm_device_type()
         device = torch.device(device or runs_on or "cpu")
@@ -390,20 +435,27 @@ class VLLMSampler:
             raise VLLMVersionError(f"no {', '.join(missing)}")
         # a hub id: downloaded once, here
         model_path = resolve_checkpoint(model_path)
-        rank, world = dist_info()
+        # an engine of its own (a sampler rank of distill.py, beside ranks that never start one): a
+        # world of one, its core and worker in child processes, which never see torchrun's world
+        rank, world = (0, 1) if own_world else dist_info()
         tp = engine_kw.get("tensor_parallel_size", 1)
         if world % tp:
             raise ValueError(f"tensor_parallel_size={tp} does not divide the {world} ranks")
-        self.dp_rank = rank // tp
+        self.dp_rank = rank // tp if dp_rank is None else dp_rank
         self.dp_size = world // tp
         hf_config = read_json(os.path.join(model_path, "config.json"))
         self.padding_bias = padding_bias(hf_config, n_tokens)
         args = engine_args(model_path, hf_config, device.type, world, **engine_kw)
         self.device = device
         self.sleep_mode = args["enable_sleep_mode"]
+        if own_world:
+            # in this process the engine would build its groups over the torch.distributed world,
+            # which the other ranks never join: a hang
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
         for name, value in engine_env(device.type, world).items():
             os.environ.setdefault(name, value)
-        self.llm = LLM(**args)
+        with outside_torchrun(device) if own_world else contextlib.nullcontext():
+            self.llm = LLM(**args)
         self.stop_ids = checkpoint_stop_ids(model_path)
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.asleep = False
@@ -554,7 +606,9 @@ class VLLMSampler:
             self.asleep = False
 
     def close(self):
-        self.llm.llm_engine.engine_core.shutdown()
+        # a core in a child process gets the time to exit on its own (vLLM's 5 s default ran out
+        # under torchrun on a CPU, and it killed the core)
+        self.llm.llm_engine.engine_core.shutdown(timeout=30)
 
 
 # ----------------------------------------------------------------------------- a quick look

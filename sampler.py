@@ -198,7 +198,7 @@ class TorchSampler:
     """
 
     def __init__(self, model_path=None, model=None, dtype=None, device=None, sync_every=None,
-                 decode="auto", gpu_memory_utilization=None, n_tokens=None):
+                 decode="auto", gpu_memory_utilization=None, n_tokens=None, dp_rank=None):
         if isinstance(dtype, str):
             # the vLLM spelling: 'auto', 'bfloat16', ...
             dtype = None if dtype == "auto" else getattr(torch, dtype)
@@ -240,7 +240,10 @@ class TorchSampler:
         # vLLM's default share here
         self.keep_share = 0.3 if gpu_memory_utilization is None else gpu_memory_utilization
         self.stop_ids = checkpoint_stop_ids(model.source_dir, model.hf_config)
-        self.dp_rank, self.dp_size = dist_info()
+        # the data-parallel rank mixed into the seed: this process's, or a sampler rank's index
+        # among the sampler ranks (distill.py's rollout_ranks)
+        rank, self.dp_size = dist_info()
+        self.dp_rank = rank if dp_rank is None else dp_rank
 
     @torch.inference_mode()
     def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=256,

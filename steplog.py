@@ -5,7 +5,7 @@ out_dir/log.jsonl.
 
     totals = StepTotals.start(n_layers, load)
     totals.add(loss, stats, batch, sampler_gap(h_final, head, batch, stats.target_logp))
-    rec = step_record(step, totals, rollouts, counts, plan, clock, sampled, checked)
+    rec = step_record(step, totals, rollouts, counts, plan, clock, sampled, checked, None, group)
     write_record(rec, plan, out_dir, wandb_log)
 """
 import json
@@ -87,29 +87,29 @@ class StepTotals:
         self.layer_loss = [x + y for x, y in zip(self.layer_loss, stats.layer_loss)]
         self.layer_cos = [x + y for x, y in zip(self.layer_cos, stats.layer_cos)]
 
-    def reduce_gap(self):
-        """The sampler gap's mean over every rank's checked tokens (a collective)."""
-        gap_sum, gap_count = all_reduce_sum([self.gap_sum, self.gap_count]).tolist()
+    def reduce_gap(self, group):
+        """The sampler gap's mean over the checked tokens of every rank of group (a collective)."""
+        gap_sum, gap_count = all_reduce_sum([self.gap_sum, self.gap_count], group).tolist()
         self.gap = gap_sum / max(gap_count, 1)
 
 
-def step_record(step, totals, rollouts, counts, plan, clock, sampled, checked, alignment=None):
-    """The step's figures, reduced over ranks: what is printed and appended to log.jsonl. sampled:
-    the rollouts came from a sampler (not sft); checked: it re-scored their tokens
-    (check_tokens > 0); alignment: across tokenizers, batch.Alignment (the rollouts left out, the
-    share of response bytes compared)."""
-    n_seqs = all_reduce_sum(len(rollouts)).item()
-    generated = all_reduce_sum(sum(len(r.response) for r in rollouts)).item()
-    truncated = all_reduce_sum(sum(r.finish == 'length' for r in rollouts)).item()
+def step_record(step, totals, rollouts, counts, plan, clock, sampled, checked, alignment, group):
+    """The step's figures, reduced over group's ranks (the trainers): what is printed and appended
+    to log.jsonl. sampled: the rollouts came from a sampler (not sft); checked: it re-scored their
+    tokens (check_tokens > 0); alignment: across tokenizers, batch.Alignment (the rollouts left
+    out, the share of response bytes compared), else None."""
+    n_seqs = all_reduce_sum(len(rollouts), group).item()
+    generated = all_reduce_sum(sum(len(r.response) for r in rollouts), group).item()
+    truncated = all_reduce_sum(sum(r.finish == 'length' for r in rollouts), group).item()
     update_time = clock.parts['teacher'] + clock.parts['student'] + clock.parts['optimizer']
     rec = {'step': step, 'loss': totals.step_loss, 'grad_norm': totals.grad_norm, 'lr': totals.lr,
            'sequences': n_seqs, 'mean_response_len': generated / max(n_seqs, 1),
            'trunc_rate': truncated / max(n_seqs, 1),
-           'update_tok_s': (all_reduce_sum(totals.tokens).item()
-                            / max(all_reduce_max(update_time), 1e-9)),
+           'update_tok_s': (all_reduce_sum(totals.tokens, group).item()
+                            / max(all_reduce_max(update_time, group), 1e-9)),
            'update_transient_mem_mb': totals.transient_mem / 2**20}
     if sampled:
-        rec['rollout_tok_s'] = generated / max(all_reduce_max(clock.parts['rollout']), 1e-9)
+        rec['rollout_tok_s'] = generated / max(all_reduce_max(clock.parts['rollout'], group), 1e-9)
         rec['load_max_over_mean'] = totals.load
         if checked:
             rec['sampler_logp_gap'] = totals.gap
@@ -119,12 +119,12 @@ def step_record(step, totals, rollouts, counts, plan, clock, sampled, checked, a
         rec['rollouts_unaligned'] = alignment.unaligned
         rec['aligned_byte_share'] = alignment.byte_share
     for j, layer in enumerate(plan.s_layers):
-        layer_loss = all_reduce_sum(totals.layer_loss[j]).item()
-        layer_cos = all_reduce_sum(totals.layer_cos[j]).item()
+        layer_loss = all_reduce_sum(totals.layer_loss[j], group).item()
+        layer_cos = all_reduce_sum(totals.layer_cos[j], group).item()
         rec[f'oprd_loss/{layer}'] = layer_loss / max(counts.states, 1)
         rec[f'cos/{layer}'] = layer_cos / max(counts.states, 1)
     if plan.out_kind:
-        rec['kl'] = all_reduce_sum(totals.kl).item() / max(counts.outputs, 1)
+        rec['kl'] = all_reduce_sum(totals.kl, group).item() / max(counts.outputs, 1)
     return rec
 
 

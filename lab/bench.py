@@ -143,7 +143,8 @@ def update_table(shape, sequences, prompt_len, response_len, device, methods=UPD
         peaks.append(mem.transient())
     setup_distributed(device.type, 10)
     try:
-        student = shard(student, device, torch.bfloat16 if cuda else torch.float32)
+        student = shard(student, device, torch.bfloat16 if cuda else torch.float32,
+                        dist.group.WORLD)
         for m in methods:
             by = res["methods"][m] = {}
             for chunk in chunks:

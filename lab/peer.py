@@ -182,6 +182,7 @@ def eager_costs(student, length, repeats=10):
       (rollout.fsdp_named_tensors, as distill.py's sync) on 8 x `length` random tokens, as a plain
       module and under fsdp.shard (best of `repeats` each), and both copies' weights after it, which
       must agree: the two do the same arithmetic."""
+    import torch.distributed as dist
     from fsdp import setup_distributed, shard
     from rollout import fsdp_named_tensors
     from sampler import TorchSampler
@@ -202,7 +203,7 @@ def eager_costs(student, length, repeats=10):
             model = Transformer.from_pretrained(student)
             L = model.config.num_hidden_layers
             if name == "fsdp2":
-                model = shard(model, CPU, torch.float32)
+                model = shard(model, CPU, torch.float32, dist.group.WORLD)
             # as distill.py's on a CPU
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
             def step():

@@ -76,15 +76,16 @@ def install(patch, record):
                 record['proj_grad'][-1] = {k: acc.get(k, 0) + g.cpu() for k, g in grads.items()}
         return out
 
-    def shard_projector(proj, device):
-        proj = real['shard_projector'](proj, device)
+    def shard_projector(proj, device, group):
+        proj = real['shard_projector'](proj, device, group)
         record['proj_start'] = {k: full(lin.weight) for k, lin in proj.items()}
         return proj
 
-    def save_checkpoint(out_dir, keep, raw_model, model, opt, proj, step, extra):
+    def save_checkpoint(out_dir, keep, raw_model, model, opt, proj, step, extra, group):
         if proj is not None:
             record['proj_saved'][step] = {k: full(lin.weight) for k, lin in proj.items()}
-        return real['save_checkpoint'](out_dir, keep, raw_model, model, opt, proj, step, extra)
+        return real['save_checkpoint'](out_dir, keep, raw_model, model, opt, proj, step, extra,
+                                       group)
 
     def load_training_state(stu, proj, opt, state):
         real['load_training_state'](stu, proj, opt, state)

@@ -189,7 +189,8 @@ def test_projector_least_squares_start_equals_lstsq(wide_pair):
     b = collate(seqs, 0, "cpu")
     proj = torch.nn.ModuleDict({str(l): torch.nn.Linear(64, 128, bias=False)
                                 for l in plan.s_layers})
-    init_projector(proj, student, teacher, [(b, b.response_mask)], plan)
+    # one process: no group to sum over
+    init_projector(proj, student, teacher, [(b, b.response_mask)], plan, None)
     hf_s = AutoModelForCausalLM.from_pretrained(wide_pair[1], dtype=torch.float64)
     hf_t = AutoModelForCausalLM.from_pretrained(wide_pair[0], dtype=torch.float64)
     hs = []

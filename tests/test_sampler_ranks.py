@@ -1,0 +1,187 @@
+"""Sampler ranks (rollout_ranks=k, ranks.py): the last k ranks only sample, the others only train.
+A run with sampler ranks is, loss for loss, the colocated run with the same off_policy_steps and
+seeds: at 1 trainer + 1 sampler bit for bit, at 2 trainers + 1 sampler up to the rounding of two
+ranks' sums. A resume makes the rollouts of an uninterrupted run; a sampler rank that dies stops
+the run with one line naming it; bad settings get one line before any work. All on gloo."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, make_checkpoint
+from test_cross_tokenizer import permuted_copy
+from test_distill import run
+from test_run_guards import distill_args
+from test_scale import assert_same_weights
+
+from test_off_policy import log
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A teacher and a student of one tokenizer, and the teacher again under other token ids."""
+    root = tmp_path_factory.mktemp("sampler_ranks")
+    teacher = make_checkpoint(root / "teacher", "qwen3", seed=3)
+    student = make_checkpoint(root / "student", "qwen3", seed=4)
+    other_tokens, _ = permuted_copy(teacher, root / "teacher_permuted")
+    return {"teacher": teacher, "student": student, "other_tokens": other_tokens}
+
+
+def torchrun(nproc, models, out, teacher="teacher", **kw):
+    """distill.py under torchrun with nproc ranks; returns the finished process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "distill.py"]
+    return run(cmd + distill_args((models[teacher], models["student"]), out, **kw))
+
+
+@pytest.fixture
+def colocated(settings_restored, monkeypatch, capsys):
+    """colocated(models, out, teacher, **kw): the same run in this process, every step's rollouts
+    drawn by the one rank that trains."""
+    from test_bad_input import main_in_process
+
+    def go(models, out, teacher="teacher", **kw):
+        argv = ["distill.py"] + distill_args((models[teacher], models["student"]), out, **kw)
+        code, _, err = main_in_process(settings_restored.main, argv, monkeypatch, capsys)
+        assert code == 0, err[-20:]
+    return go
+
+
+def assert_close_steps(rows_a, rows_b):
+    """The same steps up to the rounding of two ranks' sums, which lr 3e-2 carries into the fifth
+    digit of a near-zero cosine."""
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
+    for a, b in zip(rows_a, rows_b):
+        for k in [k for k in b if k in ("loss", "kl", "grad_norm")
+                  or k.startswith(("oprd_loss/", "cos/"))]:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (k, a, b)
+
+
+# (trainers, method, off_policy_steps, teacher): opd with its importance ratio, one step behind,
+# bit for bit; oprd one step behind over two trainers; chunk-level OPD on-policy across
+# tokenizers, where each rollout's reading by the teacher crosses with it
+CASES = [(1, "opd", 1, "teacher"), (2, "oprd", 1, "teacher"), (2, "opd_chunk", 0, "other_tokens")]
+
+
+@pytest.mark.parametrize("trainers,method,lag,teacher", CASES,
+                         ids=[f"{t}+1-{m}-s{s}" for t, m, s, _ in CASES])
+def test_sampler_ranks_equal_the_colocated_run(models, tmp_path, colocated, trainers, method, lag,
+                                               teacher):
+    settings = dict(method=method, off_policy_steps=lag, teacher=teacher)
+    colocated(models, tmp_path / "colocated", **settings)
+    p = torchrun(trainers + 1, models, tmp_path / "split", rollout_ranks=1, **settings)
+    assert f"world {trainers + 1} ({trainers} train, 1 sample)" in p.stdout
+    split, together = log(tmp_path / "split"), log(tmp_path / "colocated")
+    if trainers == 1:
+        for a, b in zip(split, together):
+            assert (a["step"], a["loss"], a["grad_norm"]) == (b["step"], b["loss"], b["grad_norm"])
+        assert len(split) == len(together) == 3
+    else:
+        assert_close_steps(split, together)
+    assert_same_weights(tmp_path / "split" / "step_0000003",
+                        tmp_path / "colocated" / "step_0000003")
+    # the samplers' side of each step, beside the trainers'
+    for row in split:
+        assert row["sampler/sample_s"] > 0 and row["sampler/wait_s"] >= 0
+        assert row["rollout_tok_s"] > 0 and row["sampler_logp_gap"] < 1e-4
+
+
+@pytest.mark.skipif(not __import__("rollout").vllm_available(), reason="vLLM is not installed")
+def test_a_vllm_sampler_rank_serves_the_trainer(models, tmp_path, colocated):
+    """The sampler rank's vLLM engine, a world of one beside a rank that starts none: greedy
+    rollouts one step behind, the same steps as the torch sampler's colocated run (the two
+    samplers draw the same greedy tokens from a tiny fp32 model), and a clean exit."""
+    settings = dict(method="oprd", temperature=0.0, off_policy_steps=1)
+    colocated(models, tmp_path / "colocated", **settings)
+    p = torchrun(2, models, tmp_path / "split", rollout_ranks=1, **dict(settings, backend="vllm"))
+    assert "its core in a child process" in p.stdout
+    assert_close_steps(log(tmp_path / "split"), log(tmp_path / "colocated"))
+
+
+def test_a_resume_with_sampler_ranks_makes_the_rollouts_of_an_uninterrupted_run(
+        models, tmp_path, colocated):
+    """Stopped after step 2 and resumed: the checkpoint holds step 2's rollouts (drawn by the
+    sampler rank with the weights after one update), the sampler rank restarts from the
+    checkpoint's weights, and step 2 is bit for bit the uninterrupted run's."""
+    settings = dict(method="opd", save_every=1, keep_checkpoints=3)
+    colocated(models, tmp_path / "whole", off_policy_steps=1, **settings)
+    out = tmp_path / "split"
+    torchrun(2, models, out, rollout_ranks=1, stop_step=2, **settings)
+    assert [r["step"] for r in log(out)] == [0, 1]
+    p = torchrun(2, models, out, rollout_ranks=1, init_from="resume", **settings)
+    assert "resuming from" in p.stdout
+    for a, b in zip(log(out), log(tmp_path / "whole")):
+        assert (a["step"], a["loss"], a["grad_norm"]) == (b["step"], b["loss"], b["grad_norm"])
+    assert len(log(out)) == 3
+
+
+DYING_SAMPLER = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+import distill
+real = distill.rollouts
+
+
+def rollouts(sampler, items, step, *args):
+    if step == 2:
+        os._exit(3)
+    return real(sampler, items, step, *args)
+
+
+distill.rollouts = rollouts
+sys.argv = ["distill.py"] + sys.argv[1:]
+distill.main()
+"""
+
+
+def test_a_sampler_rank_that_dies_stops_the_run_with_one_line(models, tmp_path):
+    """Two processes started by hand (no torchrun to stop the others): the sampler rank exits
+    while it draws step 2's rollouts; the trainer, waiting for them, stops with one line that
+    names rank 1, and exits 1."""
+    args = distill_args((models["teacher"], models["student"]), tmp_path / "out", method="opd",
+                        rollout_ranks=1, max_steps=4)
+    env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+    procs = [subprocess.Popen([sys.executable, "-c", DYING_SAMPLER] + args, cwd=ROOT,
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    outputs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [1, 3]
+    errors = [line for line in outputs[0][1].splitlines() if line.strip()]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("error: sampler rank 1 stopped answering"), errors
+    assert "Traceback" not in outputs[0][1]
+
+
+@pytest.mark.parametrize("world,change,message", [
+    (1, dict(rollout_ranks=1), "rollout_ranks=1 leaves no rank to train: the world has 1 rank"),
+    (3, dict(rollout_ranks=3), "rollout_ranks=3 leaves no rank to train: the world has 3 rank"),
+    (3, dict(rollout_ranks=-1), "rollout_ranks=-1: must be >= 0"),
+    (3, dict(rollout_ranks=1, method="sft"), "rollout_ranks=1 with method=sft"),
+    (3, dict(rollout_ranks=1, method="bridge_fit", bridge_path="b"),
+     "rollout_ranks=1 with method=bridge_fit"),
+    (4, dict(rollout_ranks=3, tensor_parallel_size=2),
+     "tensor_parallel_size=2 does not divide the 3 sampler ranks"),
+])
+def test_bad_sampler_rank_settings_are_one_line(models, tmp_path, settings_restored, monkeypatch,
+                                                capsys, world, change, message):
+    """Refused before the process group starts or a folder is made."""
+    from test_bad_input import main_in_process
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    argv = ["distill.py"] + distill_args((models["teacher"], models["student"]),
+                                         tmp_path / "out", **change)
+    code, _, err = main_in_process(settings_restored.main, argv, monkeypatch, capsys)
+    assert code == 1 and len(err) == 1 and message in err[0], err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_off_policy_steps_defaults_to_one_step_behind_with_sampler_ranks(settings_restored):
+    """-1: one step behind with sampler ranks, on-policy without; what the user sets stays."""
+    distill = settings_restored
+    for ranks, method, asked, decided in [(1, "oprd", -1, 1), (0, "oprd", -1, 0),
+                                          (1, "opd", 0, 0), (0, "sft", -1, 0)]:
+        cfg = dict(rollout_ranks=ranks, method=method, off_policy_steps=asked)
+        distill.resolve_defaults(cfg)
+        assert cfg["off_policy_steps"] == decided
