@@ -23,6 +23,7 @@ runs only up to its deepest tapped layer, and the student's head sees only the f
 positions where it re-scores the sampler's tokens (check_tokens). Every process, one or many,
 trains in a process group with the student under FSDP2, so one GPU trains as a one-rank torchrun.
 """
+import dataclasses
 import math
 import os
 import sys
@@ -489,22 +490,36 @@ def announce(plan, stu, student_path, bridge_meta, roles, n_prompts):
 def serve_rollouts(cfg, dev, roles, resume_path, state):
     """A sampler rank's run (rollout_ranks > 0): the tokenizers and prompts the trainers use, one
     engine on this rank's device with nothing else on it, then ranks.serve until the trainers
-    stop."""
+    stop. Sampler j draws what rank j of a colocated run of k ranks draws. A vLLM engine with
+    tensor_parallel_size = tp spans the devices of tp consecutive sampler ranks: the first of them
+    starts it (a world of its own) and draws its group's share; the others only lend their
+    device."""
+    import rollout
     sampler, error = None, None
+    j, k, tp = roles.sampler_index, roles.n_samplers, tensor_parallel_size
+    on_vllm = backend == 'vllm' or (backend == 'auto' and rollout.vllm_device_type() == dev.type)
+    lends_device = on_vllm and j % tp != 0
     try:
         student_path = resolve_checkpoint(resume_path or student)
         tokenizers = load_tokenizers(student_path, resolve_checkpoint(teacher))
         items = load_prompts(tokenizers.student)
-        sampler = make_engine(student_path, dev, tokenizers.student.vocab_size, False,
-                              dp_rank=roles.sampler_index)
+        if not lends_device:
+            dp_rank = j // tp if on_vllm else j
+            sampler = make_engine(student_path, dev, tokenizers.student.vocab_size, False,
+                                  dp_rank=dp_rank)
     except (DistillError, ValueError, OSError) as e:
         error = str(e)
     offers = agree_to_start(roles, error, sampler.dtype if sampler is not None else None)
     # trainer 0's
     settings = offers[0]
-    j, k = roles.sampler_index, roles.n_samplers
 
     def make_rollouts(step):
+        if lends_device:
+            return []
+        if on_vllm and tp > 1:
+            # the engine serves its whole group: prompts, seed and draws of that group's ranks
+            whole = dataclasses.replace(settings, tensor_parallel_size=1)
+            return rollouts(sampler, items, step, j // tp, k // tp, tokenizers, whole)
         return rollouts(sampler, items, step, j, k, tokenizers, settings)
 
     start_step = state['step'] if state is not None else 0

@@ -173,7 +173,7 @@ def sync_samplers(roles, model, dtype, stop, device):
     shapes), then unless stopping the student's weights in dtype, gathered over the trainers (a
     collective: every trainer iterates) and broadcast by trainer 0 in buckets."""
     named = [(name, tuple(p.shape)) for name, p in synced_parameters(model)]
-    header = [None if stop else named]
+    header = [None if stop else (named, dtype)]
     try:
         if roles.rank == 0:
             dist.broadcast_object_list(header, src=0, group=roles.sync_group)
@@ -196,15 +196,16 @@ def sync_samplers(roles, model, dtype, stop, device):
 
 def receive_header(roles):
     """A sampler: None when the trainers stop, else the names and shapes of the weights that
-    follow (received_tensors)."""
+    follow and their dtype (received_tensors)."""
     header = [None]
     dist.broadcast_object_list(header, src=0, group=roles.sync_group)
     return header[0]
 
 
-def received_tensors(roles, named, dtype, device):
+def received_tensors(roles, header, device):
     """A sampler: the new weights as (HF name, tensor) pairs, each bucket received as it is reached;
     to be consumed in full (update_weights) before anything else crosses."""
+    named, dtype = header
     itemsize = torch.empty((), dtype=dtype).element_size()
     for bucket in bucketed([shape for _, shape in named], itemsize):
         shapes = [torch.Size(named[i][1]) for i in bucket]
@@ -228,7 +229,8 @@ class Schedule:
 
 
 def serve(roles, sampler, make_rollouts, schedule, device):
-    """A sampler rank's whole run. make_rollouts(step) -> its share of the step's rollouts. With
+    """A sampler rank's whole run. make_rollouts(step) -> its share of the step's rollouts (sampler
+    None: a rank of a tensor-parallel engine that another rank drives, with no share). With
     s = 0 the trainers wait for each step's rollouts; with s = 1 this rank draws step t+1's while
     they train step t, with the weights after t updates, then takes the weights after t+1. The
     trainers do the mirror image: take step t's rollouts, train, (s = 1: take step t+1's), send
@@ -253,11 +255,17 @@ def serve(roles, sampler, make_rollouts, schedule, device):
             if s and more:
                 deliver(step + 1)
             asked = time.perf_counter()
-            named = receive_header(roles)
+            header = receive_header(roles)
             waited += time.perf_counter() - asked
-            if named is None:
+            if header is None:
                 return
-            sampler.update_weights(received_tensors(roles, named, sampler.dtype, device))
+            weights = received_tensors(roles, header, device)
+            if sampler is None:
+                # a rank whose GPU serves another rank's engine: the weights pass it by
+                for _ in weights:
+                    pass
+            else:
+                sampler.update_weights(weights)
             if not s and more:
                 deliver(step + 1)
     except RuntimeError as e:

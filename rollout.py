@@ -377,17 +377,18 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "G
 
 
 @contextlib.contextmanager
-def outside_torchrun(device):
+def outside_torchrun(device, n_devices=1):
     """While an engine of its own starts: torchrun's variables hidden, so its child processes start
-    a world of their own, and on a GPU only this rank's device visible to them (else they would
-    take the node's first)."""
+    a world of their own, and on a GPU only this rank's device and the n_devices - 1 after it (a
+    tensor-parallel engine's) visible to them (else they would take the node's first)."""
     hidden = {k: os.environ.pop(k) for k in list(os.environ)
               if k in TORCHRUN_VARIABLES or k.startswith("TORCHELASTIC_")}
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if device.type == "cuda":
         physical = visible.split(",") if visible else [str(i) for i in
                                                        range(torch.cuda.device_count())]
-        os.environ["CUDA_VISIBLE_DEVICES"] = physical[device.index or 0]
+        first = device.index or 0
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(physical[first:first + n_devices])
     try:
         yield
     finally:
@@ -436,10 +437,11 @@ class VLLMSampler:
         # a hub id: downloaded once, here
         model_path = resolve_checkpoint(model_path)
         # an engine of its own (a sampler rank of distill.py, beside ranks that never start one): a
-        # world of one, its core and worker in child processes, which never see torchrun's world
+        # world of one, its core and workers (tp of them) in child processes, which never see
+        # torchrun's world
         rank, world = (0, 1) if own_world else dist_info()
         tp = engine_kw.get("tensor_parallel_size", 1)
-        if world % tp:
+        if world % tp and not own_world:
             raise ValueError(f"tensor_parallel_size={tp} does not divide the {world} ranks")
         self.dp_rank = rank // tp if dp_rank is None else dp_rank
         self.dp_size = world // tp
@@ -454,7 +456,11 @@ class VLLMSampler:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
         for name, value in engine_env(device.type, world).items():
             os.environ.setdefault(name, value)
-        with outside_torchrun(device) if own_world else contextlib.nullcontext():
+        if own_world:
+            engine_start = outside_torchrun(device, tp)
+        else:
+            engine_start = contextlib.nullcontext()
+        with engine_start:
             self.llm = LLM(**args)
         self.stop_ids = checkpoint_stop_ids(model_path)
         self.bucket_bytes = int(bucket_mb * 2**20)

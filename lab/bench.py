@@ -39,6 +39,10 @@ $ python -m lab.bench --sections=peer --threads=1
   costs it leaves out (a decode step's ATen calls; FSDP2 at one rank against the plain student), at
   vocabularies 512 and 151,936. TRL is no dependency of this project: without it the section prints
   how to install it.
+- async (CPU): distill.py's colocated loop (one process, `async_threads` threads) against 1 trainer
+  rank + 1 sampler rank one step behind (rollout_ranks=1, the threads shared out), from tiny.py's
+  shipped pair: seconds per step (the median after two warm-up steps), each side's wait, the ratio
+  (lab/overlap.py).
 `sections=all` leaves the CPU sections out on a GPU. --json puts the headline oprd_speedup_vs_topk
 and oprd_mem_ratio_vs_topk (paper shape, or paper-proportioned on a CPU) at the top level.
 """
@@ -80,6 +84,9 @@ CONFIG = dict(
                           # 0 = torch's default
     variance_rollouts=8,  # rollouts per method in the variance section
     peer_steps=5,         # training steps per run in the peer section (the first is the warm-up)
+    async_threads=2,      # async section: the colocated process's threads, shared out by the
+                          # trainer rank and the sampler rank
+    async_steps=12,       # async section: steps per run (the first two are the warm-up)
 )
 # --------------------------------------------------------------------------- update cost per method
 UPDATE_METHODS = ("oprd", "opd", "opd_topk", "opd_full", "opd+oprd")
@@ -391,6 +398,12 @@ def bench_variance(cfg, device):
           + ", ".join(f"{m} {r['snr']:.3g}" for m, r in res["methods"].items()))
     return res
 
+# --------------------------------------------------------- sampler ranks (lab/overlap.py)
+def bench_async(cfg, device):
+    from lab import overlap  # its own file: it runs distill.py in both set-ups
+    return overlap.bench_async(cfg, device)
+
+
 # ------------------------------------------------------------------------ against TRL (lab/peer.py)
 def bench_peer(cfg, device):
     from lab import peer  # its own file: TRL's trainer and its helpers
@@ -456,8 +469,9 @@ def bench_align(cfg, device):
     return res
 
 SECTIONS = {"update": bench_update, "forward": bench_forward, "sampler": bench_sampler,
-            "variance": bench_variance, "peer": bench_peer, "align": bench_align}
-CPU_ONLY = ("variance", "peer")
+            "variance": bench_variance, "peer": bench_peer, "align": bench_align,
+            "async": bench_async}
+CPU_ONLY = ("variance", "peer", "async")
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
@@ -470,6 +484,8 @@ def main(argv=None):
                  response_len=(cfg["response_len"] >= 1, ">= 1"),
                  variance_rollouts=(cfg["variance_rollouts"] >= 2, ">= 2"),
                  peer_steps=(cfg["peer_steps"] >= 2, ">= 2"),
+                 async_threads=(cfg["async_threads"] >= 2, ">= 2"),
+                 async_steps=(cfg["async_steps"] >= 3, ">= 3"),
                  threads=(cfg["threads"] >= 0, ">= 0"),
                  peak_tflops=(cfg["peak_tflops"] > 0, "> 0"),
                  device=(cfg["device"] in ("auto", "cuda", "cpu"), "auto, cuda or cpu"))
