@@ -83,7 +83,10 @@ def test_max_num_seqs_reaches_only_the_vllm_engine(backend, pair, monkeypatch):
     monkeypatch.setattr(Recorder, "made", [])
     monkeypatch.setattr(rollout, "VLLMSampler", Recorder)
     monkeypatch.setattr(rollout, "TorchSampler", Recorder)
-    sampler = distill.start({}, torch.device("cpu"), None, None)[5]
+    from ranks import Roles
+    # one process that trains and samples
+    alone = Roles(0, 1, 0, None, [], None)
+    sampler = distill.start({}, torch.device("cpu"), None, None, alone)[5]
     assert isinstance(sampler, Recorder) and len(Recorder.made) == 1
     kwargs = Recorder.made[0]
     if backend == "torch":
@@ -91,7 +94,8 @@ def test_max_num_seqs_reaches_only_the_vllm_engine(backend, pair, monkeypatch):
         return
     assert kwargs["max_num_seqs"] == 5
     # what VLLMSampler.__init__ does with them before LLM(**args)
-    engine_kw = {k: v for k, v in kwargs.items() if k not in ("device", "bucket_mb")}
+    engine_kw = {k: v for k, v in kwargs.items()
+                 if k not in ("device", "bucket_mb", "dp_rank", "own_world")}
     hf_config = read_json(os.path.join(student, "config.json"))
     args = rollout.engine_args(student, hf_config, "cuda", 1, **engine_kw)
     assert args["max_num_seqs"] == 5

@@ -265,3 +265,35 @@ def test_study_runs_on_its_own_and_tiny_does_not_import_it():
         "error: jobs and seeds must be at least 1 (got jobs=0, seeds=3)")
     p = run_cli('-c', 'import sys, tiny; assert "study" not in sys.modules')
     assert p.returncode == 0, p.stderr
+
+
+def test_the_lag_block_runs_each_method_on_policy_and_one_step_behind_at_the_main_rates(
+        fake, tmp_path, monkeypatch):
+    monkeypatch.setattr(study, 'lag', True)
+    res = study.run_lag()
+    runs = [dict(a[2:].split('=', 1) for a in args[1:] if a.startswith('--'))
+            for args in fake if args[0] == 'distill.py']
+    # 4 methods x (on-policy, one step behind) + opd without its ratio, 3 seeds each
+    assert len(runs) == 9 * 3 and all('/lagstudy/' in r['out_dir'] for r in runs)
+    with open(os.path.join(ROOT, 'figures', 'study.json')) as f:
+        chosen = {e['label']: e['lr'] for e in json.load(f)['main']}
+    for label, method in study.LAG:
+        mine = [r for r in runs if r['method'] == method]
+        assert {r['lr'] for r in mine} == {chosen[label]}
+        assert sorted(r.get('off_policy_steps', '0') for r in mine
+                      if 'importance_cap' not in r) == ['0'] * 3 + ['1'] * 3
+    no_ratio = [r for r in runs if r.get('importance_cap') == '0']
+    assert len(no_ratio) == 3 and {(r['method'], r['off_policy_steps']) for r in no_ratio} == {
+        ('opd', '1')}
+    results = tmp_path / 'RESULTS.md'
+    results.write_text(f"# results\n\n{study.LAG_BEGIN}\nstale\n{study.LAG_END}\n")
+    study.write_outputs(res, results=str(results), readme=str(tmp_path / 'README.md'),
+                        figures=str(tmp_path / 'figures'))
+    block = results.read_text().split(study.LAG_BEGIN)[1]
+    # fake_accuracy at step 60 on test: oprd at 3e-3, its best 1e-3: 0.9 - 0.1 log10(3) - 0.05,
+    # minus 0.01 a seed: 80.2, 79.2, 78.2 either way
+    assert '| oprd (0.003) | 79.2 ± 1.0 | 79.2 ± 1.0 | +0.0 |' in block
+    # opd at 1e-4, its best 1e-2: 0.9 - 0.2 - 0.05 - 0.01 a seed
+    assert '| opd without the importance ratio (0.0001) | | 64.0 ± 1.0 | +0.0 |' in block
+    assert 'stale' not in block
+    assert json.loads((tmp_path / 'figures' / 'lag.json').read_text())['lag'] == res['lag']
