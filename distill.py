@@ -28,7 +28,6 @@ import math
 import os
 import sys
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -36,18 +35,17 @@ import torch.nn as nn
 
 import align as align_tokens
 import data
-from batch import (Alignment, DistillError, Rollout, Tokenizers, aligned_rollouts, filler_batch,
-                   keep_aligned, micro_batch, micro_batches)
+from batch import DistillError, Tokenizers, filler_batch, micro_batch, micro_batches
 from bridge import arch, check_bridge, fit_stage1, init_projector, load_bridge
 from checks import ONE_VOCABULARY, THROUGH_BRIDGE, check_resume, check_settings
 from configurator import configure
-from fsdp import (MemoryMeter, StepClock, all_reduce_max, all_reduce_sum, balance,
-                  clip_grad_norm, deal_pool, drop_logged_steps_from, is_dist, load_training_state,
-                  read_resume, save_checkpoint, setup_distributed, shard, shard_projector)
+from fsdp import (MemoryMeter, StepClock, all_reduce_max, all_reduce_sum, clip_grad_norm, deal_pool,
+                  drop_logged_steps_from, is_dist, load_training_state, read_resume,
+                  save_checkpoint, setup_distributed, shard, shard_projector)
 from losses import Maps, make_plan, micro_batch_loss
 from model import CheckpointError, Transformer, checkpoints_in, resolve_checkpoint
-from ranks import (Schedule, agree_to_start, make_roles, receive_rollouts, sampler_figures, serve,
-                   sync_samplers)
+from ranks import Schedule, agree_to_start, make_roles, sampler_figures, serve, sync_samplers
+from shares import RolloutSettings, dealt, received, rollouts, rollouts_to_save, saved_rollouts
 from steplog import StepTotals, sampler_gap, stale_sampler, step_record, write_record
 from tokenizer import load_tokenizer, same_tokenization
 
@@ -311,23 +309,6 @@ def make_optimizer(stu, proj):
 
 # ---------------------------------------------------------------------- the step's pieces
 
-@dataclass
-class RolloutSettings:
-    """What rollouts() reads of the config, fixed once (rollout_settings)."""
-    prompts_per_step: int
-    n_samples: int
-    temperature: float
-    top_p: float
-    top_k: int
-    max_new_tokens: int
-    seed: int
-    logprobs: bool                # the sampler returns its log-probs (for the sampler check)
-    tensor_parallel_size: int     # 1 under sft: no sampler, every rank its own share
-    reference: bool               # sft: the reference solutions instead of samples
-    align_whitespace: bool
-    enable_thinking: bool
-
-
 def rollout_settings(plan):
     reference = method == 'sft'
     # the sampler check and the importance weight read the sampler's log-probs
@@ -335,56 +316,6 @@ def rollout_settings(plan):
     return RolloutSettings(prompts_per_step, n_samples, temperature, top_p, top_k, max_new_tokens,
                            seed, logprobs, 1 if reference else tensor_parallel_size,
                            reference, align_whitespace, enable_thinking)
-
-
-def step_prompts(items, step, rank, world, settings):
-    """This rank's prompts of a step: a seeded permutation per epoch, the step's slice, every
-    world-th item. Shares may differ by one (or be empty): the micro-batch loop pads them."""
-    per_step = settings.prompts_per_step
-    per_epoch = max(1, len(items) // per_step)
-    epoch, pos = divmod(step, per_epoch)
-    epoch_order = torch.Generator().manual_seed(settings.seed + epoch)
-    order = torch.randperm(len(items), generator=epoch_order).tolist()
-    return [items[i] for i in order[pos * per_step:(pos + 1) * per_step]][rank::world]
-
-
-def rollouts(sampler, items, step, rank, world, tokenizers, settings):
-    """This rank's Rollouts of a step. The ranks of one tensor-parallel group share prompts and seed
-    (vLLM's external launcher serves them together), then each keeps every tp-th sequence, so each
-    rollout is trained on once. Across tokenizers each rollout's alignment runs on a thread from
-    when the sampler hands it over, beside the sampling (align.Aligner)."""
-    tp = settings.tensor_parallel_size
-    group = rank // tp
-    mine = step_prompts(items, step, group, world // tp, settings)
-    if settings.reference:
-        return [Rollout(it['prompt'], it['response'], 'stop', None, it['messages']) for it in mine]
-
-    def kept_here(i, j):
-        return (i * settings.n_samples + j) % tp == rank % tp
-
-    aligner = None
-    if tokenizers.teacher is not None:
-        aligner = align_tokens.Aligner([it['messages'] for it in mine], tokenizers.student,
-                                       tokenizers.teacher, settings.align_whitespace,
-                                       settings.enable_thinking, kept_here)
-    samples = []
-    if mine:
-        samples = sampler.generate([it['prompt'] for it in mine], n=settings.n_samples,
-                                   temperature=settings.temperature, top_p=settings.top_p,
-                                   top_k=settings.top_k, max_new_tokens=settings.max_new_tokens,
-                                   stop_ids=tokenizers.student.eos_ids,
-                                   seed=settings.seed * 1_000_003 + step * (world // tp) + group,
-                                   logprobs=settings.logprobs, on_sample=aligner)
-    # the rollouts are in: the engine sleeps (weights offloaded, KV cache freed) through the
-    # training step, until update_weights wakes it (no-ops without sleep mode: CPU, bridge_fit)
-    sampler.sleep()
-    every = [(i, j, it, s) for i, (it, ss) in enumerate(zip(mine, samples))
-             for j, s in enumerate(ss)]
-    out = []
-    for i, j, it, s in every[rank % tp::tp]:
-        view = aligner.view(i, j) if aligner is not None else None
-        out.append(Rollout(it['prompt'], s.tokens, s.finish, s.logprobs, it['messages'], view))
-    return out
 
 
 def check_ahead(stu, ahead, plan, tokenizers, dev, filler, check_seed):
@@ -407,31 +338,6 @@ def check_ahead(stu, ahead, plan, tokenizers, dev, filler, check_seed):
     return gap
 
 
-def rollouts_to_save(ahead, roles):
-    """The rollouts sampled ahead, as plain lists for resume.pt (no view: a resume aligns them
-    again): [rank][i] -> dict, each rank's gathered over the trainers; with sampler ranks one list,
-    the pool every trainer holds."""
-    mine = [dict(prompt=r.prompt, response=r.response, finish=r.finish, logprobs=r.logprobs,
-                 messages=r.messages) for r in ahead]
-    if roles.n_samplers:
-        return [mine]
-    every = [None] * roles.n_trainers
-    dist.all_gather_object(every, mine, group=roles.train_group)
-    return every
-
-
-def saved_rollouts(state, index, tokenizers):
-    """This rank's rollouts sampled ahead (the pool, with sampler ranks: index 0), from a checkpoint
-    (rollouts_to_save), aligned again across tokenizers."""
-    seqs = [Rollout(**d) for d in state['ahead'][index]]
-    if tokenizers.teacher is not None:
-        for r in seqs:
-            r.view = align_tokens.rollout_view(r.messages, r.response, r.finish,
-                                               tokenizers.student, tokenizers.teacher,
-                                               align_whitespace, enable_thinking)
-    return seqs
-
-
 # ---------------------------------------------------------------------- OPRD-Bridge stage 1
 
 def bridge_batches(sampler, items, rank, world, tokenizers, dev, plan):
@@ -441,9 +347,14 @@ def bridge_batches(sampler, items, rank, world, tokenizers, dev, plan):
     settings = rollout_settings(plan)
     for step in range(max(1, len(items) // prompts_per_step)):
         seqs = rollouts(sampler, items, step, rank, world, tokenizers, settings)
-        batches = [micro_batch(seqs[i:i + micro_batch_size], plan, tokenizers, dev)
-                   for i in range(0, len(seqs), micro_batch_size)]
-        yield [(b, b.oprd_mask) for b in batches]
+        yield supervised_batches(seqs, plan, tokenizers, dev)
+
+
+def supervised_batches(seqs, plan, tokenizers, dev):
+    """Rollouts as micro-batches, each with the positions stage 2 (and OPRD) supervises."""
+    batches = [micro_batch(seqs[i:i + micro_batch_size], plan, tokenizers, dev)
+               for i in range(0, len(seqs), micro_batch_size)]
+    return [(b, b.oprd_mask) for b in batches]
 
 
 def fit_bridge(cfg):
@@ -568,10 +479,8 @@ def train(cfg):
     if proj is not None and state is None and projector_init == 'lstsq':
         if split:
             first = received(roles)
-            mine = dealt(first[0], roles, tokenizers)[0]
-            step0 = [(b, b.oprd_mask) for b in
-                     [micro_batch(mine[i:i + micro_batch_size], plan, tokenizers, dev)
-                      for i in range(0, len(mine), micro_batch_size)]]
+            step0 = supervised_batches(dealt(first[0], roles, tokenizers)[0], plan, tokenizers,
+                                       dev)
         else:
             step0 = next(bridge_batches(sampler, items, rank, world, tokenizers, dev, plan))
         init_projector(proj, stu, tea, step0, plan, group)
@@ -619,7 +528,7 @@ def train(cfg):
     # sampler ranks: while it trains)
     ahead, ahead_figures = None, None
     if state is not None and state.get('ahead') is not None:
-        ahead = saved_rollouts(state, 0 if split else rank, tokenizers)
+        ahead = saved_rollouts(state, 0 if split else rank, tokenizers, settings)
     for step in range(start_step, max_steps):
         # 1. rollouts of this rank's prompts with the current weights (reference solutions under
         # sft), dealt by length; the sampler is asleep once they are in. off_policy_steps=1: this
@@ -765,32 +674,6 @@ def train(cfg):
     dist.barrier(group=group)
     if rank == 0:
         print(f"done: {(checkpoints_in(out_dir) or [out_dir])[-1]}")
-
-
-def received(roles):
-    """With sampler ranks: a step's pool of rollouts (every sampler's, in sampler order) and their
-    Deliveries."""
-    deliveries = receive_rollouts(roles)
-    return [r for d in deliveries for r in d.rollouts], deliveries
-
-
-def dealt(seqs, roles, tokenizers):
-    """This rank's share of the step's rollouts, dealt by length over the trainers, the max/mean
-    load, and across tokenizers the step's Alignment (the rollouts the teacher cannot read at all
-    are left out first; else None). seqs: this rank's own, or with sampler ranks the pool every
-    trainer holds, so the share is dealt with no collective."""
-    group = roles.train_group
-    alignment = None
-    if roles.n_samplers:
-        if tokenizers.teacher is not None:
-            seqs, counts = keep_aligned(seqs)
-            alignment = Alignment(*counts)
-        seqs, load = deal_pool(seqs, roles.n_trainers, dist.get_rank(group))
-        return seqs, load, alignment
-    if tokenizers.teacher is not None:
-        seqs, alignment = aligned_rollouts(seqs, group)
-    seqs, load = balance(seqs, group)
-    return seqs, load, alignment
 
 
 def resolve_defaults(cfg):

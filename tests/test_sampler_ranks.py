@@ -20,12 +20,14 @@ from test_off_policy import log
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """A teacher and a student of one tokenizer, and the teacher again under other token ids."""
+    """A teacher and a student of one tokenizer, the teacher again under other token ids, and a
+    wider teacher."""
     root = tmp_path_factory.mktemp("sampler_ranks")
     teacher = make_checkpoint(root / "teacher", "qwen3", seed=3)
     student = make_checkpoint(root / "student", "qwen3", seed=4)
     other_tokens, _ = permuted_copy(teacher, root / "teacher_permuted")
-    return {"teacher": teacher, "student": student, "other_tokens": other_tokens}
+    wide = make_checkpoint(root / "wide", "qwen3", hidden_size=96, num_attention_heads=3, seed=5)
+    return {"teacher": teacher, "student": student, "other_tokens": other_tokens, "wide": wide}
 
 
 def torchrun(nproc, models, out, teacher="teacher", **kw):
@@ -58,17 +60,22 @@ def assert_close_steps(rows_a, rows_b):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (k, a, b)
 
 
-# (trainers, method, off_policy_steps, teacher): opd with its importance ratio, one step behind,
-# bit for bit; oprd one step behind over two trainers; chunk-level OPD on-policy across
-# tokenizers, where each rollout's reading by the teacher crosses with it
-CASES = [(1, "opd", 1, "teacher"), (2, "oprd", 1, "teacher"), (2, "opd_chunk", 0, "other_tokens")]
+# (trainers, settings): opd with its importance ratio, one step behind, bit for bit; OPRD one
+# step behind over two trainers toward a wider teacher, through a projector started by least
+# squares on step 0's rollouts (which the samplers hand over once, for both: as test_scale.py's
+# two-rank run, more rows than the student's width and normalised MSE, or that start is the
+# projector's optimum and Adam turns its rounding-noise gradient into steps); chunk-level OPD
+# on-policy across tokenizers, where each rollout's reading by the teacher crosses with it
+CASES = [(1, dict(method="opd", off_policy_steps=1)),
+         (2, dict(method="oprd", off_policy_steps=1, teacher="wide", projector=True,
+                  projector_init="lstsq", distance="normalized_mse", positions="all",
+                  max_new_tokens=32, lr=1e-3)),
+         (2, dict(method="opd_chunk", off_policy_steps=0, teacher="other_tokens"))]
 
 
-@pytest.mark.parametrize("trainers,method,lag,teacher", CASES,
-                         ids=[f"{t}+1-{m}-s{s}" for t, m, s, _ in CASES])
-def test_sampler_ranks_equal_the_colocated_run(models, tmp_path, colocated, trainers, method, lag,
-                                               teacher):
-    settings = dict(method=method, off_policy_steps=lag, teacher=teacher)
+@pytest.mark.parametrize("trainers,settings", CASES,
+                         ids=[f"{t}+1-{kw['method']}-s{kw['off_policy_steps']}" for t, kw in CASES])
+def test_sampler_ranks_equal_the_colocated_run(models, tmp_path, colocated, trainers, settings):
     colocated(models, tmp_path / "colocated", **settings)
     p = torchrun(trainers + 1, models, tmp_path / "split", rollout_ranks=1, **settings)
     assert f"world {trainers + 1} ({trainers} train, 1 sample)" in p.stdout
@@ -185,3 +192,14 @@ def test_off_policy_steps_defaults_to_one_step_behind_with_sampler_ranks(setting
         cfg = dict(rollout_ranks=ranks, method=method, off_policy_steps=asked)
         distill.resolve_defaults(cfg)
         assert cfg["off_policy_steps"] == decided
+
+
+def test_weights_cross_in_buckets_both_sides_compute_alike():
+    """Each bucket closes once it holds bucket_bytes or more, every tensor in exactly one, in
+    order: bf16 tensors of 3, 5 and 4 MiB and a bias, against 8 MiB buckets."""
+    from ranks import bucketed
+    mib = 2**20
+    shapes = [(3 * mib // 2,), (5 * mib // 2,), (1024, 2 * mib // 1024), (7,)]
+    assert bucketed(shapes, 2, 8 * mib) == [[0, 1], [2, 3]]
+    assert bucketed(shapes, 2, 1) == [[0], [1], [2], [3]]
+    assert bucketed(shapes, 2, 64 * mib) == [[0, 1, 2, 3]]
