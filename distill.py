@@ -320,13 +320,16 @@ def rollout_settings(plan):
 
 def check_ahead(stu, ahead, plan, tokenizers, dev, filler, check_seed):
     """The sampler check under off_policy_steps=1: the sampler holds the weights this step trains,
-    which made the next step's rollouts (ahead), so the student re-scores check_tokens of those
-    (one no-grad forward of a micro-batch on every rank, the filler where a rank has none).
-    Returns sampler_gap's (sum, count)."""
+    which made the next step's rollouts (ahead), so the student re-scores check_tokens of those:
+    one no-grad forward of the fewest rollouts whose responses hold that many tokens (at most a
+    micro-batch), the filler where a rank has none. Returns sampler_gap's (sum, count)."""
     gen = torch.Generator().manual_seed(check_seed)
     batch = filler
     if ahead:
-        batch = micro_batch(ahead[:micro_batch_size], plan, tokenizers, dev, gen, check_tokens)
+        lengths = torch.tensor([len(r.response) for r in ahead]).cumsum(0)
+        enough = int((lengths < check_tokens).sum()) + 1
+        few = ahead[:min(enough, micro_batch_size)]
+        batch = micro_batch(few, plan, tokenizers, dev, gen, check_tokens)
     with torch.no_grad():
         final = stu(batch.ids, attention_mask=batch.attention_mask, taps=[plan.L_s])[plan.L_s]
         gap = (0.0, 0)
@@ -605,6 +608,7 @@ def train(cfg):
                                              seed * 1_000_003 + step + 1)
             totals.gap_sum += gap_sum
             totals.gap_count += gap_count
+            clock.lap('rest')
         totals.reduce_gap(group)
 
         # 4. optimizer step, skipped when the loss or the gradient is not finite
