@@ -1,10 +1,11 @@
 """Sampler ranks (rollout_ranks=k, ranks.py): the last k ranks only sample, the others only train.
 A run with sampler ranks is, loss for loss, the colocated run with the same off_policy_steps and
 seeds: at 1 trainer + 1 sampler bit for bit, at 2 trainers + 1 sampler up to the rounding of two
-ranks' sums. A resume makes the rollouts of an uninterrupted run; a sampler rank that dies stops
+ranks' sums (and with vLLM's engine on the sampler rank, on-policy). A resume makes the rollouts of an uninterrupted run; a sampler rank that dies stops
 the run with one line naming it; bad settings get one line before any work. All on gloo."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -60,46 +61,62 @@ def assert_close_steps(rows_a, rows_b):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (k, a, b)
 
 
-# (trainers, settings): opd with its importance ratio, one step behind, bit for bit; OPRD one
-# step behind over two trainers toward a wider teacher, through a projector started by least
-# squares on step 0's rollouts (which the samplers hand over once, for both: as test_scale.py's
-# two-rank run, more rows than the student's width and normalised MSE, or that start is the
-# projector's optimum and Adam turns its rounding-noise gradient into steps); chunk-level OPD
-# on-policy across tokenizers, where each rollout's reading by the teacher crosses with it
-CASES = [(1, dict(method="opd", off_policy_steps=1)),
-         (2, dict(method="oprd", off_policy_steps=1, teacher="wide", projector=True,
-                  projector_init="lstsq", distance="normalized_mse", positions="all",
-                  max_new_tokens=32, lr=1e-3)),
-         (2, dict(method="opd_chunk", off_policy_steps=0, teacher="other_tokens"))]
+# chunk-level OPD across tokenizers, one step behind: its importance ratio, and each rollout's
+# reading by the teacher crossing with it; a checkpoint at every step
+ONE_PLUS_ONE = dict(method="opd_chunk", off_policy_steps=1, teacher="other_tokens", save_every=1,
+                    keep_checkpoints=3)
 
 
-@pytest.mark.parametrize("trainers,settings", CASES,
-                         ids=[f"{t}+1-{kw['method']}-s{kw['off_policy_steps']}" for t, kw in CASES])
-def test_sampler_ranks_equal_the_colocated_run(models, tmp_path, colocated, trainers, settings):
-    colocated(models, tmp_path / "colocated", **settings)
-    p = torchrun(trainers + 1, models, tmp_path / "split", rollout_ranks=1, **settings)
-    assert f"world {trainers + 1} ({trainers} train, 1 sample)" in p.stdout
-    split, together = log(tmp_path / "split"), log(tmp_path / "colocated")
-    if trainers == 1:
-        for a, b in zip(split, together):
-            assert (a["step"], a["loss"], a["grad_norm"]) == (b["step"], b["loss"], b["grad_norm"])
-        assert len(split) == len(together) == 3
-    else:
-        assert_close_steps(split, together)
-    assert_same_weights(tmp_path / "split" / "step_0000003",
-                        tmp_path / "colocated" / "step_0000003")
-    # the samplers' side of each step, beside the trainers'
+@pytest.fixture(scope="module")
+def one_plus_one(models, tmp_path_factory):
+    """ONE_PLUS_ONE colocated (one process: colocated/) and with 1 trainer + 1 sampler rank
+    (split/)."""
+    root = tmp_path_factory.mktemp("one_plus_one")
+    pair = (models["other_tokens"], models["student"])
+    settings = {k: v for k, v in ONE_PLUS_ONE.items() if k != "teacher"}
+    run([sys.executable, "distill.py"] + distill_args(pair, root / "colocated", **settings))
+    p = torchrun(2, models, root / "split", rollout_ranks=1, **ONE_PLUS_ONE)
+    assert "world 2 (1 train, 1 sample)" in p.stdout
+    return root
+
+
+def test_one_trainer_and_one_sampler_rank_are_the_colocated_run_bit_for_bit(one_plus_one):
+    split, together = log(one_plus_one / "split"), log(one_plus_one / "colocated")
+    assert len(split) == len(together) == 3
+    for a, b in zip(split, together):
+        assert (a["step"], a["loss"], a["grad_norm"]) == (b["step"], b["loss"], b["grad_norm"])
+    assert_same_weights(one_plus_one / "split" / "step_0000003",
+                        one_plus_one / "colocated" / "step_0000003", atol=0)
+    # the samplers' side of each step, beside the trainers' (none for step 0's, which were
+    # drawn before the first step)
     for row in split:
         assert row["sampler/sample_s"] > 0 and row["sampler/wait_s"] >= 0
         assert row["rollout_tok_s"] > 0 and row["sampler_logp_gap"] < 1e-4
 
 
+def test_two_trainers_and_one_sampler_rank_are_the_colocated_run(models, tmp_path, colocated):
+    """OPRD one step behind over two trainers toward a wider teacher, through a projector started
+    by least squares on step 0's rollouts (which the sampler hands over once, for both). As in
+    test_scale.py's two-rank run: more rows than the student's width, and normalised MSE, or that
+    start is the projector's optimum and Adam turns its rounding-noise gradient into steps."""
+    settings = dict(method="oprd", off_policy_steps=1, teacher="wide", projector=True,
+                    projector_init="lstsq", distance="normalized_mse", positions="all",
+                    max_new_tokens=32, lr=1e-3)
+    colocated(models, tmp_path / "colocated", **settings)
+    p = torchrun(3, models, tmp_path / "split", rollout_ranks=1, **settings)
+    assert "world 3 (2 train, 1 sample)" in p.stdout
+    assert_close_steps(log(tmp_path / "split"), log(tmp_path / "colocated"))
+    assert_same_weights(tmp_path / "split" / "step_0000003",
+                        tmp_path / "colocated" / "step_0000003")
+
+
 @pytest.mark.skipif(not __import__("rollout").vllm_available(), reason="vLLM is not installed")
 def test_a_vllm_sampler_rank_serves_the_trainer(models, tmp_path, colocated):
     """The sampler rank's vLLM engine, a world of one beside a rank that starts none: greedy
-    rollouts one step behind, the same steps as the torch sampler's colocated run (the two
-    samplers draw the same greedy tokens from a tiny fp32 model), and a clean exit."""
-    settings = dict(method="oprd", temperature=0.0, off_policy_steps=1)
+    rollouts on-policy (the trainer waits for each step's), the same steps as the torch sampler's
+    colocated run (the two samplers draw the same greedy tokens from a tiny fp32 model), and a
+    clean exit."""
+    settings = dict(method="oprd", temperature=0.0, off_policy_steps=0)
     colocated(models, tmp_path / "colocated", **settings)
     p = torchrun(2, models, tmp_path / "split", rollout_ranks=1, **dict(settings, backend="vllm"))
     assert "its core in a child process" in p.stdout
@@ -107,20 +124,18 @@ def test_a_vllm_sampler_rank_serves_the_trainer(models, tmp_path, colocated):
 
 
 def test_a_resume_with_sampler_ranks_makes_the_rollouts_of_an_uninterrupted_run(
-        models, tmp_path, colocated):
-    """Stopped after step 2 and resumed: the checkpoint holds step 2's rollouts (drawn by the
+        models, one_plus_one, tmp_path):
+    """Resumed from the split run's step-2 checkpoint: it holds step 2's rollouts (drawn by the
     sampler rank with the weights after one update), the sampler rank restarts from the
     checkpoint's weights, and step 2 is bit for bit the uninterrupted run's."""
-    settings = dict(method="opd", save_every=1, keep_checkpoints=3)
-    colocated(models, tmp_path / "whole", off_policy_steps=1, **settings)
-    out = tmp_path / "split"
-    torchrun(2, models, out, rollout_ranks=1, stop_step=2, **settings)
-    assert [r["step"] for r in log(out)] == [0, 1]
-    p = torchrun(2, models, out, rollout_ranks=1, init_from="resume", **settings)
+    out = tmp_path / "resumed"
+    os.makedirs(out)
+    shutil.copytree(one_plus_one / "split" / "step_0000002", out / "step_0000002")
+    p = torchrun(2, models, out, rollout_ranks=1, init_from="resume", **ONE_PLUS_ONE)
     assert "resuming from" in p.stdout
-    for a, b in zip(log(out), log(tmp_path / "whole")):
-        assert (a["step"], a["loss"], a["grad_norm"]) == (b["step"], b["loss"], b["grad_norm"])
-    assert len(log(out)) == 3
+    again, whole = log(out), log(one_plus_one / "colocated")
+    assert [r["step"] for r in again] == [2]
+    assert (again[0]["loss"], again[0]["grad_norm"]) == (whole[2]["loss"], whole[2]["grad_norm"])
 
 
 DYING_SAMPLER = """
