@@ -1,8 +1,9 @@
 """Sampler ranks (rollout_ranks=k, ranks.py): the last k ranks only sample, the others only train.
 A run with sampler ranks is, loss for loss, the colocated run with the same off_policy_steps and
 seeds: at 1 trainer + 1 sampler bit for bit, at 2 trainers + 1 sampler up to the rounding of two
-ranks' sums (and with vLLM's engine on the sampler rank, on-policy). A resume makes the rollouts of an uninterrupted run; a sampler rank that dies stops
-the run with one line naming it; bad settings get one line before any work. All on gloo."""
+ranks' sums, and with vLLM's engine on the sampler rank. A resume makes the rollouts of an
+uninterrupted run; a sampler rank that dies stops the run with one line naming it; bad settings get
+one line before any work. All on gloo."""
 
 import os
 import shutil
