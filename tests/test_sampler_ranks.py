@@ -72,10 +72,18 @@ ONE_PLUS_ONE = dict(method="opd_chunk", off_policy_steps=1, teacher="other_token
 def one_plus_one(models, tmp_path_factory):
     """ONE_PLUS_ONE colocated (one process: colocated/) and with 1 trainer + 1 sampler rank
     (split/)."""
+    import distill
+    from configurator import settings
     root = tmp_path_factory.mktemp("one_plus_one")
     pair = (models["other_tokens"], models["student"])
-    settings = {k: v for k, v in ONE_PLUS_ONE.items() if k != "teacher"}
-    run([sys.executable, "distill.py"] + distill_args(pair, root / "colocated", **settings))
+    kw = {k: v for k, v in ONE_PLUS_ONE.items() if k != "teacher"}
+    # in this process, its settings put back after (settings_restored's job, for a module)
+    defaults = settings(vars(distill))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["distill.py"] + distill_args(pair, root / "colocated", **kw))
+        distill.main()
+    vars(distill).update(defaults)
+    distill._samplers.clear()
     p = torchrun(2, models, root / "split", rollout_ranks=1, **ONE_PLUS_ONE)
     assert "world 2 (1 train, 1 sample)" in p.stdout
     return root
@@ -102,13 +110,13 @@ def test_two_trainers_and_one_sampler_rank_are_the_colocated_run(models, tmp_pat
     start is the projector's optimum and Adam turns its rounding-noise gradient into steps."""
     settings = dict(method="oprd", off_policy_steps=1, teacher="wide", projector=True,
                     projector_init="lstsq", distance="normalized_mse", positions="all",
-                    max_new_tokens=32, lr=1e-3)
+                    max_new_tokens=32, lr=1e-3, max_steps=2)
     colocated(models, tmp_path / "colocated", **settings)
     p = torchrun(3, models, tmp_path / "split", rollout_ranks=1, **settings)
     assert "world 3 (2 train, 1 sample)" in p.stdout
     assert_close_steps(log(tmp_path / "split"), log(tmp_path / "colocated"))
-    assert_same_weights(tmp_path / "split" / "step_0000003",
-                        tmp_path / "colocated" / "step_0000003")
+    assert_same_weights(tmp_path / "split" / "step_0000002",
+                        tmp_path / "colocated" / "step_0000002")
 
 
 @pytest.mark.skipif(not __import__("rollout").vllm_available(), reason="vLLM is not installed")
@@ -117,7 +125,7 @@ def test_a_vllm_sampler_rank_serves_the_trainer(models, tmp_path, colocated):
     rollouts on-policy (the trainer waits for each step's), the same steps as the torch sampler's
     colocated run (the two samplers draw the same greedy tokens from a tiny fp32 model), and a
     clean exit."""
-    settings = dict(method="oprd", temperature=0.0, off_policy_steps=0)
+    settings = dict(method="oprd", temperature=0.0, off_policy_steps=0, max_steps=2)
     colocated(models, tmp_path / "colocated", **settings)
     p = torchrun(2, models, tmp_path / "split", rollout_ranks=1, **dict(settings, backend="vllm"))
     assert "its core in a child process" in p.stdout
