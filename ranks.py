@@ -110,8 +110,7 @@ def gone(who, e):
     closed): who stopped, and the first sentence of the error without its source location."""
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     text = re.sub(r'^\[[^\]]*\]\s*', '', text).split('. ')[0]
-    return PeerGone(f"{who} stopped answering ({text}): it died or failed, and its own output "
-                       "says why")
+    return PeerGone(f"{who} stopped answering ({text}): see its own output for why")
 
 
 @dataclass
