@@ -3,7 +3,6 @@ with the weights after max(t - 1, 0) updates, the sampled-token losses weigh eac
 the truncated importance ratio, the sampler check compares against the weights the sampler holds,
 and a resume makes the rollouts of an uninterrupted run."""
 
-import json
 import os
 
 import pytest
@@ -11,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from conftest import make_checkpoint
 from safetensors.torch import load_file
+from test_run_guards import distill_runner, log
 
 from losses import chunk_opd_loss, output_loss_chunk
+
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
@@ -25,20 +26,8 @@ def pair(tmp_path_factory):
 def distill(settings_restored, monkeypatch, capsys):
     """distill(pair, out, **kw): distill.main() in this process with the guards' tiny settings,
     opd one step behind unless kw says otherwise; returns (exit status, stderr lines)."""
-    from test_bad_input import main_in_process
-    from test_run_guards import distill_args
-
-    def run(pair, out, **kw):
-        settings = {"method": "opd", "off_policy_steps": 1, **kw}
-        argv = ["distill.py"] + distill_args(pair, out, **settings)
-        code, _, err = main_in_process(settings_restored.main, argv, monkeypatch, capsys)
-        return code, err
-    return run
-
-
-def log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return distill_runner(settings_restored.main, monkeypatch, capsys, method="opd",
+                          off_policy_steps=1)
 
 
 def weights(folder):

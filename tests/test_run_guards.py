@@ -45,17 +45,23 @@ def distill_args(pair, out, **kw):
     return [f"--{k}={v}" for k, v in args.items()]
 
 
+def distill_runner(main, monkeypatch, capsys, **defaults):
+    """run(pair, out, **kw): main() (settings_restored's) in this process with distill_args and
+    defaults, overridden by kw; returns (exit status, stderr lines)."""
+    from test_bad_input import main_in_process
+
+    def run(pair, out, **kw):
+        argv = ["distill.py"] + distill_args(pair, out, **{**defaults, **kw})
+        code, _, err = main_in_process(main, argv, monkeypatch, capsys)
+        return code, err
+    return run
+
+
 @pytest.fixture
 def distill(settings_restored, monkeypatch, capsys):
     """distill(pair, out, **kw): distill.main() in this process; returns (exit status, stderr
     lines)."""
-    from test_bad_input import main_in_process
-
-    def run(pair, out, **kw):
-        argv = ["distill.py"] + distill_args(pair, out, **kw)
-        code, _, err = main_in_process(settings_restored.main, argv, monkeypatch, capsys)
-        return code, err
-    return run
+    return distill_runner(settings_restored.main, monkeypatch, capsys)
 
 
 def log(out):

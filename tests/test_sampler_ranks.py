@@ -14,10 +14,8 @@ import pytest
 from conftest import ROOT, make_checkpoint
 from test_cross_tokenizer import permuted_copy
 from test_distill import run
-from test_run_guards import distill_args
+from test_run_guards import distill_args, distill_runner, log
 from test_scale import assert_same_weights
-
-from test_off_policy import log
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +41,10 @@ def torchrun(nproc, models, out, teacher="teacher", **kw):
 def colocated(settings_restored, monkeypatch, capsys):
     """colocated(models, out, teacher, **kw): the same run in this process, every step's rollouts
     drawn by the one rank that trains."""
-    from test_bad_input import main_in_process
+    run_here = distill_runner(settings_restored.main, monkeypatch, capsys)
 
     def go(models, out, teacher="teacher", **kw):
-        argv = ["distill.py"] + distill_args((models[teacher], models["student"]), out, **kw)
-        code, _, err = main_in_process(settings_restored.main, argv, monkeypatch, capsys)
+        code, err = run_here((models[teacher], models["student"]), out, **kw)
         assert code == 0, err[-20:]
     return go
 
