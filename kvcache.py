@@ -13,9 +13,9 @@ mask) before the blocks, append(layer, k, v) -> the keys and values to attend ov
 advance(attention_mask) after them, and rope_len. Two kinds:
 - KVCache: shapes follow the cache's fill; a chunk attends to exactly the `len` slots written so
   far. Prefill chunks and decode steps alike.
-- StaticStep, for CUDA graphs (sampler.py's StaticDecoder): one token per row, written at a slot
-  held in a device tensor, attending to a fixed window of slots, so that a step's shapes and tensor
-  addresses never change.
+- StaticStep, for CUDA graphs (static_decode.py's StaticDecoder): one token per row, written at a
+  slot held in a device tensor, attending to a fixed window of slots, so that a step's shapes and
+  tensor addresses never change.
 """
 
 import copy

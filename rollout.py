@@ -12,7 +12,7 @@ both generate through this file, with one interface and two backends:
   the first long rollout. It prints one line at start: device, dtype, and the model runner vLLM
   picked (on CUDA vLLM 0.32 takes its V2 runner; VLLM_USE_V2_MODEL_RUNNER=0 falls back to V1).
 - torch: sampler.py's TorchSampler, batched sampling with model.py's KV cache, the same sampling
-  semantics (stated at the top of sampler.py) and outputs. Used where vLLM is absent or built for
+  semantics (stated at the top of sampling.py) and outputs. Used where vLLM is absent or built for
   another device.
 
     # tokenizer.py; or "byte": the built-in byte-level one
@@ -56,8 +56,9 @@ from typing import Iterable, Iterator
 import torch
 
 from model import check_checkpoint, resolve_checkpoint
-from sampler import (Sample, TorchSampler, check_generate_args, checkpoint_stop_ids, dist_info,
-                     hash32, mix_seed, sample_places)
+from sampler import TorchSampler
+from sampling import (Sample, check_generate_args, checkpoint_stop_ids, dist_info, hash32, mix_seed,
+                      sample_places)
 from tokenizer import load_tokenizer, read_json
 
 # vLLM logs every prefix-cache reset at INFO: a training log wants its warnings only, and not two

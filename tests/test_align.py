@@ -343,7 +343,7 @@ def test_the_aligner_aligns_the_samples_a_rank_keeps_on_its_thread(toks, monkeyp
     import threading
 
     import align
-    from sampler import Sample
+    from sampling import Sample
     s_tok, t_tok = toks["byte"], toks["phi"]
     texts = ["12+30=42", "The answer is 42.", "(3+4)*6", "100-58 = 42"]
     names = []

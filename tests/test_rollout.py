@@ -13,7 +13,8 @@ import pytest
 import torch
 from model import Transformer
 from rollout import VLLMSampler, engine_args, engine_env, fsdp_named_tensors, make_sampler
-from sampler import Sample, TorchSampler
+from sampler import TorchSampler
+from sampling import Sample
 from tokenizer import (ByteTokenizer, HFTokenizer, load_tokenizer, mark_byte_tokenizer, read_json,
                        same_tokenization)
 
@@ -174,7 +175,7 @@ def test_noise_is_the_hash_of_python_integers_on_both_paths():
     """The CPU path hashes in numpy's wrapping uint32, the device path (a step key that is a
     tensor, as in a CUDA graph) in masked int64: both give bit for bit the Exp(1) draw of the hash
     computed on python integers, at keys near 2**32 too, where the step key's addition wraps."""
-    from sampler import M32, exponential_noise, hash32
+    from sampling import M32, exponential_noise, hash32
     g = torch.Generator().manual_seed(0)
     row_keys, token_keys = (torch.randint(0, 2**32, (n,), generator=g) for n in (5, 777))
     for step_key in (12345, M32 - 3):

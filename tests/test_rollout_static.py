@@ -1,6 +1,6 @@
-"""The torch sampler's static-shape decode (sampler.StaticDecoder) against the eager one, on CPU
-where the same code runs without CUDA graphs; on a CUDA device, graph replay against the same steps
-run eagerly."""
+"""The torch sampler's static-shape decode (static_decode.StaticDecoder) against the eager one, on
+CPU where the same code runs without CUDA graphs; on a CUDA device, graph replay against the same
+steps run eagerly."""
 
 import contextlib
 
@@ -9,7 +9,8 @@ import torch
 from kvcache import KVCache, StaticStep
 from model import Transformer
 from rollout import fsdp_named_tensors
-from sampler import StaticDecoder, TorchSampler
+from sampler import TorchSampler
+from static_decode import StaticDecoder
 
 PROMPTS = [[5, 6, 7], list(range(3, 40)), [9] * 12, [40, 41, 42, 43]]
 # ~1 token in 24 stops a row; 10**6: beyond the vocabulary

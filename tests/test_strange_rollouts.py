@@ -231,7 +231,7 @@ class ScriptedSampler:
         self.calls = 0
 
     def generate(self, prompts, n=1, on_sample=None, **kw):
-        from sampler import Sample
+        from sampling import Sample
         out = []
         for i in range(len(prompts)):
             row = []
