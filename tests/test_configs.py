@@ -74,6 +74,7 @@ def test_max_num_seqs_reaches_only_the_vllm_engine(backend, pair, monkeypatch):
     LLM(...) arguments (engine_args), the torch backend leaves it out (rollout.VLLM_ONLY)."""
     import distill
     import rollout
+    import vllm_sampler
     from tokenizer import read_json
     teacher, student = pair
     settings = dict(student=student, teacher=teacher, backend=backend, prompts=FIXTURE,
@@ -97,7 +98,7 @@ def test_max_num_seqs_reaches_only_the_vllm_engine(backend, pair, monkeypatch):
     engine_kw = {k: v for k, v in kwargs.items()
                  if k not in ("device", "bucket_mb", "dp_rank", "own_world")}
     hf_config = read_json(os.path.join(student, "config.json"))
-    args = rollout.engine_args(student, hf_config, "cuda", 1, **engine_kw)
+    args = vllm_sampler.engine_args(student, hf_config, "cuda", 1, **engine_kw)
     assert args["max_num_seqs"] == 5
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import make_checkpoint
 from model import Transformer
-from rollout import checkpoint_tensors, fsdp_named_tensors, make_sampler, vllm_device_type
+from rollout import fsdp_named_tensors, make_sampler
+from vllm_sampler import checkpoint_tensors, vllm_device_type
 from test_rollout import assert_same_greedy
 
 PROMPTS = [[5, 17, 42, 99, 3], [7, 8, 9, 200, 201, 202, 11]]

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 from model import Transformer
-from rollout import VLLMSampler, engine_args, engine_env, fsdp_named_tensors, make_sampler
+from rollout import fsdp_named_tensors, make_sampler
+from vllm_sampler import VLLMSampler, engine_args, engine_env
 from sampler import TorchSampler
 from sampling import Sample
 from tokenizer import (ByteTokenizer, HFTokenizer, load_tokenizer, mark_byte_tokenizer, read_json,

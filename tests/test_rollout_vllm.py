@@ -14,8 +14,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from model import Transformer
-from rollout import (VLLMSampler, VLLMVersionError, WeightSyncExtension, checkpoint_tensors,
-                     fsdp_named_tensors, make_sampler, vllm_device_type)
+from rollout import fsdp_named_tensors, make_sampler
+from vllm_sampler import (VLLMSampler, VLLMVersionError, WeightSyncExtension, checkpoint_tensors,
+                          vllm_device_type)
 from sampler import TorchSampler
 from test_rollout import (assert_same_greedy, check_hand_over, check_rollouts_follow_updates,
                           logprobs_of)
@@ -105,6 +106,7 @@ def test_device_is_honoured(cpu_vllm, tiny_qwen3, monkeypatch):
     build) for the CPU."""
     import rollout
     import vllm
+    import vllm_sampler
 
     class NoEngine(vllm.LLM):
         def __init__(self, *a, **kw):
@@ -112,7 +114,9 @@ def test_device_is_honoured(cpu_vllm, tiny_qwen3, monkeypatch):
     monkeypatch.setattr(vllm, "LLM", NoEngine)
     with pytest.raises(ValueError, match="asked for device cuda, but this vLLM build runs on cpu"):
         make_sampler("vllm", tiny_qwen3, device="cuda")
+    # where make_sampler reads it, and where the engine does
     monkeypatch.setattr(rollout, "vllm_device_type", lambda: "cuda")
+    monkeypatch.setattr(vllm_sampler, "vllm_device_type", lambda: "cuda")
     with pytest.raises(ValueError, match="asked for device cpu, but this vLLM build runs on cuda"):
         make_sampler("vllm", tiny_qwen3, device="cpu")
     assert isinstance(make_sampler("auto", tiny_qwen3, device="cpu"), TorchSampler)

@@ -212,7 +212,7 @@ def test_the_vllm_sampler_never_draws_a_padding_row(padded_student):
 
 
 def test_too_many_padding_rows_for_vllm_is_one_line():
-    from rollout import padding_bias
+    from vllm_sampler import padding_bias
     assert padding_bias({"vocab_size": 512}, 512) is None
     assert padding_bias({"vocab_size": 512}, None) is None
     with pytest.raises(ValueError, match="1100 embedding rows past its tokenizer's 100 tokens"):
