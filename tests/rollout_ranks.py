@@ -6,9 +6,10 @@ $ python -m torch.distributed.run --standalone --nproc_per_node=2 tests/rollout_
 Every rank, as distill.py will: an FSDP2-sharded student (checkpoint folder A's weights) and its
 own vLLM engine (external_launcher, in the rank's process); greedy samples for its share of the
 prompts; then checkpoint B's weights streamed from an FSDP2 model into the engine with
-update_weights(fsdp_named_tensors(...)); the same share sampled again. Then the weights that a bf16
-engine would receive from the sharded model. Rank 0 writes what every rank did to OUT (a .json
-file).
+update_weights(fsdp_named_tensors(...)); the same share sampled again; then every prompt on rank 0
+while rank 1 draws nothing (distill.py's idle rank, which has no prompt in a step). Then the
+weights that a bf16 engine would receive from the sharded model. Rank 0 writes what every rank did
+to OUT (a .json file).
 
 The engines' KV cache is sized by rollout.py's defaults unless VLLM_CPU_KVCACHE_SPACE is set: the
 test removes it, so that the two engines' memory on one node is what is checked.
@@ -88,9 +89,15 @@ def main(path_a, path_b, out_path):
     is_dtensor = type(student.model.embed_tokens.weight).__name__ == "DTensor"
     sampler.update_weights(fsdp_named_tensors(student, dtype=sampler.dtype))
     after = sampler.generate(prompts, temperature=0, max_new_tokens=MAX_NEW)
+    # one engine draws while the other does not (it only sleeps, as shares.rollouts does)
+    alone = []
+    if rank == 0:
+        alone = sampler.generate(PROMPTS, temperature=0, max_new_tokens=MAX_NEW)
+    sampler.sleep()
     bf16_equal, gathered = bf16_sync(student, path_b)
     mine = dict(rank=rank, share=share, in_process=sampler.in_process, dtensor=is_dtensor,
                 before=[s[0].tokens for s in before], after=[s[0].tokens for s in after],
+                alone=[s[0].tokens for s in alone],
                 bf16_equal=bf16_equal, gathered_dtypes=gathered,
                 memory_share=cache.gpu_memory_utilization,
                 kv_cache_memory_bytes=cache.kv_cache_memory_bytes,

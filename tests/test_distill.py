@@ -1,4 +1,4 @@
-"""distill.py end to end: the vLLM sampler under torchrun, a kill during saves, what the teacher
+"""distill.py end to end: two ranks with one idle, a kill during saves, what the teacher
 computes, NaN steps. The update's numbers are pinned in test_step.py (every method, one process) and
 test_scale.py (two ranks)."""
 
@@ -48,21 +48,19 @@ def load_hf(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-def test_vllm_sampler_two_ranks_one_idle_equals_the_torch_sampler(wide_pair, tmp_path,
-                                                                  settings_restored, monkeypatch):
-    """Each rank's own vLLM engine (external launcher) serves greedy rollouts of the weights being
-    trained: one prompt a step, so rank 1 never samples and trains on nothing (it pads), yet
-    receives every weight update and joins the projector's least-squares start with no rows.
-    Rollouts, the projector's start and the losses equal one process with the torch sampler (step
-    1's rollouts would not if the engines kept the starting weights), and the sampler's
-    log-probabilities are the student's."""
+def test_two_ranks_one_idle_equal_one_process(wide_pair, tmp_path, settings_restored,
+                                              monkeypatch):
+    """One prompt a step, so rank 1 never samples and trains on nothing (it pads), yet receives
+    every weight update and joins the projector's least-squares start with no rows. Rollouts, the
+    projector's start and the losses equal one process (step 1's rollouts would not if rank 0's
+    sampler kept the starting weights). An idle rank's vLLM engine: test_rollout_vllm.py's
+    two-rank test."""
     from distill_ranks import in_process, records
     common = dict(method="oprd", projector=True, projector_init="lstsq", temperature=0.0,
                   prompts_per_step=1, n_samples=1, max_steps=2)
-    vllm_args = base_args(wide_pair, tmp_path / "vllm", backend="vllm", **common)
-    run(RANKS + [str(tmp_path / "rec")] + vllm_args, timeout=600)
-    torch_args = base_args(wide_pair, tmp_path / "torch", **common)
-    one = in_process(monkeypatch, settings_restored, torch_args)
+    run(RANKS + [str(tmp_path / "rec")] + base_args(wide_pair, tmp_path / "two", **common))
+    one = in_process(monkeypatch, settings_restored,
+                     base_args(wide_pair, tmp_path / "one", **common))
     ranks = records(tmp_path / "rec")
     for step in (0, 1):
         assert ranks[0]["steps"][step]["seqs"] == one["steps"][step]["seqs"]
@@ -71,7 +69,7 @@ def test_vllm_sampler_two_ranks_one_idle_equals_the_torch_sampler(wide_pair, tmp
     # fit on rank 0's rows alone, as one process fits them
     for l, w in one["proj_start"].items():
         torch.testing.assert_close(ranks[1]["proj_start"][l], w, rtol=1e-4, atol=1e-6)
-    a, b = log(tmp_path / "vllm"), log(tmp_path / "torch")
+    a, b = log(tmp_path / "two"), log(tmp_path / "one")
     assert [r["step"] for r in a] == [0, 1] and a[0]["loss"] != a[1]["loss"]
     assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-5)
     # step 1: the projector's first step came from a ~0 gradient (the least-squares start is the
@@ -79,7 +77,7 @@ def test_vllm_sampler_two_ranks_one_idle_equals_the_torch_sampler(wide_pair, tmp
     # any two runs
     assert a[1]["loss"] == pytest.approx(b[1]["loss"], rel=1e-3)
     assert all(r["sequences"] == 1 and r["sampler_logp_gap"] < 1e-3 for r in a)
-    load_hf(os.path.join(tmp_path, "vllm", "step_0000002"))
+    load_hf(os.path.join(tmp_path, "two", "step_0000002"))
 
 
 def test_kill_during_saves_leaves_a_loadable_checkpoint(pair, tmp_path, settings_restored,

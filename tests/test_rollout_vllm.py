@@ -236,7 +236,8 @@ def test_engine_gets_max_num_seqs_and_runs_in_this_process(cpu_vllm, tiny_qwen3,
 
 def test_two_ranks_each_sample_their_share(cpu_vllm, tmp_path, tiny_qwen3, tiny_qwen3_b, models):
     """torchrun, 2 ranks: FSDP2 students, one in-process engine per rank, each rank its own share of
-    the prompts, weights streamed from the sharded model (tests/rollout_ranks.py).
+    the prompts, weights streamed from the sharded model, then one rank drawing while the other's
+    engine idles (tests/rollout_ranks.py).
 
     With VLLM_CPU_KVCACHE_SPACE unset, as on a user's CPU run: each engine sizes its KV cache from
     its share of the node's RAM, which rollout.py divides among the node's ranks, so the two ranks
@@ -263,6 +264,10 @@ def test_two_ranks_each_sample_their_share(cpu_vllm, tmp_path, tiny_qwen3, tiny_
         for r in ranks:
             for i, tokens in zip(r["share"], r[key]):
                 assert_same_greedy(model, prompts[i], tokens, ref[i][0].tokens)
+    # rank 0 alone draws every prompt while rank 1's engine idles: no hang, the synced weights
+    assert len(ranks[0]["alone"]) == len(prompts) and ranks[1]["alone"] == []
+    for i, tokens in enumerate(ranks[0]["alone"]):
+        assert_same_greedy(models[1], prompts[i], tokens, ref[i][0].tokens)
     for r in ranks:
         assert r["memory_share"] == 0.25 and r["kv_cache_memory_bytes"] is None
         assert r["bf16_equal"] and r["gathered_dtypes"] == ["torch.bfloat16"]

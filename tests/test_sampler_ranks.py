@@ -1,9 +1,9 @@
 """Sampler ranks (rollout_ranks=k, ranks.py): the last k ranks only sample, the others only train.
 A run with sampler ranks is, loss for loss, the colocated run with the same off_policy_steps and
 seeds: at 1 trainer + 1 sampler bit for bit, at 2 trainers + 1 sampler up to the rounding of two
-ranks' sums, and with vLLM's engine on the sampler rank. A resume makes the rollouts of an
-uninterrupted run; a sampler rank that dies stops the run with one line naming it; bad settings get
-one line before any work. All on gloo."""
+ranks' sums, and with vLLM's engine on the sampler rank (test_sampler_ranks_vllm.py). A resume
+makes the rollouts of an uninterrupted run; a sampler rank that dies stops the run with one line
+naming it; bad settings get one line before any work. All on gloo."""
 
 import os
 import shutil
@@ -18,16 +18,32 @@ from test_run_guards import distill_args, distill_runner, log
 from test_scale import assert_same_weights
 
 
+def one_tokenizer_pair(root):
+    """A teacher and a student of one tokenizer, in root."""
+    return {"teacher": make_checkpoint(root / "teacher", "qwen3", seed=3),
+            "student": make_checkpoint(root / "student", "qwen3", seed=4)}
+
+
+def colocated_runner(settings_restored, monkeypatch, capsys):
+    """go(models, out, teacher, **kw): the run in this process, every step's rollouts drawn by the
+    one rank that trains."""
+    run_here = distill_runner(settings_restored.main, monkeypatch, capsys)
+
+    def go(models, out, teacher="teacher", **kw):
+        code, err = run_here((models[teacher], models["student"]), out, **kw)
+        assert code == 0, err[-20:]
+    return go
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """A teacher and a student of one tokenizer, the teacher again under other token ids, and a
-    wider teacher."""
+    """one_tokenizer_pair, the teacher again under other token ids, and a wider teacher."""
     root = tmp_path_factory.mktemp("sampler_ranks")
-    teacher = make_checkpoint(root / "teacher", "qwen3", seed=3)
-    student = make_checkpoint(root / "student", "qwen3", seed=4)
+    models = one_tokenizer_pair(root)
+    teacher = models["teacher"]
     other_tokens, _ = permuted_copy(teacher, root / "teacher_permuted")
     wide = make_checkpoint(root / "wide", "qwen3", hidden_size=96, num_attention_heads=3, seed=5)
-    return {"teacher": teacher, "student": student, "other_tokens": other_tokens, "wide": wide}
+    return dict(models, other_tokens=other_tokens, wide=wide)
 
 
 def torchrun(nproc, models, out, teacher="teacher", **kw):
@@ -39,14 +55,8 @@ def torchrun(nproc, models, out, teacher="teacher", **kw):
 
 @pytest.fixture
 def colocated(settings_restored, monkeypatch, capsys):
-    """colocated(models, out, teacher, **kw): the same run in this process, every step's rollouts
-    drawn by the one rank that trains."""
-    run_here = distill_runner(settings_restored.main, monkeypatch, capsys)
-
-    def go(models, out, teacher="teacher", **kw):
-        code, err = run_here((models[teacher], models["student"]), out, **kw)
-        assert code == 0, err[-20:]
-    return go
+    """colocated_runner's go."""
+    return colocated_runner(settings_restored, monkeypatch, capsys)
 
 
 def assert_close_steps(rows_a, rows_b):
@@ -114,19 +124,6 @@ def test_two_trainers_and_one_sampler_rank_are_the_colocated_run(models, tmp_pat
     assert_close_steps(log(tmp_path / "split"), log(tmp_path / "colocated"))
     assert_same_weights(tmp_path / "split" / "step_0000002",
                         tmp_path / "colocated" / "step_0000002")
-
-
-@pytest.mark.skipif(not __import__("rollout").vllm_available(), reason="vLLM is not installed")
-def test_a_vllm_sampler_rank_serves_the_trainer(models, tmp_path, colocated):
-    """The sampler rank's vLLM engine, a world of one beside a rank that starts none: greedy
-    rollouts on-policy (the trainer waits for each step's), the same steps as the torch sampler's
-    colocated run (the two samplers draw the same greedy tokens from a tiny fp32 model), and a
-    clean exit."""
-    settings = dict(method="oprd", temperature=0.0, off_policy_steps=0, max_steps=2)
-    colocated(models, tmp_path / "colocated", **settings)
-    p = torchrun(2, models, tmp_path / "split", rollout_ranks=1, **dict(settings, backend="vllm"))
-    assert "its core in a child process" in p.stdout
-    assert_close_steps(log(tmp_path / "split"), log(tmp_path / "colocated"))
 
 
 def test_a_resume_with_sampler_ranks_makes_the_rollouts_of_an_uninterrupted_run(
