@@ -41,8 +41,9 @@ $ python -m lab.bench --sections=peer --threads=1
   how to install it.
 - async (CPU): distill.py's colocated loop (one process, `async_threads` threads) against 1 trainer
   rank + 1 sampler rank one step behind (rollout_ranks=1, the threads shared out), from tiny.py's
-  shipped pair: seconds per step (the median after two warm-up steps), each side's wait, the ratio
-  (lab/overlap.py).
+  shipped pair, at each of `async_prompts_per_step`: seconds per step (the median after two
+  warm-up steps), each side's wait, the ratio; the colocated loop on one side's threads too, for
+  what a split could give at best and how much the two sides slow each other (lab/overlap.py).
 `sections=all` leaves the CPU sections out on a GPU. --json puts the headline oprd_speedup_vs_topk
 and oprd_mem_ratio_vs_topk (paper shape, or paper-proportioned on a CPU) at the top level.
 """
@@ -87,6 +88,8 @@ CONFIG = dict(
     async_threads=2,      # async section: the colocated process's threads, shared out by the
                           # trainer rank and the sampler rank
     async_steps=12,       # async section: steps per run (the first two are the warm-up)
+    async_prompts_per_step='32,8',  # async section: its workloads (comma-separated)
+    async_rounds=2,       # async section: each workload's three runs, this many times in turn
 )
 # --------------------------------------------------------------------------- update cost per method
 UPDATE_METHODS = ("oprd", "opd", "opd_topk", "opd_full", "opd+oprd")
@@ -474,6 +477,12 @@ SECTIONS = {"update": bench_update, "forward": bench_forward, "sampler": bench_s
 CPU_ONLY = ("variance", "peer", "async")
 
 # ----------------------------------------------------------------------------- main
+def positive_counts(text):
+    """Whether text is one or more comma-separated whole numbers, each >= 1."""
+    parts = str(text).split(",")
+    return all(p.strip().isdigit() and int(p) >= 1 for p in parts)
+
+
 def main(argv=None):
     cfg = configure(dict(CONFIG), __file__, argv)
     if cfg["sections"] == "all":
@@ -486,6 +495,9 @@ def main(argv=None):
                  peer_steps=(cfg["peer_steps"] >= 2, ">= 2"),
                  async_threads=(cfg["async_threads"] >= 2, ">= 2"),
                  async_steps=(cfg["async_steps"] >= 3, ">= 3"),
+                 async_rounds=(cfg["async_rounds"] >= 1, ">= 1"),
+                 async_prompts_per_step=(positive_counts(cfg["async_prompts_per_step"]),
+                                         "comma-separated counts >= 1"),
                  threads=(cfg["threads"] >= 0, ">= 0"),
                  peak_tflops=(cfg["peak_tflops"] > 0, "> 0"),
                  device=(cfg["device"] in ("auto", "cuda", "cpu"), "auto, cuda or cpu"))

@@ -218,3 +218,40 @@ def test_align_section_counts_the_chunks_both_tokenizers_read(tmp_path, one_thre
     beside_share = res["beside_seconds"] / res["update_seconds"]
     assert 0 < res["beside_fraction"] == pytest.approx(beside_share)
 
+
+
+def test_overlap_bound_and_contention_by_hand():
+    from lab import overlap
+    # sampling 0.4 s alone on 1 thread and 0.3 s on 2; training 0.8 s and 0.5 s
+    wide = {"time/step": 0.8, "sampling": 0.3, "training": 0.5}
+    narrow = {"time/step": 1.2, "sampling": 0.4, "training": 0.8, "time/teacher": 0.2,
+              "time/student": 0.55, "time/optimizer": 0.05}
+    bound = overlap.overlap_bound(wide, narrow)
+    assert bound["sampling_speedup"] == pytest.approx(0.4 / 0.3)
+    assert bound["training_speedup"] == pytest.approx(0.8 / 0.5)
+    # the split step is the slower side on one thread, the training
+    assert bound["here"] == pytest.approx(0.8 / 0.8)
+    # balanced: both sides x s on one thread, colocated x / (4/3) + x / 1.6
+    assert bound["balanced"] == pytest.approx(0.75 + 0.625)
+    split = {"time/teacher": 0.25, "time/student": 0.6, "time/optimizer": 0.05,
+             "sampler/sample_s": 0.5}
+    slower = overlap.contention(split, narrow)
+    assert slower["training"] == pytest.approx(0.9 / 0.8)
+    assert slower["sampling"] == pytest.approx(0.5 / 0.4)
+
+
+def test_async_section_runs_its_three_runs(capsys):
+    """One workload of 2 prompts a step, 3 steps a run (the last timed): the colocated loop on 2
+    threads and on 1, and 1 trainer + 1 sampler rank."""
+    from lab import overlap
+    res = overlap.workload(threads=2, steps=3, rounds=1, prompts_per_step=2)
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and all(line.startswith("async, 2 prompts a step: ") for line in out)
+    for run in ("colocated", "colocated_narrow"):
+        r = res[run]
+        assert r["training"] == pytest.approx(r["time/step"] - r["sampling"])
+        assert r["sampling"] == r["time/rollout"] > 0
+    split = res["split"]
+    assert split["sampler/sample_s"] > 0 and split["sampler/wait_s"] >= 0
+    assert res["speedup"] == pytest.approx(res["colocated"]["time/step"] / split["time/step"])
+    assert res["bound"] == overlap.overlap_bound(res["colocated"], res["colocated_narrow"])
