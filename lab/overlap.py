@@ -14,9 +14,10 @@ where the two sides take about the same time on one thread). At each:
 
 The three runs go in turn, `async_rounds` times: each figure is the median over every round's steps
 after the first two of a run (the warm-up), as the cores' speed drifts from minute to minute. Per
-run, the seconds per step and where they go. For the split run also how long each side waits each step: the trainer for the rollouts
-(its time/rollout) and the sampler for the trainer (its sampler/wait_s: handing over its rollouts,
-then the new weights' header). The ratio is colocated over split seconds per step.
+run, the seconds per step and where they go. For the split run also how long each side waits each
+step: the trainer for the rollouts (its time/rollout) and the sampler for the trainer (its
+sampler/wait_s: handing over its rollouts, then the new weights' header). The ratio is colocated
+over split seconds per step.
 
 $ python -m lab.bench --sections=async
 """
