@@ -240,18 +240,47 @@ def test_overlap_bound_and_contention_by_hand():
     assert slower["sampling"] == pytest.approx(0.5 / 0.4)
 
 
-def test_async_section_runs_its_three_runs(capsys):
-    """One workload of 2 prompts a step, 3 steps a run (the last timed): the colocated loop on 2
-    threads and on 1, and 1 trainer + 1 sampler rank."""
+def test_async_section_pools_its_rounds_by_hand(monkeypatch, capsys):
+    """Fake runs (each timed_run's records known): two rounds of the three runs, each figure the
+    median of both rounds' steps after the warm-up, the ratio and the bound from those."""
     from lab import overlap
-    res = overlap.workload(threads=2, steps=3, rounds=1, prompts_per_step=2)
-    out = capsys.readouterr().out.splitlines()
-    assert len(out) == 3 and all(line.startswith("async, 2 prompts a step: ") for line in out)
-    for run in ("colocated", "colocated_narrow"):
-        r = res[run]
-        assert r["training"] == pytest.approx(r["time/step"] - r["sampling"])
-        assert r["sampling"] == r["time/rollout"] > 0
-    split = res["split"]
-    assert split["sampler/sample_s"] > 0 and split["sampler/wait_s"] >= 0
-    assert res["speedup"] == pytest.approx(res["colocated"]["time/step"] / split["time/step"])
-    assert res["bound"] == overlap.overlap_bound(res["colocated"], res["colocated_narrow"])
+    calls = []
+
+    def fake_run(ranks, threads, steps, extra):
+        calls.append((ranks, threads, extra))
+        step = {(1, 2): 1.0, (1, 1): 1.5, (2, 1): 0.8}[ranks, threads] * len(calls)
+        parts = {k: 0.0 for k in overlap.PARTS}
+        record = dict(parts, **{"time/step": step, "time/rollout": step / 4,
+                                "time/student": step / 2, "sampler/sample_s": step / 5,
+                                "sampler/wait_s": 0.01})
+        # the warm-up steps are slower, and left out
+        return [dict(record, **{"time/step": 99.0})] * overlap.WARM_UP_STEPS + [record] * 3
+    monkeypatch.setattr(overlap, "timed_run", fake_run)
+    res = overlap.workload(threads=2, steps=5, rounds=2, prompts_per_step=4)
+    assert [c[:2] for c in calls] == [(1, 2), (1, 1), (2, 1)] * 2
+    assert all("--prompts_per_step=4" in c[2] for c in calls)
+    assert "--rollout_ranks=1" in calls[2][2] and "--off_policy_steps=0" in calls[0][2]
+    # run i of the six made steps of (its base) x i: each median is over 3 + 3 steps of two values
+    colocated = (1.0 * 1 + 1.0 * 4) / 2
+    narrow = (1.5 * 2 + 1.5 * 5) / 2
+    split = (0.8 * 3 + 0.8 * 6) / 2
+    assert res["colocated"]["time/step"] == pytest.approx(colocated)
+    assert res["colocated"]["sampling"] == pytest.approx(colocated / 4)
+    assert res["colocated"]["training"] == pytest.approx(colocated * 3 / 4)
+    assert res["speedup"] == pytest.approx(colocated / split)
+    assert res["bound"]["sampling_speedup"] == pytest.approx(narrow / colocated)
+    assert res["contention"]["training"] == pytest.approx(split / narrow)
+    assert res["contention"]["sampling"] == pytest.approx((split / 5) / (narrow / 4))
+    assert len(capsys.readouterr().out.splitlines()) == 3
+
+
+def test_a_split_run_logs_what_the_async_section_reads():
+    """The split run of the section (1 trainer + 1 sampler rank of the shipped pair), small: every
+    step's record has the parts and the sampler's figures the section takes medians of."""
+    from lab import overlap
+    records = overlap.timed_run(2, 1, 3, ["--rollout_ranks=1", "--prompts_per_step=2",
+                                          "--max_new_tokens=8"])
+    assert [r["step"] for r in records] == [0, 1, 2]
+    for r in records:
+        assert all(r[k] >= 0 for k in overlap.PARTS) and r["time/step"] > 0
+        assert r["sampler/sample_s"] > 0 and r["sampler/wait_s"] >= 0
