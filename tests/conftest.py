@@ -19,6 +19,20 @@ import torch  # noqa: E402
 
 torch.set_flush_denormal(True)
 
+# the files that take longest (each starts several processes, most of them vLLM engines), slowest
+# first, from pytest --durations=0 on 2 cores: collected first, so that pytest-xdist hands them out
+# first and its two workers (pytest.ini) end together
+SLOWEST_FILES = ("test_rollout_vllm.py", "test_sampler_ranks.py", "test_run_guards.py",
+                 "test_sampler_ranks_vllm.py", "test_scale.py")
+
+
+def pytest_collection_modifyitems(items):
+    def place(item):
+        name = item.path.name
+        return SLOWEST_FILES.index(name) if name in SLOWEST_FILES else len(SLOWEST_FILES)
+    # a stable sort: each file's tests keep their order
+    items.sort(key=place)
+
 # Qwen2's pre-tokenizer split; transformers installs it when loading a qwen2/qwen3 folder,
 # so ours must match
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"

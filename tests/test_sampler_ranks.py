@@ -180,6 +180,42 @@ def test_a_sampler_rank_that_dies_stops_the_run_with_one_line(models, tmp_path):
     assert "Traceback" not in outputs[0][1]
 
 
+SKIPPED_SYNC = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+import distill
+import sampler
+
+
+def update_weights(self, named_tensors):
+    # the tensors arrive (each bucket is a broadcast), and the engine keeps its weights
+    for _ in named_tensors:
+        pass
+
+
+sampler.TorchSampler.update_weights = update_weights
+sys.argv = ["distill.py"] + sys.argv[1:]
+distill.main()
+"""
+
+
+def test_a_sampler_rank_that_misses_its_sync_stops_the_run(models, tmp_path):
+    """The sampler rank's engine keeps its first weights: at step 1 the trainer checks step 2's
+    rollouts, drawn with those, against the weights after one update (the ones the sampler should
+    hold), and stops the run with one line; the sampler rank is told to stop."""
+    script = tmp_path / "skipped_sync.py"
+    script.write_text(SKIPPED_SYNC)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script)]
+    p = run(cmd + distill_args((models["teacher"], models["student"]), tmp_path / "out",
+                               method="opd", rollout_ranks=1, max_steps=4), ok=False)
+    assert p.returncode != 0
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: step 1: stale sampler weights"), \
+        p.stderr[-3000:]
+    assert [r["step"] for r in log(tmp_path / "out")] == [0, 1]
+
+
 @pytest.mark.parametrize("world,change,message", [
     (1, dict(rollout_ranks=1), "rollout_ranks=1 leaves no rank to train: the world has 1 rank"),
     (3, dict(rollout_ranks=3), "rollout_ranks=3 leaves no rank to train: the world has 3 rank"),
