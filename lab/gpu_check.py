@@ -20,7 +20,9 @@ device):
 - distill, eval: distill.py trains the student 2 steps toward the teacher with OPRD (its own
   check of the sampler's log-probs on), then eval.py evaluates the checkpoint it saved on 8
   problems of the tiny task; one rank as a plain process, then two ranks under torchrun where 2 or
-  more GPUs are visible.
+  more GPUs are visible, and there distill.py again with 1 trainer rank + 1 sampler rank
+  (rollout_ranks=1, config/qwen_async.py's set-up: the engine a world of its own, the weights sent
+  to it after each step).
 Each check prints `ok   <name>  <detail>`; the first failure prints `FAILED <name>: <reason>`
 and exits 1. Memory follows a check as `mem  <name>  ...`: this process's torch peaks on a GPU,
 and for a run the KV-cache, sleep and CUDA-graph-pool lines vLLM logs at VLLM_LOGGING_LEVEL=INFO
@@ -233,11 +235,13 @@ def vllm_memory_lines(output):
     return seen
 
 
-def check_distill(dev, backend, student, teacher, ranks, out_dir):
+def check_distill(dev, backend, student, teacher, ranks, out_dir, rollout_ranks=0):
+    """rollout_ranks > 0: the last ranks only sample (their engines a world of their own, the
+    weights sent to them over a process group from trainer rank 0), one step behind."""
     args = dict(student=student, teacher=teacher, out_dir=out_dir, prompts='tiny', method='oprd',
                 backend=backend, device=dev.type, prompts_per_step=4, n_samples=2,
                 max_new_tokens=16, max_prompt_len=256, micro_batch_size=4, max_steps=2, lr=1e-3,
-                warmup_frac=0.0, save_every=100)
+                warmup_frac=0.0, save_every=100, rollout_ranks=rollout_ranks)
     output = launch('distill.py', args, ranks, out_dir + '.log')
     with open(os.path.join(out_dir, 'log.jsonl')) as f:
         rows = [json.loads(line) for line in f]
@@ -251,6 +255,12 @@ def check_distill(dev, backend, student, teacher, ranks, out_dir):
     detail = f"2 steps, loss {rows[0]['loss']:.4f} -> {rows[1]['loss']:.4f}"
     if 'sampler_logp_gap' in rows[-1]:
         detail += f", sampler dlogp {rows[-1]['sampler_logp_gap']:.1e}"
+    if rollout_ranks:
+        if not all('sampler/sample_s' in r for r in rows):
+            raise CheckFailed("the log has no sampler/sample_s: the rollouts did not come from "
+                              "the sampler ranks")
+        detail += (f", the sampler ranks drew for {rows[-1]['sampler/sample_s']:.2f} s and "
+                   f"waited {rows[-1]['sampler/wait_s']:.2f} s at step 1")
     detail += f", saved {os.path.basename(saved[-1])}"
     memory = vllm_memory_lines(output)
     if dev.type == 'cuda':
@@ -359,8 +369,9 @@ def main(argv=None):
         for ranks in (1, 2):
             if ranks == 2 and gpus < 2:
                 why = f"{gpus} GPU visible" if on_gpu else "on a CPU"
-                print(f"skip distill/{backend}/2ranks, eval/{backend}/2ranks  (two ranks need "
-                      f"two GPUs: {why})", flush=True)
+                print(f"skip distill/{backend}/2ranks, eval/{backend}/2ranks, "
+                      f"distill/{backend}/1+1ranks  (two ranks need two GPUs: {why})",
+                      flush=True)
                 skipped.append(f"{backend}/2ranks")
                 continue
             run = os.path.join(root, f"{backend}_{ranks}rank")
@@ -368,6 +379,10 @@ def main(argv=None):
                       teacher, ranks, run)
             run_check(f"eval/{backend}/{ranks}rank", check_eval, dev, backend,
                       checkpoints_in(run)[-1], ranks, run + '_eval')
+            if ranks == 2:
+                # config/qwen_async.py's set-up: 1 trainer rank + 1 sampler rank
+                run_check(f"distill/{backend}/1+1ranks", check_distill, dev, backend, student,
+                          teacher, 2, os.path.join(root, f"{backend}_1+1ranks"), 1)
     passed = f"all checks passed in {time.perf_counter() - t0:.0f} s"
     if skipped:
         passed += f" (skipped: {', '.join(skipped)})"

@@ -83,3 +83,17 @@ def test_help_and_bad_settings(capsys, fresh_settings):
     assert code == 0 and "--backends='torch,vllm'" in out and "--logp_tol=0.1" in out
     code, _, err = run_main(["--backends=torch,tpu"], capsys)
     assert code == 2 and err.strip() == "error: unknown backend 'tpu': expected torch or vllm"
+
+
+def test_the_sampler_rank_check_on_a_cpu(tmp_path):
+    """The check a node of 2 or more GPUs runs for config/qwen_async.py's set-up, here on gloo:
+    distill.py with 1 trainer rank + 1 sampler rank, 2 steps one step behind."""
+    import torch
+    student, teacher = str(tmp_path / "student"), str(tmp_path / "teacher")
+    gpu_check.check_tiny_model(torch.device("cpu"), student, teacher)
+    detail, memory = gpu_check.check_distill(torch.device("cpu"), "torch", student, teacher, 2,
+                                             str(tmp_path / "split"), rollout_ranks=1)
+    assert detail.startswith("2 steps, loss ") and "the sampler ranks drew for " in detail
+    assert memory == []
+    with open(tmp_path / "split.log") as f:
+        assert "world 2 (1 train, 1 sample)" in f.read()
