@@ -76,6 +76,7 @@ TRAINING = ("time/teacher", "time/student", "time/optimizer")
 
 
 def colocated_args(extra):
+    """The colocated loop's arguments: on-policy, as today's loop."""
     return ["--off_policy_steps=0", *extra]
 
 
