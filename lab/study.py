@@ -138,9 +138,12 @@ ONE_STEP_BEHIND = ('--off_policy_steps=1',)
 # ----------------------------------------------------------------------------- choosing the rate
 
 def choose_rate(val):
-    """The rate with the best validation accuracy ({lr: accuracy}); a tie goes to the smaller
-    rate."""
-    return max(sorted(val), key=lambda lr: val[lr])
+    """The rate with the best validation accuracy ({lr: accuracy, or None where distill.py stopped
+    the run}); a tie goes to the smaller rate."""
+    finished = sorted(lr for lr in val if val[lr] is not None)
+    if not finished:
+        raise RuntimeError(f"distill.py stopped the run at every rate tried ({sorted(val)})")
+    return max(finished, key=lambda lr: val[lr])
 
 
 def next_rate(val):
@@ -155,6 +158,10 @@ def next_rate(val):
 
 
 # ----------------------------------------------------------------------------- running and scoring
+
+# how distill.py's last line reads where it stopped a run mid-way
+STOPPED = re.compile(r'error: (step \d+: |\d+ non-finite steps in a row)')
+
 
 def block_folder():
     """The work_dir folder of this invocation's block."""
@@ -197,21 +204,42 @@ def fit_bridge(rank, student='small', teacher='teacher'):
         return json.load(f)
 
 
+def stopped_at(log):
+    """distill.py's own last line where it stopped a run mid-way (the non-finite steps' or a step's
+    'error: step N: ...': the sampler check, the tokenizers' alignment), else None."""
+    if not os.path.isfile(log):
+        return None
+    with open(log) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    return lines[-1] if lines and STOPPED.match(lines[-1]) else None
+
+
 def train(row, lr, seed, splits):
     """Train row at lr (unless its run is finished), then score its checkpoints: {split: {step:
-    accuracy}}, the last step on 'val', every kept step on 'test'."""
+    accuracy}}, the last step on 'val', every kept step on 'test'. On 'val' alone (the choice of
+    rate) a rate at which distill.py stops the run has failed: its accuracy is None (and the run
+    is not tried again)."""
     name = f'{row.key}-lr{lr:g}-s{seed}'
     out, steps = study_path('runs', name), tiny.distill_steps
+    log = study_path('logs', f'{name}.log')
+    choosing = splits == ('val',)
+    if choosing and stopped_at(log):
+        return {'val': {steps: None}}
     if not os.path.isdir(os.path.join(out, f'step_{steps:07d}')):
         shutil.rmtree(out, ignore_errors=True)
         bridge = ((f"--bridge_path={study_path('bridges', f'r{row.bridge}')}",) if row.bridge
                   else ())
-        run_quietly(['distill.py', row.config, f'--method={row.method}', f'--seed={seed}',
-                     f'--lr={lr}', f'--out_dir={out}', f'--student={tiny.model_path(row.who)}',
-                     f'--teacher={tiny.model_path(row.teacher)}',
-                     f'--max_steps={steps}', '--backend=torch', f'--save_every={EVAL_EVERY}',
-                     f'--keep_checkpoints={steps // EVAL_EVERY}', *row.args, *bridge],
-                    study_path('logs', f'{name}.log'))
+        try:
+            run_quietly(['distill.py', row.config, f'--method={row.method}', f'--seed={seed}',
+                         f'--lr={lr}', f'--out_dir={out}',
+                         f'--student={tiny.model_path(row.who)}',
+                         f'--teacher={tiny.model_path(row.teacher)}',
+                         f'--max_steps={steps}', '--backend=torch', f'--save_every={EVAL_EVERY}',
+                         f'--keep_checkpoints={steps // EVAL_EVERY}', *row.args, *bridge], log)
+        except RuntimeError:
+            if not (choosing and stopped_at(log)):
+                raise
+            return {'val': {steps: None}}
     acc = {}
     for split in splits:
         scored = range(EVAL_EVERY, steps + 1, EVAL_EVERY) if split == 'test' else [steps]
@@ -256,8 +284,9 @@ def describe_run(job, acc):
     """'student oprd, lr 0.001, seed 0: val 93.2%' for a run (row, lr, seed) and its scores."""
     row, lr, seed = job
     split = next(iter(acc))
-    return (f"{row.who} {row.label}, lr {lr:g}, seed {seed}: "
-            f"{split} {pct(acc[split][max(acc[split])])}%")
+    last = acc[split][max(acc[split])]
+    scored = 'distill.py stopped the run' if last is None else f"{split} {pct(last)}%"
+    return f"{row.who} {row.label}, lr {lr:g}, seed {seed}: {scored}"
 
 
 def minutes_so_far(since):

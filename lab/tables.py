@@ -37,8 +37,13 @@ def mean_sd(xs):
 
 
 def rate_cell(entry):
-    return ' · '.join(f"**{lr}: {pct(a)}**" if lr == entry['lr'] else f"{lr}: {pct(a)}"
-                      for lr, a in entry['val'].items())
+    """Each rate tried and its validation accuracy ("stopped" where distill.py stopped the run),
+    the chosen one in bold."""
+    cells = []
+    for lr, a in entry['val'].items():
+        cell = f"{lr}: {'stopped' if a is None else pct(a)}"
+        cells.append(f"**{cell}**" if lr == entry['lr'] else cell)
+    return ' · '.join(cells)
 
 
 def gap(after, before, teacher):

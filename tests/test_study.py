@@ -178,6 +178,36 @@ def test_the_cross_tokenizer_block_trains_toward_its_own_teacher_and_writes_its_
     assert not (tmp_path / 'figures' / 'study.png').exists()
 
 
+def test_a_rate_at_which_distill_stops_the_run_has_failed_and_is_not_chosen(fake, monkeypatch):
+    """opd_chunk's run at 3e-3 ends with distill.py's own stop line (its rollouts left the
+    teacher's tokenizer): that rate has no accuracy, shows as stopped, is not tried again by the
+    next invocation, and 1e-3 is chosen. A run that stops at a chosen rate (the test seeds) still
+    stops the study."""
+    from lab import tables
+    monkeypatch.setattr(study, 'xtok', True)
+    faked = tiny.run_script
+    stopped = []
+
+    def stopping(args, log, **kw):
+        if '--method=opd_chunk' in args and ('--lr=0.003' in args or '--lr=0.01' in args):
+            stopped.append(args)
+            with open(log, 'w') as f:
+                f.write("step 44: loss -5.18\nerror: step 45: 33 of 64 rollouts have no text the "
+                        "teacher's tokenizer reads as the student wrote it\n")
+            raise RuntimeError(f"distill.py failed (exit 1); its whole output is in {log}")
+        return faked(args, log, **kw)
+    monkeypatch.setattr(tiny, 'run_script', stopping)
+    res = study.run_xtok()
+    chunk = next(t for t in res['xtok'] if t['label'] == 'opd_chunk (sampled token, per chunk)')
+    assert chunk['val']['0.003'] is None and chunk['lr'] == '0.001' and len(stopped) == 1
+    assert tables.rate_cell(chunk) == '0.0003: 84.8 · **0.001: 90.0** · 0.003: stopped'
+    again = study.run_xtok()
+    assert again['xtok'] == res['xtok'] and len(stopped) == 1
+    row = next(r for r in study.XTOK if r.method == 'opd_chunk')
+    with pytest.raises(RuntimeError, match="distill.py failed"):
+        study.train(row, 1e-2, 1, ('test',))
+
+
 def test_every_row_has_its_own_runs():
     """Run folders are named by row: two rows (or ablations) with one name would share each other's
     runs."""
