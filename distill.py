@@ -31,23 +31,21 @@ import warnings
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
-import align as align_tokens
-import data
-from batch import DistillError, Tokenizers, filler_batch, micro_batch, micro_batches
-from bridge import arch, check_bridge, fit_stage1, init_projector, load_bridge
-from checks import ONE_VOCABULARY, THROUGH_BRIDGE, check_resume, check_settings
+from batch import DistillError, filler_batch, micro_batch, micro_batches
+from bridge import arch, fit_stage1, init_projector
+from checks import check_settings
 from configurator import configure
 from fsdp import (MemoryMeter, StepClock, all_reduce_max, all_reduce_sum, clip_grad_norm, deal_pool,
                   drop_logged_steps_from, is_dist, load_training_state, read_resume,
                   save_checkpoint, setup_distributed, shard, shard_projector)
-from losses import Maps, make_plan, micro_batch_loss
-from model import CheckpointError, Transformer, checkpoints_in, resolve_checkpoint
+from losses import Maps, micro_batch_loss
+from model import checkpoints_in, resolve_checkpoint
 from ranks import Schedule, agree_to_start, make_roles, sampler_figures, serve, sync_samplers
 from shares import RolloutSettings, dealt, received, rollouts, rollouts_to_save, saved_rollouts
-from steplog import StepTotals, sampler_gap, stale_sampler, step_record, write_record
-from tokenizer import load_tokenizer, same_tokenization
+from startup import close_samplers, load_prompts, load_tokenizers, make_engine, start, width_maps
+from steplog import (StepTotals, announce, check_ahead, sampler_gap, stale_sampler, step_record,
+                     write_record)
 
 # -----------------------------------------------------------------------------
 # default config values, overridden by config/*.py and --key=value
@@ -159,10 +157,7 @@ wandb_log = False
 wandb_project = 'oprd'
 # -----------------------------------------------------------------------------
 
-# started samplers, closed by main() before the process group goes (vLLM's teardown needs it)
-_samplers = []
-
-# ---------------------------------------------------------------------- one update
+# ---------------------------------------------------------------------- the schedule
 
 def lr_at(step):
     """Linear warm-up over warmup_frac of the run, then cosine decay to min_lr."""
@@ -173,127 +168,7 @@ def lr_at(step):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-# ---------------------------------------------------------------------- set-up, before any work
-
-def load_models(student_path, dev):
-    """The student (fp32 master weights) and the frozen teacher (compute dtype; None under sft),
-    with their local folders and load_tokenizers' pair."""
-    compute_dtype = torch.bfloat16 if dev.type == 'cuda' else torch.float32
-    try:
-        # a hub id is downloaded once, then used as a folder
-        student_path = resolve_checkpoint(student_path)
-        stu = Transformer.from_pretrained(student_path, dtype=torch.float32, device=dev)
-        tea, teacher_path = None, teacher
-        if method != 'sft':
-            teacher_path = resolve_checkpoint(teacher)
-            tea = Transformer.from_pretrained(teacher_path, dtype=compute_dtype, device=dev).eval()
-            tea.requires_grad_(False)
-    except CheckpointError as e:
-        raise DistillError(str(e)) from None
-    tokenizers = load_tokenizers(student_path, teacher_path if tea is not None else None)
-    return stu, tea, tokenizers, student_path, teacher_path
-
-
-def load_tokenizers(student_path, teacher_path):
-    """The student's tokenizer, and the teacher's when it tokenizes differently (else None): then
-    each rollout reaches the teacher as its own encoding of the same text (align.py). teacher_path
-    None: no teacher (sft)."""
-    tok = load_tokenizer(student_path)
-    t_tok = load_tokenizer(teacher_path) if teacher_path is not None else None
-    if t_tok is None or same_tokenization(tok, t_tok):
-        return Tokenizers(tok, None)
-    if method in ONE_VOCABULARY:
-        raise DistillError(f"method={method} compares the two models' next-token distributions "
-                           f"over one vocabulary, but teacher {teacher!r} tokenizes differently "
-                           "from the student: across tokenizers use opd_chunk (chunk-level OPD), "
-                           "oprd, oprd_bridge or their sums")
-    try:
-        align_tokens.check_tokenizers(tok, t_tok)
-    except ValueError as e:
-        raise DistillError(str(e)) from None
-    return Tokenizers(tok, t_tok)
-
-
-def width_maps(plan, stu, tea, dev, rank=None):
-    """What spans two widths: (the learned projector, the frozen bridge, its metadata), each None
-    when unused."""
-    if tea is None:
-        return None, None, None
-    d_s, d_t = stu.config.hidden_size, tea.config.hidden_size
-    if method == 'bridge_fit' and rank > min(d_s, d_t):
-        raise DistillError(f"bridge_rank={rank} is above the width: it must be "
-                           f"1..{min(d_s, d_t)} (student width {d_s}, teacher width {d_t})")
-    if method in THROUGH_BRIDGE:
-        bridge, meta = load_bridge(bridge_path)
-        check_bridge(meta, bridge_path, plan, stu.config, tea.config)
-        return None, bridge.to(dev), meta
-    if plan.out_kind and stu.config.vocab_size != tea.config.vocab_size and dist.get_rank() == 0:
-        print(f"vocabularies differ ({stu.config.vocab_size} vs {tea.config.vocab_size}): "
-              f"comparing the common prefix of {plan.vocab}")
-    if plan.s_layers and d_s != d_t and method != 'bridge_fit':
-        if not projector:
-            raise DistillError(f"teacher width {d_t} != student width {d_s}: set projector=True, "
-                               "or fit a bridge (method=bridge_fit) and use method=oprd_bridge")
-        proj = nn.ModuleDict({str(l): nn.Linear(d_s, d_t, bias=False) for l in plan.s_layers})
-        return proj.to(dev), None, None
-    return None, None, None
-
-
-def load_prompts(tok):
-    """The training prompts as token ids (the paper's prompt through the chat template), too-long
-    ones dropped; under sft each with its reference solution as the response."""
-    items = []
-    for p in data.load_problems(prompts, data_dir or None):
-        ids = data.encode_prompt(p, tok, enable_thinking)
-        if len(ids) > max_prompt_len:
-            continue
-        item = {'id': p['id'], 'prompt': ids, 'messages': data.build_prompt(p)}
-        if method == 'sft':
-            if not p.get('solution'):
-                raise DistillError(f"method=sft needs reference solutions; {prompts!r} has none "
-                                   f"for {p['id']!r}")
-            item['response'] = tok.encode(p['solution']) + tok.eos_ids[:1]
-        items.append(item)
-    if not items:
-        raise DistillError(f"no prompt of {prompts!r} fits max_prompt_len={max_prompt_len}")
-    return items
-
-
-def start(cfg, dev, resume_path, state, roles):
-    """Everything both stages need on a rank that trains, checked before the sampler starts or
-    out_dir is made: the models, the tokenizers, the plan, the prompts; then the sampler of the
-    student's rollouts (None under sft, or when sampler ranks draw them)."""
-    stu, tea, tokenizers, student_path, teacher_path = load_models(resume_path or student, dev)
-    tea_config = tea.config if tea is not None else None
-    plan = make_plan(method, stu.config, tea_config, layers, positions, k_positions, align,
-                     distance, oprd_coef, mu, topk, vocab_chunk_tokens,
-                     importance_cap if off_policy_steps else 0.0)
-    if state is not None:
-        check_resume(state, cfg, roles.n_trainers, stu.config, tea_config)
-    items = load_prompts(tokenizers.student)
-    sampler = None
-    if method != 'sft' and not roles.n_samplers:
-        sampler = make_engine(student_path, dev, tokenizers.student.vocab_size,
-                              dev.type == 'cuda' and method != 'bridge_fit')
-    return stu, tea, tokenizers, plan, items, sampler, (student_path, teacher_path)
-
-
-def make_engine(student_path, dev, n_tokens, sleeps, dp_rank=None):
-    """The sampler of the student's rollouts on this rank (rollout.make_sampler): asleep through
-    each update when sleeps (colocated on a GPU); dp_rank: a sampler rank's index among them."""
-    import rollout
-    # max_num_seqs, like the other vLLM-only options, reaches only a vLLM engine: make_sampler
-    # leaves it out for the torch backend. enforce_eager on a CPU: vLLM's CPU build compiles the
-    # model at every start, ~30 s for nothing
-    sampler = rollout.make_sampler(
-        backend, student_path, gpu_memory_utilization=gpu_memory_utilization, device=dev,
-        tensor_parallel_size=tensor_parallel_size, seed=seed,
-        max_model_len=max_prompt_len + max_new_tokens, max_num_seqs=max_num_seqs,
-        enable_sleep_mode=sleeps, enforce_eager=dev.type == 'cpu', n_tokens=n_tokens,
-        dp_rank=dp_rank, own_world=dp_rank is not None)
-    _samplers.append(sampler)
-    return sampler
-
+# ---------------------------------------------------------------------- the optimizer
 
 def make_optimizer(stu, proj):
     """AdamW over the student (and projector), weight decay on matrices only; fused on a GPU. On a
@@ -310,35 +185,14 @@ def make_optimizer(stu, proj):
 # ---------------------------------------------------------------------- the step's pieces
 
 def rollout_settings(plan):
+    """What every sampler draws a step with (shares.RolloutSettings): the trainers' settings, sent
+    to sampler ranks once before the first step."""
     reference = method == 'sft'
     # the sampler check and the importance weight read the sampler's log-probs
     logprobs = check_tokens > 0 or plan.importance_cap > 0
     return RolloutSettings(prompts_per_step, n_samples, temperature, top_p, top_k, max_new_tokens,
                            seed, logprobs, 1 if reference else tensor_parallel_size,
                            reference, align_whitespace, enable_thinking)
-
-
-def check_ahead(stu, ahead, plan, tokenizers, dev, filler, check_seed):
-    """The sampler check under off_policy_steps=1: the sampler holds the weights this step trains,
-    which made the next step's rollouts (ahead), so the student re-scores check_tokens of those:
-    one no-grad forward of the fewest rollouts whose responses hold that many tokens (at most a
-    micro-batch), the filler where a rank has none. Returns sampler_gap's (sum, count)."""
-    gen = torch.Generator().manual_seed(check_seed)
-    batch = filler
-    if ahead:
-        lengths = torch.tensor([len(r.response) for r in ahead]).cumsum(0)
-        enough = int((lengths < check_tokens).sum()) + 1
-        few = ahead[:min(enough, micro_batch_size)]
-        batch = micro_batch(few, plan, tokenizers, dev, gen, check_tokens)
-    with torch.no_grad():
-        final = stu(batch.ids, attention_mask=batch.attention_mask, taps=[plan.L_s])[plan.L_s]
-        gap = (0.0, 0)
-        if ahead and batch.check.any():
-            gap = sampler_gap(final, stu.lm_head.weight, batch)
-    # a forward without backward leaves the root's parameters gathered: resharded, the optimizer
-    # step and the weight sync see the sharded ones (else the sync sends the root's stale copy)
-    stu.reshard()
-    return gap
 
 
 # ---------------------------------------------------------------------- OPRD-Bridge stage 1
@@ -368,7 +222,7 @@ def fit_bridge(cfg):
     # the authors' settings
     cfg['bridge_rank'] = bridge_rank or (8 if tokenizers.teacher is None else 4)
     # the rank check
-    width_maps(plan, stu, tea, dev, cfg['bridge_rank'])
+    width_maps(cfg, plan, stu, tea, dev, cfg['bridge_rank'])
     # the compute dtype
     stu = stu.to(next(tea.parameters()).dtype).eval().requires_grad_(False)
     steps = bridge_batches(sampler, items, rank, world, tokenizers, dev, plan)
@@ -376,30 +230,6 @@ def fit_bridge(cfg):
 
 
 # ---------------------------------------------------------------------- the run
-
-def announce(plan, stu, student_path, bridge_meta, roles, n_prompts):
-    ranks = f"world {roles.world}"
-    if roles.n_samplers:
-        ranks += f" ({roles.n_trainers} train, {roles.n_samplers} sample)"
-    print(f"method {method} | student {student_path} ({plan.L_s} layers, "
-          f"d={stu.config.hidden_size}) | teacher {teacher or '-'} | {ranks} | "
-          f"{n_prompts} prompts")
-    if plan.s_layers:
-        k_shown = '' if positions == 'all' else f' (k={k_positions})'
-        print(f"OPRD layers {plan.s_layers} -> teacher {plan.t_layers}; positions "
-              f"{positions}{k_shown}; distance {distance}; align {align}")
-    if bridge_meta is not None:
-        cos = bridge_meta['heldout_cos']
-        print(f"through the frozen bridge {bridge_path}: rank {bridge_meta['rank']}, held-out "
-              f"cosine {sum(cos.values()) / len(cos):.4f} (mean)")
-    if method == 'sft':
-        per_step = f"{prompts_per_step} reference solutions"
-    else:
-        per_step = (f"{prompts_per_step} prompts x {n_samples} samples = "
-                    f"{prompts_per_step * n_samples} sequences")
-    lag = f", rollouts {off_policy_steps} update old" if off_policy_steps else ''
-    print(f"{per_step} per step, {max_steps} steps{lag}")
-
 
 def serve_rollouts(cfg, dev, roles, resume_path, state):
     """A sampler rank's run (rollout_ranks > 0): the tokenizers and prompts the trainers use, one
@@ -415,11 +245,11 @@ def serve_rollouts(cfg, dev, roles, resume_path, state):
     lends_device = on_vllm and j % tp != 0
     try:
         student_path = resolve_checkpoint(resume_path or student)
-        tokenizers = load_tokenizers(student_path, resolve_checkpoint(teacher))
-        items = load_prompts(tokenizers.student)
+        tokenizers = load_tokenizers(cfg, student_path, resolve_checkpoint(teacher))
+        items = load_prompts(cfg, tokenizers.student)
         if not lends_device:
             dp_rank = j // tp if on_vllm else j
-            sampler = make_engine(student_path, dev, tokenizers.student.vocab_size, False,
+            sampler = make_engine(cfg, student_path, dev, tokenizers.student.vocab_size, False,
                                   dp_rank=dp_rank)
     except (DistillError, ValueError, OSError) as e:
         error = str(e)
@@ -462,7 +292,7 @@ def train(cfg):
     try:
         stu, tea, tokenizers, plan, items, sampler, paths = start(cfg, dev, resume_path, state,
                                                                   roles)
-        proj, bridge, bridge_meta = width_maps(plan, stu, tea, dev)
+        proj, bridge, bridge_meta = width_maps(cfg, plan, stu, tea, dev)
     except (DistillError, ValueError, OSError) as e:
         if not split:
             raise
@@ -510,7 +340,7 @@ def train(cfg):
             # steps logged after the checkpoint ran again: their records go
             print(f"resuming from {resume_path} at step {start_step}")
             drop_logged_steps_from(out_dir, start_step)
-        announce(plan, stu, student_path, bridge_meta, roles, len(items))
+        announce(cfg, plan, stu, student_path, bridge_meta, roles, len(items))
         if wandb_log:
             import wandb
             wandb.init(project=wandb_project, config=cfg)
@@ -605,7 +435,8 @@ def train(cfg):
             # this rank's share of them (with sampler ranks the pool, dealt as the next step will)
             mine = deal_pool(ahead, world, rank)[0] if split else ahead
             gap_sum, gap_count = check_ahead(stu, mine, plan, tokenizers, dev, filler,
-                                             seed * 1_000_003 + step + 1)
+                                             seed * 1_000_003 + step + 1, check_tokens,
+                                             micro_batch_size)
             totals.gap_sum += gap_sum
             totals.gap_count += gap_count
             clock.lap('rest')
@@ -706,11 +537,8 @@ def main():
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:
-        while _samplers:
-            sampler = _samplers.pop()
-            if sampler is not None:
-                # before the process group goes: vLLM's teardown would destroy the shared group
-                sampler.close()
+        # before the process group goes: vLLM's teardown would destroy the shared group
+        close_samplers()
         if is_dist():
             dist.destroy_process_group()
 

@@ -1,7 +1,7 @@
 """
-What a training step reports (distill.py): its totals over the micro-batches, the sampler's health
-(does it still serve the trained weights?), and the record printed and appended to
-out_dir/log.jsonl.
+What a run reports (distill.py): its header, each step's totals over the micro-batches, the
+sampler's health (does it still serve the trained weights?), and the record printed and appended
+to out_dir/log.jsonl.
 
     totals = StepTotals.start(n_layers, load)
     totals.add(loss, stats, batch, sampler_gap(h_final, head, batch, stats.target_logp))
@@ -15,8 +15,39 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from batch import next_tokens
+from batch import micro_batch, next_tokens
 from fsdp import StepClock, all_reduce_max, all_reduce_sum
+
+
+# ---------------------------------------------------------------------------- the run's header
+
+def announce(cfg, plan, stu, student_path, bridge_meta, roles, n_prompts):
+    """Rank 0, before the first step: what trains on what (cfg: the run's settings), the OPRD
+    layers and positions, the bridge, and a step's size."""
+    method, prompts_per_step, positions = cfg['method'], cfg['prompts_per_step'], cfg['positions']
+    ranks = f"world {roles.world}"
+    if roles.n_samplers:
+        ranks += f" ({roles.n_trainers} train, {roles.n_samplers} sample)"
+    print(f"method {method} | student {student_path} ({plan.L_s} layers, "
+          f"d={stu.config.hidden_size}) | teacher {cfg['teacher'] or '-'} | {ranks} | "
+          f"{n_prompts} prompts")
+    if plan.s_layers:
+        k_shown = '' if positions == 'all' else f" (k={cfg['k_positions']})"
+        print(f"OPRD layers {plan.s_layers} -> teacher {plan.t_layers}; positions "
+              f"{positions}{k_shown}; distance {cfg['distance']}; align {cfg['align']}")
+    if bridge_meta is not None:
+        cos = bridge_meta['heldout_cos']
+        print(f"through the frozen bridge {cfg['bridge_path']}: rank {bridge_meta['rank']}, "
+              f"held-out cosine {sum(cos.values()) / len(cos):.4f} (mean)")
+    if method == 'sft':
+        per_step = f"{prompts_per_step} reference solutions"
+    else:
+        n_samples = cfg['n_samples']
+        per_step = (f"{prompts_per_step} prompts x {n_samples} samples = "
+                    f"{prompts_per_step * n_samples} sequences")
+    lag = cfg['off_policy_steps']
+    lagged = f", rollouts {lag} update old" if lag else ''
+    print(f"{per_step} per step, {cfg['max_steps']} steps{lagged}")
 
 
 # ---------------------------------------------------------------------------- the sampler's health
@@ -49,6 +80,31 @@ def stale_sampler(step, gap, first_gap, factor):
     return (f"step {step}: stale sampler weights: the sampler's log-probs of its own tokens "
             f"differ from the student's by {gap:.4f} nats on average ({first_gap:.4f} at the "
             "first step); the weight sync did not reach the engine")
+
+
+def check_ahead(stu, ahead, plan, tokenizers, dev, filler, check_seed, check_tokens,
+                micro_batch_size):
+    """The sampler check under off_policy_steps=1: the sampler holds the weights this step trains,
+    which made the next step's rollouts (ahead), so the student re-scores check_tokens of those:
+    one no-grad forward of the fewest rollouts whose responses hold that many tokens (at most
+    micro_batch_size of them), the filler batch where a rank has none. Returns sampler_gap's
+    (sum, count)."""
+    gen = torch.Generator().manual_seed(check_seed)
+    batch = filler
+    if ahead:
+        lengths = torch.tensor([len(r.response) for r in ahead]).cumsum(0)
+        enough = int((lengths < check_tokens).sum()) + 1
+        few = ahead[:min(enough, micro_batch_size)]
+        batch = micro_batch(few, plan, tokenizers, dev, gen, check_tokens)
+    with torch.no_grad():
+        final = stu(batch.ids, attention_mask=batch.attention_mask, taps=[plan.L_s])[plan.L_s]
+        gap = (0.0, 0)
+        if ahead and batch.check.any():
+            gap = sampler_gap(final, stu.lm_head.weight, batch)
+    # a forward without backward leaves the root's parameters gathered: resharded, the optimizer
+    # step and the weight sync see the sharded ones (else the sync sends the root's stale copy)
+    stu.reshard()
+    return gap
 
 
 # ----------------------------------------------------------------------------- the step's figures

@@ -140,6 +140,7 @@ def settings_restored(monkeypatch):
     and the globals are put back as they were when the test ends. Yields the distill module."""
     import distill
     import eval as ev
+    import startup
     from configurator import settings
     saved = {m: settings(vars(m)) for m in (distill, ev)}
 
@@ -156,4 +157,4 @@ def settings_restored(monkeypatch):
     yield distill
     for module in (distill, ev):
         reset(module)
-    distill._samplers.clear()
+    startup.started_samplers.clear()

@@ -70,24 +70,24 @@ class Recorder:
 
 @pytest.mark.parametrize("backend", ["vllm", "torch"])
 def test_max_num_seqs_reaches_only_the_vllm_engine(backend, pair, monkeypatch):
-    """distill.start hands max_num_seqs to make_sampler; the vLLM backend passes it on to vLLM's
+    """startup.start hands max_num_seqs to make_sampler; the vLLM backend passes it on to vLLM's
     LLM(...) arguments (engine_args), the torch backend leaves it out (rollout.VLLM_ONLY)."""
-    import distill
     import rollout
+    import startup
     import vllm_sampler
     from tokenizer import read_json
     teacher, student = pair
-    settings = dict(student=student, teacher=teacher, backend=backend, prompts=FIXTURE,
-                    max_prompt_len=256, max_new_tokens=8, max_num_seqs=5, _samplers=[])
-    for key, value in settings.items():
-        monkeypatch.setattr(distill, key, value)
+    cfg = dict(distill_defaults(), student=student, teacher=teacher, backend=backend,
+               prompts=FIXTURE, max_prompt_len=256, max_new_tokens=8, max_num_seqs=5,
+               off_policy_steps=0)
+    monkeypatch.setattr(startup, "started_samplers", [])
     monkeypatch.setattr(Recorder, "made", [])
     monkeypatch.setattr(rollout, "VLLMSampler", Recorder)
     monkeypatch.setattr(rollout, "TorchSampler", Recorder)
     from ranks import Roles
     # one process that trains and samples
     alone = Roles(0, 1, 0, None, [], None)
-    sampler = distill.start({}, torch.device("cpu"), None, None, alone)[5]
+    sampler = startup.start(cfg, torch.device("cpu"), None, None, alone)[5]
     assert isinstance(sampler, Recorder) and len(Recorder.made) == 1
     kwargs = Recorder.made[0]
     if backend == "torch":

@@ -80,6 +80,7 @@ def one_plus_one(models, tmp_path_factory):
     """ONE_PLUS_ONE colocated (one process: colocated/) and with 1 trainer + 1 sampler rank
     (split/)."""
     import distill
+    import startup
     from configurator import settings
     root = tmp_path_factory.mktemp("one_plus_one")
     pair = (models["other_tokens"], models["student"])
@@ -90,7 +91,7 @@ def one_plus_one(models, tmp_path_factory):
         mp.setattr(sys, "argv", ["distill.py"] + distill_args(pair, root / "colocated", **kw))
         distill.main()
     vars(distill).update(defaults)
-    distill._samplers.clear()
+    startup.started_samplers.clear()
     p = torchrun(2, models, root / "split", rollout_ranks=1, **ONE_PLUS_ONE)
     assert "world 2 (1 train, 1 sample)" in p.stdout
     return root
