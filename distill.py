@@ -218,14 +218,16 @@ def fit_bridge(cfg):
     """OPRD-Bridge stage 1 (method=bridge_fit): both models frozen and replicated, no optimizer;
     the bridge is fit on the student's rollouts and written to bridge_path (bridge.fit_stage1)."""
     rank, world, dev = setup_distributed(device, dist_timeout_min)
-    stu, tea, tokenizers, plan, items, sampler, paths = start(cfg, dev, None, None, make_roles(0))
+    loaded = start(cfg, dev, None, None, make_roles(0))
+    stu, tea, tokenizers, plan = loaded.student, loaded.teacher, loaded.tokenizers, loaded.plan
     # the authors' settings
     cfg['bridge_rank'] = bridge_rank or (8 if tokenizers.teacher is None else 4)
     # the rank check
     width_maps(cfg, plan, stu, tea, dev, cfg['bridge_rank'])
     # the compute dtype
     stu = stu.to(next(tea.parameters()).dtype).eval().requires_grad_(False)
-    steps = bridge_batches(sampler, items, rank, world, tokenizers, dev, plan)
+    steps = bridge_batches(loaded.sampler, loaded.items, rank, world, tokenizers, dev, plan)
+    paths = (loaded.student_path, loaded.teacher_path)
     fit_stage1(stu, tea, steps, plan, cfg, paths, dev)
 
 
@@ -290,8 +292,9 @@ def train(cfg):
     split = roles.n_samplers > 0
     error = None
     try:
-        stu, tea, tokenizers, plan, items, sampler, paths = start(cfg, dev, resume_path, state,
-                                                                  roles)
+        loaded = start(cfg, dev, resume_path, state, roles)
+        stu, tea, tokenizers, plan = loaded.student, loaded.teacher, loaded.tokenizers, loaded.plan
+        items, sampler = loaded.items, loaded.sampler
         proj, bridge, bridge_meta = width_maps(cfg, plan, stu, tea, dev)
     except (DistillError, ValueError, OSError) as e:
         if not split:
@@ -303,7 +306,6 @@ def train(cfg):
         offer = rollout_settings(plan) if rank == 0 and error is None else None
         sampler_dtype = agree_to_start(roles, error, offer)[roles.sampler_rank(0)]
     settings = rollout_settings(plan)
-    student_path, _ = paths
     archs = {'student_arch': arch(stu.config),
              'teacher_arch': arch(tea.config) if tea is not None else None}
     # least squares on step 0's rollouts, replicated (with sampler ranks: step 0's rollouts, which
@@ -340,7 +342,7 @@ def train(cfg):
             # steps logged after the checkpoint ran again: their records go
             print(f"resuming from {resume_path} at step {start_step}")
             drop_logged_steps_from(out_dir, start_step)
-        announce(cfg, plan, stu, student_path, bridge_meta, roles, len(items))
+        announce(cfg, plan, stu, loaded.student_path, bridge_meta, roles, len(items))
         if wandb_log:
             import wandb
             wandb.init(project=wandb_project, config=cfg)

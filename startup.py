@@ -4,9 +4,11 @@ tokenizers, the training prompts, the loss plan, what spans two widths, and this
 Each function reads the run's settings from cfg, the dict configurator.configure returns (the keys
 and defaults are distill.py's); a problem is one DistillError, raised before out_dir is made.
 
-    stu, tea, tokenizers, plan, items, sampler, paths = start(cfg, dev, None, None, roles)
-    proj, bridge, bridge_meta = width_maps(cfg, plan, stu, tea, dev)
+    loaded = start(cfg, dev, resume_path, state, roles)
+    proj, bridge, bridge_meta = width_maps(cfg, loaded.plan, loaded.student, loaded.teacher, dev)
 """
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -16,12 +18,25 @@ import data
 from batch import DistillError, Tokenizers
 from bridge import check_bridge, load_bridge
 from checks import ONE_VOCABULARY, THROUGH_BRIDGE, check_resume
-from losses import make_plan
+from losses import Plan, make_plan
 from model import CheckpointError, Transformer, resolve_checkpoint
 from tokenizer import load_tokenizer, same_tokenization
 
 # every sampler make_engine started, for close_samplers
 started_samplers = []
+
+
+@dataclass
+class Loaded:
+    """What start() loads on a rank that trains."""
+    student: Transformer              # fp32 master weights, not yet sharded
+    teacher: Transformer | None       # frozen, in the compute dtype; None under sft
+    tokenizers: Tokenizers
+    plan: Plan                        # which losses read which layers and positions
+    items: list                       # the training prompts (load_prompts)
+    sampler: object | None            # rollout.make_sampler's; None under sft or with sampler ranks
+    student_path: str                 # the local folder the student came from
+    teacher_path: str                 # the teacher's (under sft: the setting, as given)
 
 
 def load_models(cfg, student_path, dev):
@@ -130,7 +145,7 @@ def start(cfg, dev, resume_path, state, roles):
     if method != 'sft' and not roles.n_samplers:
         sampler = make_engine(cfg, student_path, dev, tokenizers.student.vocab_size,
                               dev.type == 'cuda' and method != 'bridge_fit')
-    return stu, tea, tokenizers, plan, items, sampler, (student_path, teacher_path)
+    return Loaded(stu, tea, tokenizers, plan, items, sampler, student_path, teacher_path)
 
 
 def make_engine(cfg, student_path, dev, n_tokens, sleeps, dp_rank=None):

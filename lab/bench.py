@@ -23,6 +23,8 @@ $ python -m lab.bench --sections=peer --threads=1
 - sampler: tokens/s of the torch sampler, generate() (and vLLM's CPU engine on a CPU), no stop
   token, at the rollout (temperature 1) and eval (0.7, top-p 0.95) settings. GPU: the 1.5B shape, 16
   prompts x 4 samples x 512 new tokens, decode='eager' and 'graph'; CPU: a tiny Qwen3, 16 x 4 x 128.
+  Also the time a decode step takes to turn its logits into the sampling distribution at each
+  setting, and top-p's sort alone.
 - forward: model.py's forward against transformers' on the same weights, and with taps only (no LM
   head). GPU: the 1.5B shape in bf16, 4 x 4096 tokens; CPU: the tiny Qwen3 in fp32, 8 x 256.
 - variance (CPU): each method's gradient over repeated rollouts of tiny.py's student: relative
@@ -332,7 +334,26 @@ def bench_sampler(cfg, device):
               + " | over generate(): " + ratios + " (goal: torch >= 2x)", flush=True)
     engine.close() if engine is not None else None
     shutil.rmtree(path, ignore_errors=True)
+    res["step_logits"] = step_logits_times(s["n_prompts"] * s["n"], shape["vocab_size"], device,
+                                           cfg["repeats"])
     return res
+
+
+def step_logits_times(rows, vocab, device, repeats):
+    """Seconds a decode step spends turning its (rows, vocab) logits into the sampling distribution
+    (sampling.process_logits) at each of SAMPLER_SETTINGS, and top-p's sort of the probabilities
+    alone: where the eval settings' time goes."""
+    from sampling import process_logits
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)).to(device)
+    probs = logits.softmax(-1)
+    t = {name: best_time(lambda: process_logits(logits, st["temperature"], -1, st["top_p"]),
+                         repeats, device)
+         for name, st in SAMPLER_SETTINGS.items()}
+    t["sort"] = best_time(lambda: probs.sort(-1), repeats, device)
+    shown = ", ".join(f"{name} {sec * 1e3:.2f} ms" for name, sec in t.items())
+    print(f"sampler: a step's ({rows}, {vocab:,}) logits to its distribution: {shown} (top-p's "
+          "sort alone)", flush=True)
+    return t
 
 # ----------------------------------------------------------------- model.py forward vs transformers
 def bench_forward(cfg, device):

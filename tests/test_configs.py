@@ -87,7 +87,7 @@ def test_max_num_seqs_reaches_only_the_vllm_engine(backend, pair, monkeypatch):
     from ranks import Roles
     # one process that trains and samples
     alone = Roles(0, 1, 0, None, [], None)
-    sampler = startup.start(cfg, torch.device("cpu"), None, None, alone)[5]
+    sampler = startup.start(cfg, torch.device("cpu"), None, None, alone).sampler
     assert isinstance(sampler, Recorder) and len(Recorder.made) == 1
     kwargs = Recorder.made[0]
     if backend == "torch":
