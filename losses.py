@@ -126,27 +126,30 @@ def output_loss_chunk(kind, h_s, h_t, targets, w_s, w_t, vocab, k, logp_sampler=
     """One chunk of output-space OPD: rows (n, d) of final-norm states,
     targets (n,) the sampled tokens.
 
-    Returns (loss sum, KL-estimate sum). Log-probs are over the common vocabulary prefix, in fp32.
-    opd with cap > 0: each token's term weighs importance_weight(log p_S, logp_sampler (n,), cap).
+    Returns (loss sum, KL-estimate sum, log p_S of each target (n,) without gradient: the sampler
+    check and the importance weights' log read them). Log-probs are over the common vocabulary
+    prefix, in fp32. opd with cap > 0: each token's term weighs importance_weight(log p_S,
+    logp_sampler (n,), cap).
     """
     logp_s = F.log_softmax(F.linear(h_s, w_s)[:, :vocab].float(), dim=-1)
     with torch.no_grad():
         logp_t = F.log_softmax(F.linear(h_t, w_t)[:, :vocab].float(), dim=-1)
+    target_logp = logp_s.detach().gather(1, targets[:, None])[:, 0]
     if kind == 'opd':  # sampled token: REINFORCE with per-token advantage -sg(u_t)
         lp = logp_s.gather(1, targets[:, None])[:, 0]
         u = (lp - logp_t.gather(1, targets[:, None])[:, 0]).detach()
         if cap:
-            return (importance_weight(lp, logp_sampler, cap) * u * lp).sum(), u.sum()
-        return (u * lp).sum(), u.sum()
+            return (importance_weight(lp, logp_sampler, cap) * u * lp).sum(), u.sum(), target_logp
+        return (u * lp).sum(), u.sum(), target_logp
     if kind == 'opd_topk':  # the student's top-k, probabilities renormalised on it
         top_lp, top_i = logp_s.detach().topk(k, dim=-1)
         p_bar = top_lp.softmax(-1)
         lp = logp_s.gather(1, top_i)
         diff = (lp - logp_t.gather(1, top_i)).detach()
-        return (p_bar * diff * lp).sum(), (p_bar * diff).sum()
+        return (p_bar * diff * lp).sum(), (p_bar * diff).sum(), target_logp
     if kind == 'opd_full':  # exact reverse KL(p || q) over the vocabulary
         kl = (logp_s.exp() * (logp_s - logp_t)).sum(-1)
-        return kl.sum(), kl.detach().sum()
+        return kl.sum(), kl.detach().sum(), target_logp
     raise DistillError(f"unknown output loss {kind!r}")
 
 
@@ -200,25 +203,29 @@ def output_loss(kind, h_s, h_t, targets, w_s, w_t, vocab, k, chunk, logp_sampler
     """Output-space loss over all rows, chunk rows at a time; each chunk's logits are
     recomputed in backward (activation checkpointing), so no (rows, V) tensor of the whole
     batch ever exists. opd_full makes its exact gradient in the forward pass instead (FullKL).
-    Returns (loss, KL-estimate sum, log p_S of each row's target or None: FullKL's, which the
-    sampler check reuses)."""
+    Returns (loss, KL-estimate sum, log p_S of each row's target without gradient)."""
     if kind == 'opd_full' and torch.is_grad_enabled():
         loss, target_logp = FullKL.apply(h_s, w_s, h_t.detach(), w_t.detach(),
                                          targets, vocab, chunk)
         return loss, loss.item(), target_logp
     loss = h_s.new_zeros((), dtype=torch.float32)
     kl = 0.0
+    target_logp = []
     for i in range(0, h_s.shape[0], chunk):
         sl = slice(i, i + chunk)
         sampler_rows = logp_sampler[sl] if cap else None
         args = (kind, h_s[sl], h_t[sl], targets[sl], w_s, w_t, vocab, k, sampler_rows, cap)
         if torch.is_grad_enabled():
-            l, e = torch.utils.checkpoint.checkpoint(output_loss_chunk, *args, use_reentrant=False)
+            l, e, lp = torch.utils.checkpoint.checkpoint(output_loss_chunk, *args,
+                                                         use_reentrant=False)
         else:
-            l, e = output_loss_chunk(*args)
+            l, e, lp = output_loss_chunk(*args)
         loss = loss + l
         kl = kl + e.item()
-    return loss, kl, None
+        target_logp.append(lp)
+    if not target_logp:
+        return loss, kl, h_s.new_zeros(0, dtype=torch.float32)
+    return loss, kl, torch.cat(target_logp)
 
 
 def _token_logprobs_chunk(h, w, targets, vocab):
@@ -292,8 +299,14 @@ class LossStats:
     kl: float = 0.0
     layer_loss: list = field(default_factory=list)    # OPRD's loss sum of each aligned layer
     layer_cos: list = field(default_factory=list)     # and its sum of cosines
-    # opd_full: the student's log-probability of each supervised token (for the sampler check)
+    # output-space losses: the student's log-probability of each supervised token (the sampler
+    # check reads them)
     target_logp: torch.Tensor | None = None
+    # opd and opd_chunk one step behind: the importance weights of their terms (tokens, chunks),
+    # their sum, how many, and how many the cap truncated
+    weight_sum: float = 0.0
+    weight_count: int = 0
+    weight_capped: int = 0
 
 
 def oprd_term(plan, batch, student_taps, teacher_rows, maps):
@@ -323,7 +336,8 @@ def oprd_term(plan, batch, student_taps, teacher_rows, maps):
 
 def chunk_term(plan, batch, student_taps, teacher_rows, maps):
     """opd_chunk: each model scores its own tokens, summed over the chunks both
-    have read (chunk_opd_loss)."""
+    have read (chunk_opd_loss). Returns (loss sum, its KL-estimate sum, the student's log-prob
+    of each of its response tokens, without gradient)."""
     teacher_side = batch.for_teacher
     # another tokenizer: each model over its whole head
     vocab = plan.vocab if batch.teacher is None else None
@@ -334,15 +348,16 @@ def chunk_term(plan, batch, student_taps, teacher_rows, maps):
         lp_t = token_logprobs(teacher_states, maps.teacher_head, teacher_side.targets, vocab,
                               plan.chunk)
     lp_sampler = batch.logp_next[batch.out_mask] if plan.importance_cap else None
-    return chunk_opd_loss(lp_s, lp_t, *batch.chunk_spans, lp_sampler, plan.importance_cap)
+    loss, kl = chunk_opd_loss(lp_s, lp_t, *batch.chunk_spans, lp_sampler, plan.importance_cap)
+    return loss, kl, lp_s.detach()
 
 
 def output_term(plan, batch, student_taps, teacher_rows, maps):
     """The output-space loss (or sft's cross-entropy) summed over the positions that predict a
-    response token. Returns (loss sum, KL-estimate sum, target_logp or None)."""
+    response token. Returns (loss sum, KL-estimate sum, the student's log-prob of the token each
+    of those positions predicts, without gradient; None under sft)."""
     if plan.out_kind == 'opd_chunk':
-        out, kl = chunk_term(plan, batch, student_taps, teacher_rows, maps)
-        return out, kl, None
+        return chunk_term(plan, batch, student_taps, teacher_rows, maps)
     rows_s = student_taps[plan.L_s][batch.out_mask]
     if plan.method == 'sft':
         logits = F.linear(rows_s, maps.student_head)[:, :plan.vocab]
@@ -370,4 +385,22 @@ def micro_batch_loss(plan, batch, student_taps, teacher_rows, counts, maps):
         oprd, stats.layer_loss, stats.layer_cos = oprd_term(
             plan, batch, student_taps, teacher_rows, maps)
         loss = loss + plan.oprd_weight * oprd / max(counts.states, 1)
+    if plan.importance_cap:
+        stats.weight_sum, stats.weight_count, stats.weight_capped = importance_figures(
+            plan, batch, stats.target_logp)
     return loss, stats
+
+
+def importance_figures(plan, batch, target_logp):
+    """The importance weights that opd's tokens (opd_chunk's chunks) carry in the loss, for the
+    step's log: their sum, how many, and how many min(., importance_cap) truncated. target_logp:
+    the student's log-prob of each supervised token (output_term's)."""
+    lp_student = target_logp
+    lp_sampler = batch.logp_next[batch.out_mask]
+    if plan.out_kind == 'opd_chunk':
+        s_spans = batch.chunk_spans[0]
+        lp_student = chunk_sums(lp_student, s_spans)
+        lp_sampler = chunk_sums(lp_sampler, s_spans)
+    weights = importance_weight(lp_student, lp_sampler, plan.importance_cap)
+    capped = int((weights >= plan.importance_cap).sum())
+    return weights.sum().item(), weights.numel(), capped

@@ -58,7 +58,7 @@ def sampler_gap(h_final, w, batch, target_logp=None):
     LM head, batch.logp_next the sampler's raw log-probability of the token each position predicts.
     A gap far above its first step's level means the sampler no longer serves the trained weights.
     target_logp: the student's log-probability of the token at every batch.out_mask position, when
-    the loss computed them (opd_full): read there, not computed again."""
+    an output-space loss computed them: read there, not computed again."""
     rows = batch.check
     with torch.no_grad():
         if target_logp is not None:
@@ -124,6 +124,10 @@ class StepTotals:
     gap_sum: float = 0.0
     gap_count: int = 0
     gap: float = 0.0              # the mean sampler gap over ranks, once reduced
+    # opd, opd_chunk one step behind: their importance weights' sum, count and capped count
+    weight_sum: float = 0.0
+    weight_count: int = 0
+    weight_capped: int = 0
     lr: float = 0.0
     grad_norm: float = 0.0
     transient_mem: int = 0        # the update's transient peak memory, max over ranks
@@ -140,6 +144,9 @@ class StepTotals:
         self.tokens += batch.attention_mask.sum().item()
         self.gap_sum = self.gap_sum + gap[0]
         self.gap_count = self.gap_count + gap[1]
+        self.weight_sum += stats.weight_sum
+        self.weight_count += stats.weight_count
+        self.weight_capped += stats.weight_capped
         self.layer_loss = [x + y for x, y in zip(self.layer_loss, stats.layer_loss)]
         self.layer_cos = [x + y for x, y in zip(self.layer_cos, stats.layer_cos)]
 
@@ -181,6 +188,11 @@ def step_record(step, totals, rollouts, counts, plan, clock, sampled, checked, a
         rec[f'cos/{layer}'] = layer_cos / max(counts.states, 1)
     if plan.out_kind:
         rec['kl'] = all_reduce_sum(totals.kl, group).item() / max(counts.outputs, 1)
+    if plan.importance_cap:
+        weights = [totals.weight_sum, totals.weight_count, totals.weight_capped]
+        weight_sum, weight_count, weight_capped = all_reduce_sum(weights, group).tolist()
+        rec['importance_weight_mean'] = weight_sum / max(weight_count, 1)
+        rec['importance_capped_share'] = weight_capped / max(weight_count, 1)
     return rec
 
 
@@ -196,6 +208,9 @@ def write_record(rec, plan, out_dir, wandb_log=False):
         extra += f" | rollout {rec['rollout_tok_s']:.0f} tok/s"
     if 'sampler_logp_gap' in rec:
         extra += f" | dlogp {rec['sampler_logp_gap']:.4f}"
+    if 'importance_weight_mean' in rec:
+        extra += (f" | weight {rec['importance_weight_mean']:.4f}, "
+                  f"{rec['importance_capped_share']:.0%} capped")
     if 'aligned_byte_share' in rec:
         extra += (f" | aligned {rec['aligned_byte_share']:.0%} of bytes, "
                   f"{rec['rollouts_unaligned']} rollouts left out")

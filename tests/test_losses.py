@@ -129,18 +129,19 @@ def test_sampled_token_gradient_approaches_full_kl_gradient():
     z_s, z_t = dist_rows(V=V, N=1, seed=5)
     eye = torch.eye(V, dtype=torch.float64)
     z = z_s.clone().requires_grad_(True)
-    kl, _ = output_loss_chunk('opd_full', z, z_t, torch.zeros(1, dtype=torch.long), eye, eye, V, 0)
+    first = torch.zeros(1, dtype=torch.long)
+    kl, _, _ = output_loss_chunk('opd_full', z, z_t, first, eye, eye, V, 0)
     kl.backward()
     exact = z.grad.clone()
     g = torch.Generator().manual_seed(0)
     y = torch.multinomial(z_s.softmax(-1)[0], S, replacement=True, generator=g)
     z = z_s.clone().requires_grad_(True)
-    loss, _ = output_loss_chunk('opd', z.expand(S, V), z_t.expand(S, V), y, eye, eye, V, 0)
+    loss, _, _ = output_loss_chunk('opd', z.expand(S, V), z_t.expand(S, V), y, eye, eye, V, 0)
     (loss / S).backward()
     assert (z.grad - exact).abs().max() < 0.02 * exact.abs().max() + 1e-3
     # a single sample is far from the mean: the variance that OPRD does not have
     z = z_s.clone().requires_grad_(True)
-    one, _ = output_loss_chunk('opd', z, z_t, y[:1], eye, eye, V, 0)
+    one, _, _ = output_loss_chunk('opd', z, z_t, y[:1], eye, eye, V, 0)
     one.backward()
     assert (z.grad - exact).abs().max() > 0.02 * exact.abs().max()
 
@@ -151,7 +152,7 @@ def test_topk_matches_its_formula():
     eye = torch.eye(V, dtype=torch.float64)
     z = z_s.clone().requires_grad_(True)
     targets = torch.zeros(3, dtype=torch.long)
-    loss, kl = output_loss_chunk('opd_topk', z, z_t, targets, eye, eye, V, k)
+    loss, kl, _ = output_loss_chunk('opd_topk', z, z_t, targets, eye, eye, V, k)
     want = 0.0
     lp_s, lp_t = z_s.log_softmax(-1), z_t.log_softmax(-1)
     z2 = z_s.clone().requires_grad_(True)
@@ -174,7 +175,7 @@ def test_vocab_common_prefix():
     # teacher pads to 12
     w_t = torch.eye(12, 10, dtype=torch.float64)
     targets = torch.zeros(2, dtype=torch.long)
-    loss, _ = output_loss_chunk('opd_full', z_s, z_t, targets, w_s, w_t, 10, 0)
+    loss, _, _ = output_loss_chunk('opd_full', z_s, z_t, targets, w_s, w_t, 10, 0)
     p, q = z_s.softmax(-1), z_t.softmax(-1)
     torch.testing.assert_close(loss.double(), (p * (p / q).log()).sum(), rtol=1e-5, atol=1e-6)
 

@@ -127,7 +127,7 @@ def test_the_truncated_importance_weight_by_hand():
     targets = torch.randint(0, V, (n,), generator=g)
     sampler_lp = -torch.rand(n, generator=g) * 8
     cap = 2.0
-    loss, _ = output_loss_chunk("opd", h_s, h_t, targets, w_s, w_t, V, 0, sampler_lp, cap)
+    loss, _, _ = output_loss_chunk("opd", h_s, h_t, targets, w_s, w_t, V, 0, sampler_lp, cap)
     (grad,) = torch.autograd.grad(loss, h_s)
     hand = 0.0
     for i in range(n):
@@ -158,3 +158,55 @@ def test_the_truncated_importance_weight_by_hand():
     (grad,) = torch.autograd.grad(loss, lp_s)
     (hand_grad,) = torch.autograd.grad(hand, lp_s)
     torch.testing.assert_close(grad, hand_grad)
+
+
+def hf_logprobs(folder, prompt, response):
+    """log p of each response token under the checkpoint in folder, read by transformers."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logp = model(ids).logits[0].float().log_softmax(-1)
+    predicting = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1)
+    return logp[predicting, torch.tensor(response)]
+
+
+# one tokenizer: opd_chunk's chunks are single tokens
+@pytest.mark.parametrize("method", ["opd", "opd_chunk"])
+def test_the_logged_importance_weight_is_that_of_transformers_log_probs(pair, tmp_path, distill,
+                                                                        monkeypatch, method):
+    """log.jsonl's importance_weight_mean and importance_capped_share: step 0 trains on rollouts
+    of its own weights (every weight 1); step 1 on those of the first weights, each token weighed
+    by min(p_1 / p_0, cap), which transformers computes here from the two checkpoints."""
+    from sampler import TorchSampler
+    real = TorchSampler.generate
+    drawn = {}
+
+    def recording(self, prompts, **kw):
+        samples = real(self, prompts, **kw)
+        drawn[kw["seed"]] = (prompts, samples)
+        return samples
+
+    monkeypatch.setattr(TorchSampler, "generate", recording)
+    out = tmp_path / "o"
+    cap = 1.02
+    code, err = distill(pair, out, method=method, max_steps=2, save_every=1, keep_checkpoints=2,
+                        importance_cap=cap)
+    assert code == 0, err[-20:]
+    rows = log(out)
+    assert rows[0]["importance_weight_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert rows[0]["importance_capped_share"] == 0.0
+    prompts, samples = drawn[1]
+    weights = []
+    for prompt, row in zip(prompts, samples):
+        for sample in row:
+            after = hf_logprobs(out / "step_0000001", prompt, sample.tokens)
+            before = hf_logprobs(pair[1], prompt, sample.tokens)
+            weights.append((after - before).exp())
+    ratio = torch.cat(weights)
+    weight = ratio.clamp(max=cap).mean().item()
+    assert rows[1]["importance_weight_mean"] == pytest.approx(weight, rel=1e-5)
+    capped = (ratio >= cap).float().mean().item()
+    assert rows[1]["importance_capped_share"] == pytest.approx(capped)
+    # lr 3e-2 moves the student far in one update: some ratios pass the cap, some do not
+    assert 0 < capped < 1
