@@ -134,13 +134,14 @@ def output_loss_chunk(kind, h_s, h_t, targets, w_s, w_t, vocab, k, logp_sampler=
     logp_s = F.log_softmax(F.linear(h_s, w_s)[:, :vocab].float(), dim=-1)
     with torch.no_grad():
         logp_t = F.log_softmax(F.linear(h_t, w_t)[:, :vocab].float(), dim=-1)
-    target_logp = logp_s.detach().gather(1, targets[:, None])[:, 0]
+    target_lp = logp_s.gather(1, targets[:, None])[:, 0]
+    target_logp = target_lp.detach()
     if kind == 'opd':  # sampled token: REINFORCE with per-token advantage -sg(u_t)
-        lp = logp_s.gather(1, targets[:, None])[:, 0]
-        u = (lp - logp_t.gather(1, targets[:, None])[:, 0]).detach()
+        u = (target_lp - logp_t.gather(1, targets[:, None])[:, 0]).detach()
         if cap:
-            return (importance_weight(lp, logp_sampler, cap) * u * lp).sum(), u.sum(), target_logp
-        return (u * lp).sum(), u.sum(), target_logp
+            weight = importance_weight(target_lp, logp_sampler, cap)
+            return (weight * u * target_lp).sum(), u.sum(), target_logp
+        return (u * target_lp).sum(), u.sum(), target_logp
     if kind == 'opd_topk':  # the student's top-k, probabilities renormalised on it
         top_lp, top_i = logp_s.detach().topk(k, dim=-1)
         p_bar = top_lp.softmax(-1)
